@@ -1,0 +1,227 @@
+"""Video decode and encode through PyAV (FFmpeg).
+
+Frames cross this border as (H, W, 3) uint8 RGB arrays, row 0 at the top of the picture.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from liftavatar.errors import ConfigError, VideoError
+
+__all__ = ["VideoInfo", "probe_video", "read_video", "write_video"]
+
+_CORRUPT_FIX = "re-export or re-copy the video"
+# Frame timestamps are floats from rational pts; this slack keeps a frame that lands exactly on
+# an output slot boundary from falling into the slot before it.
+_SLOT_EPSILON = 1e-6
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's container says about its first video stream.
+
+    Attributes:
+        num_frames: frame count from the container, or duration × fps where it has none; an
+            estimate (variable frame rate, edit lists), so count decoded frames where it matters.
+        fps: average frame rate, frames per second.
+        size: (H, W) in pixels.
+        duration: seconds.
+    """
+
+    num_frames: int
+    fps: float
+    size: tuple[int, int]
+    duration: float
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    """Open ``path`` for reading; raise :class:`VideoError` unless it has a video stream."""
+    if not path.exists():
+        raise VideoError(f"{path}: no such file; check the path.")
+    if not path.is_file():
+        raise VideoError(f"{path}: is not a file; pass a video file.")
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as exc:
+        raise VideoError(
+            f"{path}: cannot be opened as a video ({exc.strerror}); it is not a video, or it is "
+            f"truncated or corrupt: {_CORRUPT_FIX}."
+        ) from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: has no video stream; pass a file that contains video.")
+    return container
+
+
+def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+    rate = stream.average_rate or stream.guessed_rate
+    return float(rate) if rate else 0.0
+
+
+def probe_video(path: Path | str) -> VideoInfo:
+    """Read the container header of the video at ``path`` (no decoding).
+
+    Raises:
+        VideoError: the file is missing, is not a video, or has no video stream.
+    """
+    path = Path(path)
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        fps = _stream_fps(stream)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = 0.0
+        num_frames = stream.frames or round(duration * fps)
+        size = (stream.codec_context.height, stream.codec_context.width)
+    return VideoInfo(num_frames=num_frames, fps=fps, size=size, duration=duration)
+
+
+def read_video(
+    path: Path | str, max_frames: int | None = None, fps: float | None = None
+) -> Iterator[np.ndarray]:
+    """Decode the first video stream of ``path`` into (H, W, 3) uint8 RGB frames.
+
+    The file is opened before this returns, so a missing or unreadable file fails here; decoding
+    happens as the iterator is consumed.
+
+    Args:
+        max_frames: stop after yielding this many frames.
+        fps: yield at most this many frames per second of video, by timestamp: the first frame
+            of every 1/fps-second slot is kept, the others dropped. Frames are never repeated, so
+            a rate above the video's yields every frame.
+
+    Raises:
+        VideoError: missing file, not a video, no video stream (here); a decoding failure or
+            zero decodable frames (while iterating).
+        ConfigError: ``max_frames`` < 0 or ``fps`` ≤ 0.
+    """
+    if max_frames is not None and max_frames < 0:
+        raise ConfigError(f"max_frames is {max_frames}; pass 0 or more.")
+    if fps is not None and not fps > 0:
+        raise ConfigError(f"fps is {fps}; pass a positive frame rate.")
+    path = Path(path)
+    return _read(path, _open(path), max_frames, fps)
+
+
+def _read(
+    path: Path, container: av.container.InputContainer, max_frames: int | None, fps: float | None
+) -> Iterator[np.ndarray]:
+    with container:
+        stream = container.streams.video[0]
+        # FFmpeg's default slice threading is kept on purpose: with frame threading the decoder
+        # swallows the error of a truncated last packet and a cut file reads as a short one.
+        source_fps = _stream_fps(stream) or 1.0
+        decoded = yielded = 0
+        start = None
+        last_slot = -1
+        frames = container.decode(stream)
+        while max_frames is None or yielded < max_frames:
+            try:
+                frame = next(frames, None)
+            except av.FFmpegError as exc:
+                raise VideoError(
+                    f"{path}: decoding failed after {decoded} frames ({exc.strerror}); the file "
+                    f"is truncated or corrupt: {_CORRUPT_FIX}."
+                ) from None
+            if frame is None:
+                break
+            decoded += 1
+            if fps is not None:
+                time = frame.time if frame.time is not None else (decoded - 1) / source_fps
+                start = time if start is None else start
+                slot = math.floor((time - start) * fps + _SLOT_EPSILON)
+                if slot <= last_slot:
+                    continue
+                last_slot = slot
+            yielded += 1
+            yield frame.to_ndarray(format="rgb24")
+        if decoded == 0 and max_frames != 0:
+            raise VideoError(f"{path}: has no decodable frames; {_CORRUPT_FIX}.")
+
+
+def write_video(
+    path: Path | str, frames: Iterable[np.ndarray], fps: float, crf: int = 18
+) -> None:
+    """Encode (H, W, 3) uint8 RGB ``frames`` as H.264 (libx264, yuv420p) at ``fps`` frames/s.
+
+    The container format follows the suffix of ``path`` (.mp4, .mov, .mkv). The file is written
+    under a temporary name in the same folder and renamed at the end, so ``path`` never holds a
+    half-written video. ``crf`` is x264's constant rate factor (0 lossless … 51 worst; 18 looks
+    lossless).
+
+    Raises:
+        VideoError: no frames, a frame that is not (H, W, 3) uint8 or differs in size from the
+            first, H or W odd (yuv420p halves both), or ``fps`` ≤ 0.
+    """
+    path = Path(path)
+    if not fps > 0:
+        raise VideoError(f"{path}: fps is {fps}; pass a positive frame rate.")
+    if not path.parent.is_dir():
+        raise VideoError(f"{path}: folder {path.parent} does not exist; create it first.")
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise VideoError(f"{path}: no frames to write; pass at least one frame.")
+    _check_frame(path, 0, first, None)
+    height, width = first.shape[:2]
+    if height % 2 or width % 2:
+        raise VideoError(
+            f"{path}: frames are {height}×{width} (H×W), but H.264 in yuv420p needs even sides; "
+            f"crop or pad the frames to even sizes."
+        )
+
+    # Keep the suffix on the temporary name: FFmpeg picks the container format from it.
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        container = av.open(str(tmp), "w")
+    except (av.FFmpegError, ValueError) as exc:
+        # A bad suffix surfaces as a plain ValueError ("Could not determine output format").
+        reason = getattr(exc, "strerror", None) or exc
+        raise VideoError(
+            f"{path}: cannot be written ({reason}); use a suffix that names a video format "
+            f"(.mp4, .mov, .mkv)."
+        ) from None
+    try:
+        with container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = width, height
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for index, frame in enumerate(itertools.chain([first], frames)):
+                _check_frame(path, index, frame, (height, width))
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_frame(
+    path: Path, index: int, frame: np.ndarray, size: tuple[int, int] | None
+) -> None:
+    is_rgb = isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3
+    if not (is_rgb and frame.dtype == np.uint8):
+        got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame)
+        raise VideoError(
+            f"{path}: frame {index} is {got}, expected (H, W, 3) uint8 RGB; convert it first."
+        )
+    if size is not None and frame.shape[:2] != size:
+        raise VideoError(
+            f"{path}: frame {index} is {frame.shape[0]}×{frame.shape[1]}, but the first frame is "
+            f"{size[0]}×{size[1]}; resize the frames to one size."
+        )

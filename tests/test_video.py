@@ -1,0 +1,143 @@
+"""Video IO through PyAV: round trip, resampling, and every unreadable-input case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from liftavatar.errors import ConfigError, VideoError
+from liftavatar.video import probe_video, read_video, write_video
+
+H, W = 32, 48
+
+
+def smooth_frames(n: int) -> list[np.ndarray]:
+    """Gradients whose brightness steps by 20 per frame, so frames are told apart by their mean."""
+    y, x = np.mgrid[0:H, 0:W]
+    return [
+        np.stack([x * 2 + 20 * i, y * 3 + 20 * i, np.full_like(x, 60 + 20 * i)], -1).astype(
+            np.uint8
+        )
+        for i in range(n)
+    ]
+
+
+def noise_video(path: Path, n: int, faststart: bool = False) -> None:
+    """Incompressible frames, so that cutting the file loses whole frames of data."""
+    rng = np.random.default_rng(0)
+    options = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(n):
+            image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "clip.mp4"
+    frames = smooth_frames(5)
+    write_video(path, frames, fps=25)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+    info = probe_video(path)
+    assert (info.num_frames, info.fps, info.size) == (5, 25.0, (H, W))
+    assert info.duration == pytest.approx(0.2)
+
+    decoded = list(read_video(path))
+    assert len(decoded) == 5
+    for original, frame in zip(frames, decoded, strict=True):
+        assert frame.shape == (H, W, 3) and frame.dtype == np.uint8
+        assert np.abs(frame.astype(np.int16) - original).mean() < 8
+
+
+def test_read_resamples_by_timestamp_and_stops_at_max_frames(tmp_path: Path) -> None:
+    path = tmp_path / "clip.mp4"
+    frames = smooth_frames(10)
+    write_video(path, frames, fps=30)
+    means = [f.mean() for f in frames]
+
+    def source_indices(decoded: list[np.ndarray]) -> list[int]:
+        return [int(np.argmin([abs(f.mean() - m) for m in means])) for f in decoded]
+
+    assert source_indices(list(read_video(path, fps=10))) == [0, 3, 6, 9]
+    assert source_indices(list(read_video(path, fps=15))) == [0, 2, 4, 6, 8]
+    assert len(list(read_video(path, fps=60))) == 10  # never duplicates frames
+    assert source_indices(list(read_video(path, max_frames=2))) == [0, 1]
+    assert source_indices(list(read_video(path, fps=10, max_frames=2))) == [0, 3]
+    with pytest.raises(ConfigError):
+        read_video(path, fps=0)
+
+
+def test_write_rejects_odd_size_and_bad_frames(tmp_path: Path) -> None:
+    path = tmp_path / "clip.mp4"
+    with pytest.raises(VideoError, match="even"):
+        write_video(path, [np.zeros((31, 48, 3), np.uint8)], fps=25)
+    with pytest.raises(VideoError, match="frame 1 is 16×16"):
+        write_video(path, [np.zeros((H, W, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)], 25)
+    with pytest.raises(VideoError, match="float32"):
+        write_video(path, [np.zeros((H, W, 3), np.float32)], fps=25)
+    with pytest.raises(VideoError, match="no frames"):
+        write_video(path, [], fps=25)
+    with pytest.raises(VideoError, match="suffix"):
+        write_video(tmp_path / "clip.unknownformat", smooth_frames(1), fps=25)
+    # A failed write leaves neither the video nor its temporary file.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.mp4"
+    with pytest.raises(VideoError, match=f"{path}: no such file"):
+        read_video(path)  # fails on the call, not on first iteration
+    with pytest.raises(VideoError, match="no such file"):
+        probe_video(path)
+
+
+def test_garbage_file(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.mp4"
+    path.write_bytes(b"this is not a video " * 100)
+    with pytest.raises(VideoError, match=f"{path}: cannot be opened as a video"):
+        read_video(path)
+    with pytest.raises(VideoError, match=str(path)):
+        probe_video(path)
+
+
+def test_no_video_stream(tmp_path: Path) -> None:
+    path = tmp_path / "sound.wav"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        samples = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), "s16", "mono")
+        samples.sample_rate = 8000
+        container.mux(stream.encode(samples))
+        container.mux(stream.encode())
+    with pytest.raises(VideoError, match="no video stream"):
+        read_video(path)
+
+
+def test_truncated_mp4_index_at_end(tmp_path: Path) -> None:
+    # write_video puts the mp4 index (moov) at the end, so a cut file cannot even be opened.
+    path = tmp_path / "cut.mp4"
+    write_video(path, smooth_frames(10), fps=25)
+    truncate(path)
+    with pytest.raises(VideoError, match=f"{path}: cannot be opened.*truncated"):
+        read_video(path)
+
+
+def test_truncated_mp4_index_at_start(tmp_path: Path) -> None:
+    # Phones and web exports put the index first; a cut file then opens and fails mid-decode.
+    path = tmp_path / "cut.mp4"
+    noise_video(path, 20, faststart=True)
+    truncate(path)
+    assert probe_video(path).num_frames == 20  # the header still promises every frame
+    frames = read_video(path)
+    with pytest.raises(VideoError, match=f"{path}: decoding failed after \\d+ frames"):
+        list(frames)
