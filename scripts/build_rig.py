@@ -368,11 +368,12 @@ class RigBuilder:
         fixed = set(self.eye_loop["left"]) | set(self.eye_loop["right"]) | set(self.oval[:])
         disp = self.deformer.deform(handles, fixed_radius=0.045, fixed=fixed)
         v[:NUM_SURFACE] += disp
-        # Snap the two inner chains together so the closed lips leave no slit.
-        for i in self.inner_upper:
-            v[i, 1] = 0.5 * (v[i, 1] + self._lower_at(v[i, 0], [self.inner_corners[0]] + self.inner_lower + [self.inner_corners[1]]))
-        for i in self.inner_lower:
-            v[i, 1] = self._lower_at(v[i, 0], [self.inner_corners[0]] + self.inner_upper + [self.inner_corners[1]])
+        # Closed lips: each upper inner vertex and its lower partner (same rank in x) become one
+        # point, so the two contours coincide and the closed mouth leaves no sliver.
+        up = sorted(self.inner_upper, key=lambda i: v[i, 0])
+        lo = sorted(self.inner_lower, key=lambda i: v[i, 0])
+        for a, b in zip(up, lo, strict=True):
+            v[a] = v[b] = 0.5 * (v[a] + v[b])
         self.v = symmetrise(v, self.pairs)
         self.deformer = SurfaceDeformer(self.v[:NUM_SURFACE], self.faces)
 
@@ -445,15 +446,17 @@ class RigBuilder:
             """A row of teeth: a ribbon following the face surface `behind` metres inside it."""
             s = np.linspace(-1, 1, cols)
             x = s * half_width
-            z = np.array([surface_z(xi, 0.5 * (y_top + y_bottom)) for xi in x]) + behind + 0.004 * s**2
+            # Behind the deepest point of the surface in front (the crease between closed lips).
+            z = np.array([max(surface_z(xi, yi) for yi in np.linspace(y_top, y_bottom, 7)) for xi in x])
+            z = z + behind + 0.004 * s**2
             ys = np.linspace(y_top, y_bottom, rows)
             pv = np.array([[xi, yi, zi] for yi in ys for xi, zi in zip(x, z)])
             puv = np.array([[(si + 1) / 2, r / (rows - 1)] for r in range(rows) for si in s])
             return pv, grid_mesh(rows, cols), puv
 
-        pv, pf, puv = arch(0.8 * half_w, 0.0045, mouth[1] - 0.008, mouth[1] + 0.0025)
+        pv, pf, puv = arch(0.8 * half_w, 0.002, mouth[1] - 0.008, mouth[1] + 0.0025)
         add("upper_teeth", pv, pf, puv)
-        pv, pf, puv = arch(0.74 * half_w, 0.0065, mouth[1] + 0.0005, mouth[1] + 0.0095)
+        pv, pf, puv = arch(0.74 * half_w, 0.0035, mouth[1] + 0.0005, mouth[1] + 0.0095)
         add("lower_teeth", pv, pf, puv, jaw_weight=1.0)
         tv, tf, tunit = ellipsoid([0.0, mouth[1] + 0.010, lip_front_z + 0.032], [0.66 * half_w, 0.007, 0.020], rows=8, cols=16)
         add("tongue", tv, tf, 0.5 + 0.5 * tunit[:, [0, 2]], jaw_weight=1.0)
@@ -496,7 +499,7 @@ class RigBuilder:
 
         # Head shell: lofted from the face oval around an ellipsoid to a pole at the back.
         self.head_center = np.array([0.0, -0.022, 0.0])
-        self.head_radii = np.array([1.04 * np.abs(v[self.oval, 0]).max(), 0.105, 0.097])
+        self.head_radii = np.array([1.0 * np.abs(v[self.oval, 0]).max(), 0.10, 0.095])
         oval = self.oval_ordered()
         rings = 14
         t = np.linspace(0.0, 1.0, rings + 1)[1:]
@@ -509,6 +512,8 @@ class RigBuilder:
                 d /= np.linalg.norm(d)
                 ang = np.arccos(np.clip(d @ back, -1, 1))
                 w = np.sin((1 - tk) * ang) / np.sin(ang) * d + np.sin(tk * ang) / np.sin(ang) * back
+                # A superellipsoid (exponent 2.5) is fuller than an ellipsoid: a cranium, not an egg.
+                w = w / (np.abs(w) ** 2.5).sum() ** (1 / 2.5)
                 ring.append(self.head_center + self.head_radii * w)
             shell.append(np.array(ring))
         n_oval = len(oval)
@@ -551,6 +556,19 @@ class RigBuilder:
         self.vertex_part = np.concatenate(vert_part)
         self.vertex_uv = np.concatenate(uvs)
         self.interior_jaw_weight = np.concatenate([np.zeros(NUM_LANDMARKS)] + self.jaw_weight_extra)
+
+    def mirror_map(self) -> np.ndarray:
+        """mirror[i] = the vertex at vertex i's mirror position (every part is built symmetric)."""
+        from scipy.spatial import cKDTree
+
+        # Closed lips make upper and lower lip vertices coincide, so the surface uses the
+        # FaceMesh pairing; the added parts have no coincident vertices and are matched by position.
+        parts = self.vertices[NUM_SURFACE:]
+        dist, nearest = cKDTree(parts).query(parts * np.array([-1.0, 1.0, 1.0]))
+        mirror = np.concatenate([self.pairs, NUM_SURFACE + nearest])
+        if dist.max() > 1e-6:
+            raise RuntimeError(f"rig is not symmetric: a vertex has no mirror within {dist.max():.2e} m")
+        return mirror
 
     def hang_cavity(self, field: np.ndarray, jaw_disp: np.ndarray | None) -> np.ndarray:
         """Cavity rings blend their lip vertex's displacement with the jaw's (or none) at the back."""
@@ -766,7 +784,11 @@ class RigBuilder:
                 zz = min(lid_at(x, up_x, 2), lid_at(x, lo_x, 2)) - 0.0015
                 return np.array([x, y, zz])
 
-            h = {i: meet(S[i, 0]) - S[i] for i in up + lo}
+            # Partners (same rank in x) meet at one point, so the closed lids leave no sliver.
+            h = {}
+            for a, b in zip(sorted(up, key=lambda i: S[i, 0]), sorted(lo, key=lambda i: S[i, 0]), strict=True):
+                target = meet(0.5 * (S[a, 0] + S[b, 0]))
+                h[a], h[b] = target - S[a], target - S[b]
             h.update({i: np.zeros(3) for i in eye["corners"]})
             shapes[f"eyeBlink{side}"] = surface(h, radius=0.022, fixed=set(brow))
             width = abs(S[eye["corners"][1], 0] - S[eye["corners"][0], 0])
@@ -827,6 +849,13 @@ class RigBuilder:
                 h[int(i)] = 0.009 * (1 - (d2[i] / 0.022) ** 2) * normals[i]
         h.update({i: np.zeros(3) for i in inner + [c_r, c_l]})
         shapes["cheekPuff"] = surface(h, radius=0.03, fixed=eye_fixed)
+
+        # Right is the mirror image of Left by definition (the handle solve is not bit-symmetric).
+        mirror = self.mirror_map()
+        flip = np.array([-1.0, 1.0, 1.0])
+        for name in list(shapes):
+            if name.endswith("Left"):
+                shapes[name[:-4] + "Right"] = shapes[name][mirror] * flip
 
         # The head shell's first rings follow the face oval they hang from.
         head = np.nonzero(self.vertex_part == PARTS.index("head"))[0]

@@ -153,25 +153,28 @@ def sample_kinematics(
     names = list(expression_names)
     rng = np.random.default_rng([seed, 0x41E])
     duration = num_frames / fps
-    # Keyframes 0.3–1.0 s apart for expressions (faster for extreme so every few frames differ).
-    gap = (0.3, 0.8) if preset != "sparse" else (0.35, 1.0)
-    times = [0.0]
-    while times[-1] < duration:
-        times.append(times[-1] + rng.uniform(*gap))
-    times = np.array(times)
-    expr_keys = np.stack([_keyframe(preset, names, rng) for _ in times])
-    pose_keys = np.stack([_pose_keyframe(preset, rng) for _ in times])
+    # Expression keyframes 0.3–1.0 s apart; head-pose keyframes slower (0.7–1.6 s), as heads move.
     t = np.arange(num_frames) / fps
-    if len(times) < 2:
-        times, expr_keys, pose_keys = np.array([0.0, 1.0]), np.repeat(expr_keys, 2, 0), np.repeat(pose_keys, 2, 0)
-    expression = np.clip(PchipInterpolator(times, expr_keys)(t), 0, 1)
-    pose = PchipInterpolator(times, pose_keys)(t)
+    expr_times = _keyframe_times(duration, (0.3, 0.8) if preset != "sparse" else (0.35, 1.0), rng)
+    pose_times = _keyframe_times(duration, (0.7, 1.6), rng)
+    expr_keys = np.stack([_keyframe(preset, names, rng) for _ in expr_times])
+    pose_keys = np.stack([_pose_keyframe(preset, rng) for _ in pose_times])
+    expression = np.clip(PchipInterpolator(expr_times, expr_keys)(t), 0, 1)
+    pose = PchipInterpolator(pose_times, pose_keys)(t)
     expression = _add_blinks(expression, names, t, rng)
 
     euler = pose[:, :3]  # pitch (about x), yaw (about y), roll (about z), degrees
     rotation = Rotation.from_euler("xyz", euler, degrees=True).as_rotvec()
     translation = pose[:, 3:] + np.array([0.0, 0.0, CAMERA_DISTANCE_M])
     return KinematicsSequence(expression.astype(np.float32), rotation.astype(np.float32), translation.astype(np.float32))
+
+
+def _keyframe_times(duration: float, gap: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """Times from 0 past ``duration`` (at least two), ``gap`` seconds apart."""
+    times = [0.0]
+    while times[-1] < duration or len(times) < 2:
+        times.append(times[-1] + rng.uniform(*gap))
+    return np.array(times)
 
 
 def _add_blinks(expression: np.ndarray, names: list[str], t: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -75,7 +75,7 @@ def make_subject(seed: int, rig: FaceRig | None = None) -> Subject:
         brow_thickness=float(rng.uniform(0.2, 1.0)),
         freckles=float(rng.uniform(0, 1) if rng.random() < 0.25 else 0.0),
         beard=float(rng.choice([0.0, 0.3, 1.0], p=[0.3, 0.4, 0.3]) if male_like else 0.0),
-        hair_coverage=float(rng.uniform(0.5, 1.0) if rng.random() > 0.08 else 0.0),
+        hair_coverage=float(rng.uniform(0.6, 1.0) if rng.random() > 0.08 else 0.0),
         clothing=rng.uniform(0.05, 0.8, 3),
         light_direction=_unit(np.array([rng.uniform(-0.7, 0.7), rng.uniform(-0.8, 0.1), -1.0])),
         light_colour=np.array([1.0, rng.uniform(0.9, 1.0), rng.uniform(0.8, 1.0)]) * rng.uniform(0.55, 0.8),
@@ -207,10 +207,13 @@ def build_texture(subject: Subject, rig: FaceRig, rng: np.random.Generator) -> n
     shell = np.broadcast_to(edge_skin, (rows, cols, 3)).copy()
     # Hairline: low at the forehead (u ~ 0 or 1), higher over the temples, none under the chin.
     side = np.minimum(u, 1 - u)  # 0 at the forehead, 0.5 at the chin
-    hairline = 0.02 + 0.35 * np.clip(side / 0.25, 0, 1) ** 2 + 0.6 * (1 - subject.hair_coverage)
-    hair_mask = (v > hairline) & (side < 0.36 + 0.08 * subject.hair_coverage)
+    hairline = 0.01 + 0.3 * np.clip(side / 0.25, 0, 1) ** 2 + 0.3 * (1 - subject.hair_coverage)
+    hair_mask = (v > hairline) & (side < 0.36 + 0.08 * subject.hair_coverage) & (subject.hair_coverage > 0)
     hair_mask = np.asarray(Image.fromarray((hair_mask * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3)), np.float32) / 255
-    strands = 0.75 + 0.25 * np.clip(_noise(rng, (rows, cols), 1.0) + 0.5 * _noise(rng, (rows, cols), 6.0), -2, 2)
+    from scipy.ndimage import gaussian_filter
+
+    fine = gaussian_filter(rng.standard_normal((rows, cols)), (2.5, 0.6))  # strands run from the face back
+    strands = 0.8 + 0.12 * np.clip(fine / (fine.std() + 1e-8) + 0.7 * _noise(rng, (rows, cols), 12.0), -2.5, 2.5)
     hair_rgb = subject.hair * strands[..., None]
     shell = shell * (1 - hair_mask[..., None]) + hair_mask[..., None] * hair_rgb
     atlas[box("head")] = np.clip(shell, 0, 1)

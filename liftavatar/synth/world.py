@@ -192,7 +192,8 @@ def synthesize(
         for start, batch in render_sequence(subject, kin, spec.size, intrinsics, rig, batch_size,
                                             spec.supersample, device, skip=done, progress=progress):
             for k in range(len(batch.rgb)):
-                writer.add_frame(start + k, batch.rgb[k], batch.mask[k], batch.shading[k])
+                if start + k not in done:
+                    writer.add_frame(start + k, batch.rgb[k], batch.mask[k], batch.shading[k])
             landmarks[start:start + len(batch.rgb)] = batch.landmarks2d
         if done:  # landmarks of skipped frames are cheap to recompute without rendering
             verts = rig.vertices(subject.identity, kin.expression, kin.rotation, kin.translation)

@@ -1,0 +1,53 @@
+"""Pictures people would rather look at than read: contact sheets of captures and subjects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from liftavatar.capture import Capture
+
+
+def grid(images: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]] | None = None,
+         row_labels: Sequence[str] | None = None, pad: int = 2, label_height: int = 14) -> np.ndarray:
+    """Tile rows of equally sized (H, W, 3) uint8 images into one image, with optional captions."""
+    rows = len(images)
+    cols = max(len(r) for r in images)
+    h, w = images[0][0].shape[:2]
+    left = 90 if row_labels else 0
+    cell_h = h + (label_height if labels else 0)
+    sheet = Image.new("RGB", (left + cols * (w + pad) + pad, rows * (cell_h + pad) + pad), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(images):
+        y = pad + r * (cell_h + pad)
+        if row_labels:
+            draw.text((4, y + h // 2 - 6), row_labels[r], fill=(230, 230, 230))
+        for c, image in enumerate(row):
+            x = left + pad + c * (w + pad)
+            sheet.paste(Image.fromarray(np.ascontiguousarray(image[..., :3])), (x, y))
+            if labels:
+                draw.text((x + 2, y + h + 1), labels[r][c], fill=(230, 230, 230))
+    return np.asarray(sheet)
+
+
+def capture_contact_sheet(capture: Capture, path: str | Path, num: int = 8) -> Path:
+    """Frames of a capture (evenly spaced) above their masks and shading maps, as a PNG."""
+    indices = np.linspace(0, capture.num_frames - 1, min(num, capture.num_frames)).round().astype(int)
+    frames = list(capture.frames(indices))
+    masks = [np.repeat(m[..., None], 3, -1) for m in capture.masks(indices)]
+    shadings = list(capture.shadings(indices))
+    labels = [[f"frame {i}" for i in indices]] * 3
+    sheet = grid([frames, masks, shadings], labels, row_labels=["frame", "mask", "shading"])
+    return save_png(sheet, path)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write a PNG atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    Image.fromarray(image).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
