@@ -160,6 +160,35 @@ def boundary_loops(faces: np.ndarray) -> list[list[int]]:
     return loops
 
 
+def chains_of(edges: list[tuple[int, int]]) -> list[list[int]]:
+    """Split edges into their connected vertex chains, each ordered from one end to the other."""
+    adjacency = collections.defaultdict(list)
+    for a, b in edges:
+        adjacency[a].append(b)
+        adjacency[b].append(a)
+    seen, chains = set(), []
+    for start in sorted(adjacency, key=lambda n: (len(adjacency[n]), n)):
+        if start in seen:
+            continue
+        chain, prev, cur = [start], None, start
+        seen.add(start)
+        while True:
+            nxt = [n for n in adjacency[cur] if n != prev and n not in seen]
+            if not nxt:
+                break
+            prev, cur = cur, nxt[0]
+            chain.append(cur)
+            seen.add(cur)
+        chains.append(chain)
+    return chains
+
+
+def chain_order(edges: list[tuple[int, int]]) -> list[int]:
+    """The vertices of a single closed loop of edges, in order."""
+    (loop,) = chains_of(edges)
+    return loop
+
+
 # ----------------------------------------------------------------------------- canonical frame, symmetry
 
 
@@ -329,6 +358,16 @@ class RigBuilder:
             "right": sorted({i for e in fm.FACEMESH_RIGHT_EYEBROW for i in e}),
             "left": sorted({i for e in fm.FACEMESH_LEFT_EYEBROW for i in e}),
         }
+        # Outlines for texture regions: the outer lip contour as a loop, and each brow as its
+        # upper chain followed by its lower chain reversed (FaceMesh gives two open chains).
+        outer_edges = [e for e in fm.FACEMESH_LIPS if e[0] in outer and e[1] in outer]
+        self.lips_outline = chain_order(outer_edges)
+        self.brow_outline = {}
+        for side, conn in (("left", fm.FACEMESH_LEFT_EYEBROW), ("right", fm.FACEMESH_RIGHT_EYEBROW)):
+            chains = chains_of(list(conn))
+            chains.sort(key=lambda ch: v[ch, 1].mean())  # upper first
+            a, b = (sorted(ch, key=lambda i: v[i, 0]) for ch in chains)
+            self.brow_outline[side] = a + b[::-1]
         self.nose = sorted({i for e in fm.FACEMESH_NOSE for i in e}) if hasattr(fm, "FACEMESH_NOSE") else [1, 2, 4]
         iris_r = list(range(468, 473))
         iris_l = list(range(473, 478))
@@ -516,6 +555,10 @@ class RigBuilder:
                 w = w / (np.abs(w) ** 2.5).sum() ** (1 / 2.5)
                 ring.append(self.head_center + self.head_radii * w)
             shell.append(np.array(ring))
+        # Relax the first rings along each meridian so the shell leaves the face without a crease.
+        for _ in range(30):
+            for r in range(1, 4):
+                shell[r] = 0.25 * shell[r - 1] + 0.5 * shell[r] + 0.25 * shell[r + 1]
         n_oval = len(oval)
         shell_v = np.concatenate(shell[1:] + [[self.head_center + self.head_radii * back]])
         # Faces: ring 0 is the oval itself (surface vertex ids), rings 1.. are new vertices.
@@ -920,6 +963,8 @@ def main() -> None:
         eye_loops=np.array([builder.eye_loop["left"], builder.eye_loop["right"]], dtype=np.int32),
         mouth_loop=np.array(builder.mouth_loop, dtype=np.int32),
         face_oval=np.array(builder.oval_ordered(), dtype=np.int32),
+        lips_outline=np.array(builder.lips_outline, dtype=np.int32),
+        brow_outlines=np.array([builder.brow_outline["left"], builder.brow_outline["right"]], dtype=np.int32),
     )
     print(f"wrote {args.out}/rig.npz: {len(builder.vertices)} vertices, {len(builder.all_faces)} faces, "
           f"{len(identity_names)} identity and {len(expression_names)} expression parameters")

@@ -79,6 +79,8 @@ class FaceRig:
     eye_loops: np.ndarray  # (2, 16) eye-opening contours: subject's left, right
     mouth_loop: np.ndarray  # (20,) inner lip contour
     face_oval: np.ndarray  # (36,) outer contour, from the forehead
+    lips_outline: np.ndarray  # (20,) outer lip contour, a loop
+    brow_outlines: np.ndarray  # (2, 10) eyebrow outlines: subject's left, right
 
     identity_bounds = (-1.0, 1.0)
     expression_bounds = (0.0, 1.0)
@@ -176,6 +178,8 @@ def _load(path: str | None) -> FaceRig:
             eye_loops=z["eye_loops"].astype(np.int64),
             mouth_loop=z["mouth_loop"].astype(np.int64),
             face_oval=z["face_oval"].astype(np.int64),
+            lips_outline=z["lips_outline"].astype(np.int64),
+            brow_outlines=z["brow_outlines"].astype(np.int64),
         )
 
 

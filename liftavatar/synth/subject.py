@@ -110,48 +110,24 @@ def _face_regions(rig: FaceRig) -> dict[str, np.ndarray]:
         ImageDraw.Draw(im).polygon([tuple(px[i]) for i in ids], fill=255)
         return np.asarray(im.filter(ImageFilter.GaussianBlur(blur)), np.float32) / 255
 
-    import mediapipe as mp  # the landmark groups only; no model is run
-
-    fm = mp.solutions.face_mesh
-    lips = _ordered_loop(fm.FACEMESH_LIPS, outer=True)
+    lips = list(rig.lips_outline)
     oval = list(rig.face_oval)
-    oval_px = px[oval]
     mouth_y = px[list(rig.mouth_loop), 1].mean()
     nose_y = px[2, 1]
     jaw = [i for i in oval if px[i, 1] > nose_y]
-    beard_ids = jaw + [2]
     regions = {
         "lips": polygon(lips, 2),
-        "beard": np.clip(polygon(beard_ids, 6) - polygon(lips, 3) * 1.2, 0, 1),
+        "beard": np.clip(polygon(jaw + [2], 6) - polygon(lips, 3) * 1.2, 0, 1),
         "cheeks": np.clip(polygon([i for i in oval if abs(px[i, 1] - mouth_y) < 120], 25), 0, 1),
         "oval": polygon(oval, 3),
+        # 1 well inside the face oval, fading to 0 over its outer ~20 px: the photo's own edge
+        # (ears, hair, background) is replaced by skin that meets the head shell without a seam.
+        "inner": np.asarray(Image.fromarray((polygon(oval, 0) * 255).astype(np.uint8))
+                            .filter(ImageFilter.MinFilter(21)).filter(ImageFilter.GaussianBlur(7)), np.float32) / 255,
+        "brow_left": polygon(list(rig.brow_outlines[0]), 1.5),
+        "brow_right": polygon(list(rig.brow_outlines[1]), 1.5),
     }
-    for side, conn in (("left", fm.FACEMESH_LEFT_EYEBROW), ("right", fm.FACEMESH_RIGHT_EYEBROW)):
-        regions[f"brow_{side}"] = polygon(_ordered_loop(conn), 1.5)
-    regions["oval_px"] = oval_px
     return regions
-
-
-def _ordered_loop(connections, outer: bool = False) -> list[int]:
-    """Vertices of a FaceMesh connection set as one ordered loop (the outer one for the lips)."""
-    adjacency: dict[int, list[int]] = {}
-    for a, b in connections:
-        adjacency.setdefault(a, []).append(b)
-        adjacency.setdefault(b, []).append(a)
-    if outer:  # the outer lip contour passes through the outer corners 61 and 291
-        start = 61
-        allowed = {61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185}
-    else:
-        start = min(adjacency)
-        allowed = set(adjacency)
-    loop, prev, cur = [start], None, start
-    while True:
-        options = [n for n in adjacency[cur] if n != prev and n in allowed and (n not in loop or n == start)]
-        if not options or options[0] == start:
-            break
-        prev, cur = cur, options[0]
-        loop.append(cur)
-    return loop
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -184,7 +160,12 @@ def build_texture(subject: Subject, rig: FaceRig, rng: np.random.Generator) -> n
     ) / 255
     brow_mask = np.clip(brow_mask * (1.5 + subject.brow_thickness), 0, 1)[..., None]
     brow_colour = np.minimum(subject.hair, subject.skin * 0.5)
-    face = face * (1 - 0.85 * brow_mask) + 0.85 * brow_mask * brow_colour
+    from scipy.ndimage import gaussian_filter
+
+    hairs = gaussian_filter(rng.standard_normal(face.shape[:2]), (0.5, 1.5))  # short, mostly sideways hairs
+    hairs = np.clip(0.75 + 0.5 * hairs / (hairs.std() + 1e-8), 0.2, 1.3)[..., None]
+    alpha = 0.8 * brow_mask * np.clip(hairs, 0, 1)
+    face = face * (1 - alpha) + alpha * brow_colour * hairs
     if subject.freckles > 0:
         spots = (rng.random(face.shape[:2]) < 0.004 * subject.freckles).astype(np.float32)
         spots = np.asarray(Image.fromarray((spots * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2)), np.float32)
@@ -196,6 +177,9 @@ def build_texture(subject: Subject, rig: FaceRig, rng: np.random.Generator) -> n
         stubble = (density * hairs)[..., None]
         face = face * (1 - stubble) + stubble * subject.hair * 0.8
     face *= 1 + 0.03 * _noise(rng, face.shape[:2], 1.0)[..., None]  # pores
+    edge_skin = np.median(face[regions["cheeks"] > 0.5], axis=0)
+    inner = regions["inner"][..., None]
+    face = face * inner + (1 - inner) * edge_skin
     atlas[box("face")] = _resize(np.clip(face, 0, 1), box("face"))
 
     # Head shell: u goes round the face oval from the forehead, v from the oval to the back.
@@ -203,7 +187,6 @@ def build_texture(subject: Subject, rig: FaceRig, rng: np.random.Generator) -> n
     v, u = np.mgrid[0:rows, 0:cols].astype(np.float32)
     u /= cols
     v /= rows
-    edge_skin = np.median(face[regions["cheeks"] > 0.5], axis=0)
     shell = np.broadcast_to(edge_skin, (rows, cols, 3)).copy()
     # Hairline: low at the forehead (u ~ 0 or 1), higher over the temples, none under the chin.
     side = np.minimum(u, 1 - u)  # 0 at the forehead, 0.5 at the chin
