@@ -95,3 +95,19 @@ def test_bad_inputs(sparse_capture, tmp_path):
         synthesize(SynthSpec(kinematics_from=str(tmp_path / "missing")), tmp_path / "x", progress=False)
     with pytest.raises(CaptureError, match="overwrite|force|-o"):
         synthesize(SynthSpec(seed=7, frames=2, size=64), sparse_capture.path, progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_renders_the_same_frames_as_cpu():
+    from liftavatar.synth.kinematics import sample_kinematics
+    from liftavatar.synth.world import render_subject
+
+    rig = FaceRig.load()
+    subject = make_subject(21, rig)
+    k = sample_kinematics("extreme", 8, rig.expression_names, seed=21)
+    args = (subject, k.expression, k.rotation, k.translation, 128)
+    cpu = render_subject(*args, rig=rig, device="cpu")
+    gpu = render_subject(*args, rig=rig, device="cuda")
+    for a, b in ((cpu.rgb, gpu.rgb), (cpu.mask, gpu.mask), (cpu.shading, gpu.shading)):
+        mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+        assert 10 * np.log10(255**2 / max(mse, 1e-12)) > 40
