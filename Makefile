@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/render.py
+	$(PY) benchmarks/realism.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import mediapipe
-import torch
 
+from liftavatar.report import machine_info
 from liftavatar.synth.realism import measure_realism
 
 
@@ -38,8 +37,7 @@ def main() -> None:
         rows.append(summary)
     report = {
         "benchmark": "realism",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__, "mediapipe": mediapipe.__version__},
+        "machine": {**machine_info(), "mediapipe": mediapipe.__version__},
         "protocol": "MediaPipe FaceMesh (static image mode, iris refinement) on synthetic frames; error = per-frame "
                     "median over the 468 surface landmarks of |detected - projected rig vertex| in pixels",
         "results": rows,

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ import torch
 
 from liftavatar.face.render import Lighting, rasterize, render_mesh
 from liftavatar.face.rig import FaceRig, face_texture
+from liftavatar.report import machine_info
 from liftavatar.synth.world import SynthSpec, synthesize
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "render.json"
@@ -100,20 +99,6 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return best
 
 
-def machine(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "device": str(device),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def run(device: torch.device, sizes: list[int], batch: int, repeats: int, synth_frames: int) -> dict[str, object]:
     mesh = rig_mesh()
     extent = mesh.vertices.norm(dim=-1).max().item()
@@ -145,7 +130,7 @@ def run(device: torch.device, sizes: list[int], batch: int, repeats: int, synth_
         print(f"{size}x{size}: " + ", ".join(f"{key}={value}" for key, value in row.items()))
     return {
         "benchmark": "face.render",
-        "machine": machine(device),
+        "machine": machine_info(str(device)),
         "mesh": {
             "source": mesh.source,
             "vertices": mesh.vertices.shape[0],

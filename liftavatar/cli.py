@@ -97,13 +97,15 @@ def _extras(capture, video: bool, preview: bool) -> None:
 
 
 def run_validate(cfg: Validate) -> None:
-    from liftavatar.capture import validate_capture
+    from liftavatar.capture import KINEMATICS_FILE, Capture
     from liftavatar.face.rig import FaceRig
 
+    capture = Capture.load(cfg.capture)
+    meta = capture.meta
     rig = FaceRig.load()
-    meta = validate_capture(cfg.capture)
-    if meta.rig.get("name") == rig.name:
-        validate_capture(cfg.capture, expression_bounds=rig.expression_bounds, check_images=False)
+    if meta.rig.get("name") == rig.name:  # our rig: its coefficient bounds apply too
+        capture.kinematics.validate(rig.num_expressions, rig.expression_bounds,
+                                    source=cfg.capture / KINEMATICS_FILE)
     print(f"{cfg.capture}: valid capture of {meta.subject}, {meta.num_frames} frames, {meta.size[0]}x{meta.size[1]}")
 
 

@@ -51,3 +51,30 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     Image.fromarray(image).save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def machine_info(device: str = "cpu") -> dict[str, object]:
+    """What a benchmark ran on: CPU model and count, platform, torch, and the GPU when used."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, object] = {
+        "device": str(device),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info

@@ -205,7 +205,7 @@ def canonical_frame(points: np.ndarray) -> np.ndarray:
         local = pts @ frame.T
         pairs = mirror_pairs(local)
         left = [i for i, j in enumerate(pairs) if local[i, 0] > local[j, 0] + 1e-6]
-        x_axis = (pts[left] - pts[pairs[left]]).sum(0) @ np.eye(3)
+        x_axis = (pts[left] - pts[pairs[left]]).sum(0)  # mirror pairs differ along the x axis
     return pts @ frame.T
 
 
@@ -214,10 +214,8 @@ def mirror_pairs(local: np.ndarray) -> np.ndarray:
     surf = local[:NUM_SURFACE]
     mirrored = surf * np.array([-1.0, 1.0, 1.0])
     cost = np.linalg.norm(surf[:, None, :] - mirrored[None, :, :], axis=-1)
-    _, cols = linear_sum_assignment(cost)
-    pairs = np.empty(NUM_SURFACE, dtype=np.int64)
-    pairs[np.arange(NUM_SURFACE)] = cols
-    return pairs
+    _, pairs = linear_sum_assignment(cost)
+    return pairs.astype(np.int64)
 
 
 def symmetrise(local: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -380,7 +378,8 @@ class RigBuilder:
 
     # -- neutralisation ------------------------------------------------------------------------
 
-    def _lower_at(self, x: float, chain: list[int], y_or_z: int = 1) -> float:
+    def _chain_at(self, x: float, chain: list[int], y_or_z: int = 1) -> float:
+        """A chain's y (or z) at x, linearly interpolated along the chain sorted by x."""
         pts = self.v[chain]
         order = np.argsort(pts[:, 0])
         return float(np.interp(x, pts[order, 0], pts[order, y_or_z]))
@@ -398,11 +397,11 @@ class RigBuilder:
             handles[c] = d
         chain = [self.inner_corners[0]] + self.inner_lower + [self.inner_corners[1]]
         for i in self.inner_upper:
-            lower_y = self._lower_at(v[i, 0], chain)
+            lower_y = self._chain_at(v[i, 0], chain)
             handles[i] = np.array([-0.14 * (v[i, 0] - mouth_center[0]), 0.5 * (lower_y - v[i, 1]) + 0.002, 0.0])
         chain = [self.inner_corners[0]] + self.inner_upper + [self.inner_corners[1]]
         for i in self.inner_lower:
-            upper_y = self._lower_at(v[i, 0], chain)
+            upper_y = self._chain_at(v[i, 0], chain)
             handles[i] = np.array([-0.14 * (v[i, 0] - mouth_center[0]), 0.5 * (upper_y - v[i, 1]) + 0.002, 0.0])
         fixed = set(self.eye_loop["left"]) | set(self.eye_loop["right"]) | set(self.oval[:])
         disp = self.deformer.deform(handles, fixed_radius=0.045, fixed=fixed)
@@ -421,7 +420,6 @@ class RigBuilder:
     def build_parts(self) -> None:
         """Append eyeballs, mouth interior, head shell and neck; set per-vertex part ids and UVs."""
         v = self.v
-        self.part_vertices: dict[str, list[np.ndarray]] = collections.defaultdict(list)
         verts = [v]
         faces = [self.faces]
         face_part = [np.zeros(len(self.faces), np.int64)]
@@ -579,7 +577,6 @@ class RigBuilder:
                 shell_uv.append([i / n_oval, r / rings])
         shell_uv.append([0.5, 1.0])
         add("head", shell_v, sf, np.array(shell_uv))
-        self.oval_uv_angle = np.arange(n_oval) / n_oval
 
         # Neck and shoulders: a surface of revolution under the jaw, flaring into the shoulders.
         rows, cols = 9, 24
@@ -650,7 +647,7 @@ class RigBuilder:
                 vid = self.all_faces[f, c]
                 if vid in oval_uv:
                     corner[f, c] = oval_uv[vid]
-        # The shell wraps around in u: faces spanning the seam use u + 1 (kept in range by clamping).
+        # The shell wraps around in u: faces across the seam map their u = 0 corners to u = 1.
         for f in np.nonzero(head)[0]:
             us = corner[f, :, 0]
             if us.max() - us.min() > 0.5 * (hu1 - hu0):
@@ -715,10 +712,9 @@ class RigBuilder:
         for side, sign in (("left", 1), ("right", -1)):
             groups.append(np.concatenate([np.nonzero(eyeball & (np.sign(x) == sign))[0], self.iris[side]]))
         for idx in groups:
-            center = V[idx].mean(0)
-            for k, n in enumerate(names):
-                d = np.linalg.norm(V - center, axis=-1)
-                weights[k, idx] = weights[k, np.argmin(d + 1e9 * np.isin(np.arange(len(V)), idx))]
+            distance = np.linalg.norm(V - V[idx].mean(0), axis=-1)
+            distance[idx] = np.inf
+            weights[:, idx] = weights[:, [np.argmin(distance)]]  # the nearest vertex outside the part
         basis = weights[:, :, None] * np.stack([fields[n][1] for n in names])
         return names, basis.astype(np.float32)
 
