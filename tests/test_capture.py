@@ -491,3 +491,23 @@ def test_resume_keeps_written_frames(tmp_path: Path) -> None:
     fresh = CaptureWriter(out.parent / "capture", make_meta(), overwrite=True)
     assert not fresh.has_frame(0)
     assert not os.listdir(fresh.staging / "frames")
+
+
+def test_background_writers_give_the_same_capture(tmp_path: Path, capture_dir: Path) -> None:
+    frames, masks, shadings = make_images()
+    with CaptureWriter(tmp_path / "threaded", make_meta(), workers=2) as writer:
+        for i in range(N):
+            writer.add_frame(i, frames[i], masks[i], shadings[i])
+        threaded = writer.finalize(make_kinematics())
+    serial = Capture.load(capture_dir)
+    np.testing.assert_array_equal(threaded.frames(), serial.frames())
+    np.testing.assert_array_equal(threaded.masks(), serial.masks())
+    np.testing.assert_array_equal(threaded.shadings(), serial.shadings())
+
+
+def test_discard_removes_the_staging_directory(tmp_path: Path) -> None:
+    frames, masks, shadings = make_images()
+    writer = CaptureWriter(tmp_path / "gone", make_meta(), workers=1)
+    writer.add_frame(0, frames[0], masks[0], shadings[0])
+    writer.discard()
+    assert not (tmp_path / "gone.partial").exists() and not (tmp_path / "gone").exists()

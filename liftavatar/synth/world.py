@@ -187,7 +187,7 @@ def synthesize(
         creator={"verb": "synth", "version": liftavatar.__version__, "config": asdict(spec)},
     )
     landmarks = np.zeros((len(kin), rig.num_landmarks, 2), np.float32)
-    with CaptureWriter(out_dir, meta, overwrite=overwrite, resume=resume) as writer:
+    with CaptureWriter(out_dir, meta, overwrite=overwrite, resume=resume, workers=2) as writer:
         done = {i for i in range(len(kin)) if writer.has_frame(i)} if resume else set()
         for start, batch in render_sequence(subject, kin, spec.size, intrinsics, rig, batch_size,
                                             spec.supersample, device, skip=done, progress=progress):
