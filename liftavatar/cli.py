@@ -51,6 +51,32 @@ class Synth:
 
 
 @dataclass
+class Track:
+    """Track a monocular head video (or a folder of same-sized images) into a Capture."""
+
+    input: tyro.conf.Positional[Path]
+    """Video file (mp4, mov, webm, avi, mkv) or folder of images."""
+    out: Out
+    """Capture directory to write."""
+    size: int = 512
+    """Side of the square output frames, pixels."""
+    fps: float | None = None
+    """Resample the video to at most this frame rate."""
+    max_frames: int | None = None
+    """Stop after this many frames."""
+    fov: float = 60.0
+    """Horizontal field of view of the input camera, degrees (phone front camera ~60°)."""
+    preview: bool = False
+    """Also write OUT/preview.png: frames with the fitted mesh overlaid, and the shading maps."""
+    force: bool = False
+    """Replace an existing capture at OUT."""
+    resume: bool = False
+    """Continue an interrupted run: keep its landmarks and written frames."""
+    device: str = "cpu"
+    """Torch device for fitting and rendering."""
+
+
+@dataclass
 class Validate:
     """Check a Capture directory: exit 0, or exit 2 naming the first problem and its file."""
 
@@ -96,6 +122,19 @@ def _extras(capture, video: bool, preview: bool) -> None:
         print(f"preview: {capture_contact_sheet(capture, capture.path / 'preview.png')}")
 
 
+def run_track(cfg: Track) -> None:
+    from liftavatar.face.track import TrackConfig, track
+
+    config = TrackConfig(size=cfg.size, fps=cfg.fps, max_frames=cfg.max_frames, fov=cfg.fov, device=cfg.device)
+    capture, report = track(cfg.input, cfg.out, config, overwrite=cfg.force, resume=cfg.resume)
+    print(report.summary())
+    print(f"wrote {capture.path}")
+    if cfg.preview:
+        from liftavatar.report import tracking_contact_sheet
+
+        print(f"preview: {tracking_contact_sheet(capture, capture.path / 'preview.png')}")
+
+
 def run_validate(cfg: Validate) -> None:
     from liftavatar.capture import KINEMATICS_FILE, Capture
     from liftavatar.face.rig import FaceRig
@@ -122,6 +161,7 @@ def run_demo(cfg: Demo) -> None:
 
 COMMANDS = {
     "synth": (Synth, run_synth),
+    "track": (Track, run_track),
     "validate": (Validate, run_validate),
     "demo": (Demo, run_demo),
 }

@@ -12,8 +12,14 @@ from liftavatar.capture import Capture
 
 
 def grid(images: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]] | None = None,
-         row_labels: Sequence[str] | None = None, pad: int = 2, label_height: int = 14) -> np.ndarray:
-    """Tile rows of equally sized (H, W, 3) uint8 images into one image, with optional captions."""
+         row_labels: Sequence[str] | None = None, pad: int = 2, label_height: int = 14,
+         max_cell: int = 256) -> np.ndarray:
+    """Tile rows of equally sized (H, W, 3) uint8 images into one image, with optional captions.
+
+    Images larger than ``max_cell`` pixels on a side are shrunk to it.
+    """
+    if max(images[0][0].shape[:2]) > max_cell:
+        images = [[_shrink(image, max_cell) for image in row] for row in images]
     rows = len(images)
     cols = max(len(r) for r in images)
     h, w = images[0][0].shape[:2]
@@ -31,6 +37,12 @@ def grid(images: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]]
             if labels:
                 draw.text((x + 2, y + h + 1), labels[r][c], fill=(230, 230, 230))
     return np.asarray(sheet)
+
+
+def _shrink(image: np.ndarray, side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    return np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.LANCZOS))
 
 
 def capture_contact_sheet(capture: Capture, path: str | Path, num: int = 8) -> Path:
@@ -78,3 +90,35 @@ def machine_info(device: str = "cpu") -> dict[str, object]:
     if str(device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def wireframe_overlay(frame: np.ndarray, points: np.ndarray, faces: np.ndarray, colour=(80, 255, 120)) -> np.ndarray:
+    """The frame with the edges of ``faces`` drawn between projected ``points`` (V, 2) pixels."""
+    image = Image.fromarray(frame.copy())
+    draw = ImageDraw.Draw(image)
+    edges = {tuple(sorted((int(t[a]), int(t[b])))) for t in faces for a, b in ((0, 1), (1, 2), (2, 0))}
+    for a, b in edges:
+        draw.line([tuple(points[a]), tuple(points[b])], fill=colour, width=1)
+    return np.asarray(image)
+
+
+def tracking_contact_sheet(capture: Capture, path: str | Path, num: int = 8) -> Path:
+    """Frames of a tracked capture: as filmed, with the fitted face mesh overlaid, and shading maps."""
+    import torch
+
+    from liftavatar.face.render import project
+    from liftavatar.face.rig import FaceRig
+
+    rig = FaceRig.load()
+    k = capture.kinematics
+    valid = np.flatnonzero(k.valid)
+    indices = valid[np.linspace(0, len(valid) - 1, min(num, len(valid))).round().astype(int)] if len(valid) else []
+    verts = rig.vertices(k.identity, k.expression[indices], k.rotation[indices], k.translation[indices])
+    points = project(verts, torch.tensor(capture.meta.intrinsics))[..., :2].numpy()
+    surface = rig.faces[rig.part_mask("face")]
+    frames = list(capture.frames(indices))
+    overlays = [wireframe_overlay(f, p, surface) for f, p in zip(frames, points)]
+    shadings = list(capture.shadings(indices))
+    labels = [[f"frame {i}" for i in indices]] * 3
+    sheet = grid([frames, overlays, shadings], labels, row_labels=["frame", "fitted mesh", "shading"])
+    return save_png(sheet, path)

@@ -1,0 +1,189 @@
+"""The tracker: video or image folder -> Capture; every bad input exits 2 and leaves nothing behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from liftavatar.capture import Capture, validate_capture
+from liftavatar.face import track as track_module
+from liftavatar.face.rig import FaceRig
+from liftavatar.face.track import TrackConfig, crop_frame, crop_intrinsics, track
+from liftavatar.synth.world import SynthSpec, synthesize
+from liftavatar.video import write_video
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> tuple[Path, Capture]:
+    """A short synthetic sparse clip as an .mp4, with its ground-truth capture."""
+    root = tmp_path_factory.mktemp("clip")
+    truth = synthesize(SynthSpec(seed=7401, preset="sparse", frames=12, size=256), root / "truth", progress=False)
+    video = root / "clip.mp4"
+    write_video(video, truth.frames(), truth.meta.fps)
+    return video, truth
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "liftavatar.cli", *args], capture_output=True, text=True)
+
+
+def assert_refused(result: subprocess.CompletedProcess, out: Path, needle: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists(), "no half-written capture"
+
+
+def test_track_a_synthetic_video(clip, tmp_path):
+    video, truth = clip
+    capture, report = track(video, tmp_path / "cap", TrackConfig(size=256, fov=30.0), progress=False)
+    validate_capture(capture.path, expression_bounds=FaceRig.load().expression_bounds)
+    assert capture.num_frames == 12 and report.valid == 12
+    assert capture.meta.creator["verb"] == "track" and capture.meta.fps == pytest.approx(truth.meta.fps)
+    k = capture.kinematics
+    assert (k.provenance == 0).all() and k.valid.all()
+    # The pose is recovered (the synthetic camera is a 30° field of view, as passed).
+    from scipy.spatial.transform import Rotation
+
+    err = (Rotation.from_rotvec(k.rotation) * Rotation.from_rotvec(truth.kinematics.rotation).inv()).magnitude()
+    assert np.degrees(np.median(err)) < 6.0  # a sanity bound; accuracy is measured by benchmarks/tracking.py
+    assert report.median_reprojection_px < 3.0
+    # The head fills about half of the stable crop, and the masks cover it.
+    assert 0.15 < (capture.masks() > 128).mean() < 0.7
+    assert not (capture.path / track_module.STATE_FILE).exists()
+
+
+def test_crop_geometry_is_consistent():
+    """Cropping then projecting with the crop intrinsics equals projecting then cropping."""
+    frame = np.zeros((300, 400, 3), np.uint8)
+    frame[100:110, 200:210] = 255  # a square at u, v in [200, 210) x [100, 110)
+    crop = (150.0, 50.0, 200.0)
+    image = crop_frame(frame, crop, 100)  # scale 0.5: the square lands on [25, 30) x [25, 30)
+    ys, xs = np.nonzero(image[..., 0] > 127)
+    assert xs.min() == 25 and xs.max() == 29 and ys.min() == 25 and ys.max() == 29
+    fx, fy, cx, cy = crop_intrinsics((300, 400), 60.0, crop, 100)
+    assert cx == pytest.approx((200 - 150) * 0.5) and cy == pytest.approx((150 - 50) * 0.5)
+    assert fx == pytest.approx(400 / (2 * np.tan(np.radians(30))) * 0.5)
+
+
+def test_interrupted_run_resumes_without_redoing_frames(clip, tmp_path, monkeypatch):
+    video, _ = clip
+    out = tmp_path / "resumed"
+    config = TrackConfig(size=128, fov=30.0)
+    original = track_module._write_batch
+    calls = {"n": 0}
+
+    def interrupt_after_one_batch(writer, batch, *args):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        original(writer, batch, *args)
+
+    monkeypatch.setattr(track_module, "_write_batch", interrupt_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        track(video, out, config, progress=False, batch_size=4)
+    staging = out.with_name(out.name + ".partial")
+    assert not out.exists() and (staging / track_module.STATE_FILE).exists()
+    first = staging / "frames" / "000000.png"
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.setattr(track_module, "_write_batch", original)
+
+    detected = {"n": 0}
+    real_detect_all = track_module.FaceMeshDetector.detect_all
+
+    def counting(self, image):
+        detected["n"] += 1
+        return real_detect_all(self, image)
+
+    monkeypatch.setattr(track_module.FaceMeshDetector, "detect_all", counting)
+    capture, _ = track(video, out, config, progress=False, resume=True, batch_size=4)
+    assert detected["n"] == 0, "landmarks of finished frames are not detected again"
+    assert (out / "frames" / "000000.png").stat().st_mtime_ns == stamp, "finished frames are not rewritten"
+    assert capture.num_frames == 12
+
+
+def test_several_faces_follow_the_most_prominent(tmp_path):
+    head = skimage.data.astronaut()[0:300, 110:350]
+    smaller = np.asarray(Image.fromarray(head).resize((180, 225)))
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for i, shift in enumerate((0, 4, 8)):
+        canvas = np.zeros((400, 600, 3), np.uint8)
+        canvas[50:350, 20 + shift:260 + shift] = head  # the prominent face, on the left
+        canvas[60:285, 320:500] = smaller
+        Image.fromarray(canvas).save(folder / f"{i:03d}.png")
+    result = run(["track", str(folder), "-o", str(tmp_path / "cap"), "--size", "128"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "several faces in 3 frames" in result.stdout
+    capture = Capture.load(tmp_path / "cap")
+    assert capture.kinematics.valid.all()
+    # The crop follows the left face: its centre lies in the left part of the input.
+    x0, y0, side = capture.meta.creator["config"]["crop"]
+    assert x0 + side / 2 < 300
+
+
+def _zero_frame_video(path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("missing", "no such file"),
+        ("not_a_video", "notes.mp4"),
+        ("corrupt", "noise.mp4"),
+        ("truncated", "cut.mp4"),
+        ("zero_frames", "empty.mp4"),
+        ("no_face", "no face"),
+        ("tiny_face", "px tall"),
+        ("mixed_sizes", "share a size"),
+        ("empty_folder", "no images"),
+    ],
+)
+def test_bad_input_exits_2_and_leaves_nothing(case, needle, clip, tmp_path):
+    video, _ = clip
+    source = tmp_path / "input"
+    if case == "missing":
+        source = tmp_path / "nowhere.mp4"
+    elif case == "not_a_video":
+        source = tmp_path / "notes.mp4"
+        source.write_text("these are my notes, not a video\n")
+    elif case == "corrupt":
+        source = tmp_path / "noise.mp4"
+        source.write_bytes(np.random.default_rng(0).bytes(50_000))
+    elif case == "truncated":
+        source = tmp_path / "cut.mp4"
+        data = video.read_bytes()
+        source.write_bytes(data[: len(data) // 2])
+    elif case == "zero_frames":
+        source = tmp_path / "empty.mp4"
+        _zero_frame_video(source)
+    elif case == "no_face":
+        source = tmp_path / "cat.mp4"
+        cat = skimage.data.chelsea()[:300, :450]
+        write_video(source, [cat] * 5, 25)
+    elif case == "tiny_face":
+        source.mkdir()
+        # Found by MediaPipe, but only ~35 px from forehead to chin: too little to fit a rig to.
+        canvas = np.zeros((256, 256, 3), np.uint8)
+        canvas[:153, :153] = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((153, 153)))
+        Image.fromarray(canvas).save(source / "000.png")
+    elif case == "mixed_sizes":
+        source.mkdir()
+        Image.fromarray(skimage.data.astronaut()).save(source / "000.png")
+        Image.fromarray(skimage.data.astronaut()[:400]).save(source / "001.png")
+    elif case == "empty_folder":
+        source.mkdir()
+        (source / "readme.txt").write_text("no frames here")
+    out = tmp_path / "cap"
+    assert_refused(run(["track", str(source), "-o", str(out), "--size", "128"]), out, needle)
