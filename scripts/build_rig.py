@@ -678,7 +678,7 @@ class RigBuilder:
             return t * t * (3 - 2 * t)
 
         x, y, z = V[:, 0], V[:, 1], V[:, 2]
-        one, zero = np.ones_like(x), np.zeros_like(x)
+        one = np.ones_like(x)
         eye_y = eye_c["left"][1]
         eye_x = np.where(x > 0, eye_c["left"][0], eye_c["right"][0])
         brow_y = brow_c["left"][1]

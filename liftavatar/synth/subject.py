@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from scipy.ndimage import gaussian_filter
 
 from liftavatar.face.rig import FaceRig, face_texture
 
@@ -132,8 +133,6 @@ def _face_regions(rig: FaceRig) -> dict[str, np.ndarray]:
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Smooth noise with unit standard deviation."""
-    from scipy.ndimage import gaussian_filter
-
     n = gaussian_filter(rng.standard_normal(shape), sigma)
     return (n / (n.std() + 1e-8)).astype(np.float32)
 
@@ -160,8 +159,6 @@ def build_texture(subject: Subject, rig: FaceRig, rng: np.random.Generator) -> n
     ) / 255
     brow_mask = np.clip(brow_mask * (1.5 + subject.brow_thickness), 0, 1)[..., None]
     brow_colour = np.minimum(subject.hair, subject.skin * 0.5)
-    from scipy.ndimage import gaussian_filter
-
     hairs = gaussian_filter(rng.standard_normal(face.shape[:2]), (0.5, 1.5))  # short, mostly sideways hairs
     hairs = np.clip(0.75 + 0.5 * hairs / (hairs.std() + 1e-8), 0.2, 1.3)[..., None]
     alpha = 0.8 * brow_mask * np.clip(hairs, 0, 1)
@@ -193,8 +190,6 @@ def build_texture(subject: Subject, rig: FaceRig, rng: np.random.Generator) -> n
     hairline = 0.01 + 0.3 * np.clip(side / 0.25, 0, 1) ** 2 + 0.3 * (1 - subject.hair_coverage)
     hair_mask = (v > hairline) & (side < 0.36 + 0.08 * subject.hair_coverage) & (subject.hair_coverage > 0)
     hair_mask = np.asarray(Image.fromarray((hair_mask * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3)), np.float32) / 255
-    from scipy.ndimage import gaussian_filter
-
     fine = gaussian_filter(rng.standard_normal((rows, cols)), (2.5, 0.6))  # strands run from the face back
     strands = 0.8 + 0.12 * np.clip(fine / (fine.std() + 1e-8) + 0.7 * _noise(rng, (rows, cols), 12.0), -2.5, 2.5)
     hair_rgb = subject.hair * strands[..., None]
