@@ -159,10 +159,270 @@ def run_demo(cfg: Demo) -> None:
     print(f"demo finished: {cfg.out.resolve()}")
 
 
+@dataclass
+class Refs:
+    """Choose the K reference frames of a Capture and store them in its capture.json."""
+
+    capture: tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="CAPTURE")]]
+    """Capture directory."""
+    k: Annotated[int, tyro.conf.arg(aliases=("-k",))] = 5
+    """Number of reference frames."""
+    method: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
+    """kmeans over standardised expression + rotation (default); random, uniform, farthest for ablations."""
+    seed: int = 0
+    """Seed of K-means' starts (and of random)."""
+
+
+def run_refs(cfg: Refs) -> None:
+    from liftavatar.refs import choose_references
+
+    indices = choose_references(cfg.capture, cfg.k, cfg.method, cfg.seed)
+    print(f"{cfg.method} references: {' '.join(str(int(i)) for i in indices)}")
+    print(f"stored in {cfg.capture / 'capture.json'} (reference_indices)")
+
+
+@dataclass
+class Generate:
+    """Generate a person (from reference frames) performing target kinematics, with a trained prior."""
+
+    out: Out
+    """An .mp4 file, or a folder for PNG frames."""
+    refs: Path
+    """Capture whose reference frames show the person (its stored references, or chosen now)."""
+    kinematics: Path
+    """Capture whose shading maps and kinematics are the targets."""
+    prior: Path | None = None
+    """Prior directory from `liftavatar train` (default: the embedded prior)."""
+    num_refs: int = 5
+    """Number of reference frames K."""
+    ref_method: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
+    steps: int = 25
+    """Solver steps."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale over the controls (1 = off)."""
+    solver: Literal["euler", "unipc"] = "euler"
+    seed: int = 0
+    max_frames: int | None = None
+    """Only the first N target frames."""
+    base: Path | None = None
+    """Local Wan2.1 weights a LoRA prior was trained on (default: the path it records)."""
+    vae: Path | None = None
+    """Local Wan VAE for a prior trained with it (default: the path it records)."""
+    device: str = "cpu"
+    batch_size: int = 8
+    """Windows generated at once."""
+
+
+def run_train(cfg) -> None:
+    from liftavatar.generator.train import train
+
+    prior = train(cfg)
+    print(f"prior: {prior}" if prior else f"checkpoint: {cfg.out / 'checkpoints'} (continue with --resume)")
+
+
+def run_generate(cfg: Generate) -> None:
+    from liftavatar.capture import Capture
+    from liftavatar.generator.data import generation_inputs
+    from liftavatar.generator.pipeline import LiftAvatarPipeline
+    from liftavatar.generator.prior import resolve_prior
+
+    prior = resolve_prior(cfg.prior)
+    pipe = LiftAvatarPipeline.from_pretrained(prior, device=cfg.device, base_path=cfg.base, vae_path=cfg.vae)
+    target = Capture.load(cfg.kinematics)
+    frames = range(min(target.num_frames, cfg.max_frames or target.num_frames))
+    inputs = generation_inputs(Capture.load(cfg.refs), target, cfg.num_refs, cfg.ref_method, cfg.seed, frames)
+    start = time.perf_counter()
+    video = pipe(inputs, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, solver=cfg.solver,
+                 batch_size=cfg.batch_size, progress=True)
+    path = _write_frames(video, cfg.out, target.meta.fps)
+    print(f"generated {len(video)} frames in {time.perf_counter() - start:.1f} s: {path}")
+
+
+def _write_frames(video, out: Path, fps: float) -> Path:
+    """(N, 3, H, W) float frames → an .mp4 or a folder of PNGs (written under a temporary name, then renamed)."""
+    import numpy as np
+
+    frames = (video.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    if out.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi"):
+        from liftavatar.video import write_video
+
+        write_video(out, frames, fps)
+        return out
+    from liftavatar.report import save_png
+
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        save_png(frame, tmp / f"{i:06d}.png")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _train_config():
+    from liftavatar.generator.train import TrainConfig
+
+    return TrainConfig
+
+
+@dataclass
+class Eval:
+    """Compare predicted frames with ground truth: PSNR, SSIM, LPIPS, FID, AED, APD, CSIM."""
+
+    pred: tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="PRED")]]
+    """Predicted frames: a Capture, a folder of images or a video."""
+    gt: tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="GT")]]
+    """Ground-truth frames, in the same order: a Capture (adds masks and kinematics), a folder or a video."""
+    json: Path | None = None
+    """Write the full report (per-frame values included) to this JSON file."""
+    metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "fid", "aed", "apd", "csim")
+    """Metrics to compute."""
+    kinematics: Literal["tracked", "given"] = "tracked"
+    """AED/APD from the tracker run on both sides, or from the kinematics both Captures carry."""
+    masked: bool = True
+    """Also report PSNR/SSIM/LPIPS over the ground truth's foreground masks (when it is a Capture)."""
+    lpips_weights: Path | None = None
+    """Folder with torchvision's alexnet-owt-7be5be79.pth and LPIPS v0.1 alex.pth (or LIFTAVATAR_LPIPS_WEIGHTS)."""
+    fid_weights: Path | None = None
+    """pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or LIFTAVATAR_FID_WEIGHTS)."""
+    fov: float = 60.0
+    """Horizontal field of view (degrees) assumed for tracking when neither side is a Capture."""
+    max_frames: int | None = None
+    """Compare only the first this many frames."""
+    device: str = "cpu"
+    """Torch device for LPIPS, FID and rig fitting."""
+
+
+def run_eval(cfg: Eval) -> None:
+    from liftavatar.metrics.evaluate import EvalConfig, evaluate_paths, format_report, write_report
+
+    config = EvalConfig(metrics=tuple(cfg.metrics), kinematics=cfg.kinematics, masked=cfg.masked,
+                        lpips_weights=str(cfg.lpips_weights) if cfg.lpips_weights else None,
+                        fid_weights=str(cfg.fid_weights) if cfg.fid_weights else None, fov=cfg.fov, device=cfg.device)
+    report = evaluate_paths(cfg.pred, cfg.gt, config, max_frames=cfg.max_frames)
+    print(format_report(report))
+    if cfg.json is not None:
+        print(f"wrote {write_report(report, cfg.json)}")
+
+
+# --- avatar (issue 6): liftavatar avatar train | render | export --------------------------------
+from typing import Union as _Union  # noqa: E402
+
+
+@dataclass
+class AvatarTrain:
+    """Train a mesh-rigged 3D Gaussian avatar on one subject's captures."""
+
+    captures: tyro.conf.Positional[tuple[Path, ...]]
+    """Capture directories of one subject (observed and lifted frames)."""
+    out: Out
+    """Avatar directory to write (checkpoints, validation renders)."""
+    iters: int = 3000
+    """Training iterations (one frame each)."""
+    size: int | None = None
+    """Train at this image height in pixels (default: the captures' size)."""
+    lifted_weight: float = 1.0
+    """Loss weight of lifted frames (provenance 1)."""
+    refine_kinematics: bool = False
+    """Also optimise a per-frame correction of the tracked kinematics."""
+    holdout_every: int = 0
+    """Hold out every k-th frame for validation (0: validate on training frames)."""
+    sh_degree: int = 1
+    """Spherical-harmonics degree of the colours."""
+    val_every: int = 500
+    checkpoint_every: int = 500
+    seed: int = 0
+    resume: bool = False
+    """Continue the training state in OUT."""
+    force: bool = False
+    """Replace an avatar already in OUT."""
+    device: str = "cpu"
+    """Torch device (cuda uses gsplat, cpu the PyTorch rasterizer)."""
+
+
+@dataclass
+class AvatarRender:
+    """Render an avatar performing another capture's kinematics (frames folder or video)."""
+
+    avatar: tyro.conf.Positional[Path]
+    """Avatar directory from `liftavatar avatar train`."""
+    kinematics: Path
+    """Capture whose expression, pose and camera drive the avatar."""
+    out: Out
+    """A folder for PNG frames, or an .mp4/.mov/.mkv file."""
+    size: int | None = None
+    """Image height in pixels (default: the kinematics capture's)."""
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """RGB in [0, 1] behind the avatar."""
+    device: str = "cpu"
+
+
+@dataclass
+class AvatarExport:
+    """Export an avatar as a standard 3DGS .ply (neutral pose, head frame) plus its binding."""
+
+    avatar: tyro.conf.Positional[Path]
+    """Avatar directory from `liftavatar avatar train`."""
+    out: Out
+    """The .ply file to write."""
+
+
+@dataclass
+class AvatarCommand:
+    """The 3D Gaussian avatar: train on captures, render kinematics, export a .ply."""
+
+    command: Annotated[
+        _Union[
+            Annotated[AvatarTrain, tyro.conf.subcommand("train")],
+            Annotated[AvatarRender, tyro.conf.subcommand("render")],
+            Annotated[AvatarExport, tyro.conf.subcommand("export")],
+        ],
+        tyro.conf.arg(name=""),
+        tyro.conf.OmitSubcommandPrefixes,
+    ]
+
+
+def run_avatar(cfg: AvatarCommand) -> None:
+    cmd = cfg.command
+    if isinstance(cmd, AvatarTrain):
+        from liftavatar.avatar.model import AvatarConfig
+        from liftavatar.avatar.train import TrainConfig, train_avatar
+
+        config = TrainConfig(iters=cmd.iters, size=cmd.size, lifted_weight=cmd.lifted_weight,
+                             refine_kinematics=cmd.refine_kinematics, holdout_every=cmd.holdout_every,
+                             val_every=cmd.val_every, checkpoint_every=cmd.checkpoint_every, seed=cmd.seed,
+                             device=cmd.device, avatar=AvatarConfig(sh_degree=cmd.sh_degree))
+        result = train_avatar(cmd.captures, cmd.out, config, resume=cmd.resume, force=cmd.force)
+        print(f"trained {result.step} iterations ({result.iters_per_second:.1f} it/s), {result.num_gaussians} "
+              f"Gaussians, validation PSNR {result.val_psnr:.2f} dB; avatar: {result.out_dir}")
+    elif isinstance(cmd, AvatarRender):
+        from liftavatar.avatar.export import render_kinematics
+        from liftavatar.avatar.model import load_avatar
+
+        avatar = load_avatar(cmd.avatar, device=cmd.device)
+        out, n = render_kinematics(avatar, cmd.kinematics, cmd.out, size=cmd.size, background=cmd.background,
+                                   device=cmd.device)
+        print(f"rendered {n} frames: {out}")
+    else:
+        from liftavatar.avatar.export import export_ply
+        from liftavatar.avatar.model import load_avatar
+
+        avatar = load_avatar(cmd.avatar)
+        print(f"wrote {avatar.num_gaussians} Gaussians: {export_ply(avatar, cmd.out)}")
+
+
 COMMANDS = {
     "synth": (Synth, run_synth),
     "track": (Track, run_track),
     "validate": (Validate, run_validate),
+    "refs": (Refs, run_refs),
+    "eval": (Eval, run_eval),
+    "train": (_train_config(), run_train),
+    "generate": (Generate, run_generate),
+    "avatar": (AvatarCommand, run_avatar),
     "demo": (Demo, run_demo),
 }
 

@@ -1,0 +1,299 @@
+"""Training clips for the generator: from Captures on disk and from the synthetic world on the fly.
+
+A clip is a dict of tensors (images float in [0, 1], channels first):
+
+    frames       (F, 3, H, W)   target frames
+    shading      (F, 3, H, W)   their shading maps
+    controls     (F, D)         their kinematic controls (:func:`kinematic_controls`)
+    masks        (F, 1, H, W)   foreground masks
+    ref_frames   (K, 3, H, W)   reference frames of the same subject
+    ref_shading  (K, 3, H, W)
+    ref_controls (K, D)
+
+References come from a *pool* that may differ from the targets' kinematic range, as at lift time:
+a sparse phone capture gives the references, the targets are what it lacks. In the synthetic
+stream the pool is a `sparse`-preset trajectory of the same subject and the targets `full`-preset
+clips; references are picked from the pool by :func:`liftavatar.refs.select_references`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from liftavatar.capture import PROVENANCE_SYNTHETIC, Capture, Kinematics
+from liftavatar.errors import ConfigError
+from liftavatar.face.rig import FaceRig
+from liftavatar.synth.kinematics import CAMERA_DISTANCE_M, sample_kinematics
+from liftavatar.synth.subject import Subject, make_subject
+from liftavatar.synth.world import render_subject
+
+# Translation enters the controls relative to the usual head position, in decimetres, so that all
+# control components are of order one.
+_TRANSLATION_ORIGIN = np.array([0.0, 0.0, CAMERA_DISTANCE_M], np.float32)
+_TRANSLATION_SCALE = 10.0
+
+
+def kinematic_controls(expression: np.ndarray, rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    """Per-frame control vectors (N, E + 6): expression, axis-angle rotation (rad), translation (dm from rest)."""
+    expression = np.asarray(expression, np.float32)
+    t = (np.asarray(translation, np.float32) - _TRANSLATION_ORIGIN) * _TRANSLATION_SCALE
+    return np.concatenate([expression, np.asarray(rotation, np.float32), t], axis=-1)
+
+
+def num_controls(num_expressions: int) -> int:
+    return num_expressions + 6
+
+
+def _images(array: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 → (N, C, H, W) float in [0, 1]."""
+    if array.ndim == 3:
+        array = array[..., None]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The synthetic stream: which subjects, how clips and references are made."""
+
+    seed_range: tuple[int, int] = (100_000, 200_000)
+    """Training subjects' seeds, [low, high). Keep disjoint from every evaluation seed."""
+    frames: int = 8
+    """Target frames per clip (the Wan VAE needs 4n + 1)."""
+    refs: int = 5
+    size: int = 128
+    ref_method: str = "kmeans"
+    pool_frames: int = 60
+    """Length of the sparse-preset trajectory the references are picked from."""
+    pool_preset: str = "sparse"
+    target_preset: str = "full"
+    target_fps: float = 12.5
+    """Frame rate of target clips (below the capture rate, so 8 frames span more motion)."""
+    clips_per_subject: int = 4
+    """Clips rendered per subject draw (one render call; subjects are the expensive part)."""
+    subject_cache: int = 256
+    supersample: int = 2
+    stream_seed: int = 0
+
+
+class SubjectCache:
+    """LRU cache of synthetic subjects (building a texture atlas takes ~0.4 s on a CPU core),
+    optionally built ahead in worker processes."""
+
+    def __init__(self, capacity: int, rig: FaceRig, workers: int = 0):
+        self.capacity = capacity
+        self.rig = rig
+        self._items: OrderedDict[int, Subject] = OrderedDict()
+        self._pool = ProcessPoolExecutor(workers) if workers > 0 else None
+        self._pending: dict[int, object] = {}
+
+    def prefetch(self, seeds: Sequence[int]) -> None:
+        if self._pool is None:
+            return
+        for seed in seeds:
+            if seed not in self._items and seed not in self._pending:
+                self._pending[seed] = self._pool.submit(make_subject, seed)
+
+    def get(self, seed: int) -> Subject:
+        if seed in self._items:
+            self._items.move_to_end(seed)
+            return self._items[seed]
+        future = self._pending.pop(seed, None)
+        subject = future.result() if future is not None else make_subject(seed, self.rig)
+        self._items[seed] = subject
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return subject
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+class SyntheticClipStream(IterableDataset):
+    """An infinite, seeded stream of clips rendered on the fly from the synthetic world.
+
+    Deterministic: the n-th subject draw depends only on ``(stream_seed, n)``, so a resumed run can
+    skip ahead with :meth:`skip`. Render on CUDA with ``device="cuda"``.
+    """
+
+    def __init__(self, config: SyntheticDataConfig, device: str = "cpu", subject_workers: int = 0):
+        super().__init__()
+        lo, hi = config.seed_range
+        if hi <= lo:
+            raise ConfigError(f"seed range {config.seed_range}: the upper bound must exceed the lower.")
+        self.config = config
+        self.device = device
+        self.rig = FaceRig.load()
+        self.cache = SubjectCache(config.subject_cache, self.rig, subject_workers)
+        self.draw = 0
+        self._buffer: list[dict[str, torch.Tensor]] = []
+
+    def skip(self, clips: int) -> None:
+        """Advance as if ``clips`` clips had been consumed (for exact resume)."""
+        per = self.config.clips_per_subject
+        self.draw += clips // per
+        self._buffer = []
+        if clips % per:
+            self._buffer = self._render_draw(self.draw)[clips % per:]
+            self.draw += 1
+
+    def _subject_seed(self, draw: int) -> int:
+        lo, hi = self.config.seed_range
+        return int(np.random.default_rng([self.config.stream_seed, draw, 0x5B]).integers(lo, hi))
+
+    def _render_draw(self, draw: int) -> list[dict[str, torch.Tensor]]:
+        from liftavatar.refs import select_references
+
+        cfg = self.config
+        rng = np.random.default_rng([cfg.stream_seed, draw])
+        seed = self._subject_seed(draw)
+        self.cache.prefetch([self._subject_seed(d) for d in range(draw + 1, draw + 9)])
+        subject = self.cache.get(seed)
+        names = self.rig.expression_names
+        pool = sample_kinematics(cfg.pool_preset, cfg.pool_frames, names, seed=int(rng.integers(2**31)))
+        n = len(pool.expression)
+        pool_kin = Kinematics(pool.expression, pool.rotation, pool.translation, np.ones(n, bool),
+                              np.full(n, PROVENANCE_SYNTHETIC, np.uint8), subject.identity)
+        refs = select_references(pool_kin, cfg.refs, cfg.ref_method, seed=int(rng.integers(2**31)))
+        targets = [sample_kinematics(cfg.target_preset, cfg.frames, names, fps=cfg.target_fps,
+                                     seed=int(rng.integers(2**31))) for _ in range(cfg.clips_per_subject)]
+        expression = np.concatenate([pool.expression[refs]] + [t.expression for t in targets])
+        rotation = np.concatenate([pool.rotation[refs]] + [t.rotation for t in targets])
+        translation = np.concatenate([pool.translation[refs]] + [t.translation for t in targets])
+        batch = render_subject(subject, expression, rotation, translation, cfg.size, rig=self.rig,
+                               supersample=cfg.supersample, device=self.device)
+        rgb, shading, mask = _images(batch.rgb), _images(batch.shading), _images(batch.mask)
+        controls = torch.from_numpy(kinematic_controls(expression, rotation, translation))
+        k = len(refs)
+        clips = []
+        for c in range(cfg.clips_per_subject):
+            sl = slice(k + c * cfg.frames, k + (c + 1) * cfg.frames)
+            clips.append(dict(frames=rgb[sl], shading=shading[sl], controls=controls[sl], masks=mask[sl],
+                              ref_frames=rgb[:k], ref_shading=shading[:k], ref_controls=controls[:k]))
+        return clips
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            if not self._buffer:
+                self._buffer = self._render_draw(self.draw)
+                self.draw += 1
+            yield self._buffer.pop(0)
+
+    def batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The next ``batch_size`` clips stacked (a DataLoader-free path for on-GPU rendering)."""
+        it = iter(self)
+        return collate([next(it) for _ in range(batch_size)])
+
+
+def collate(clips: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([c[key] for c in clips]) for key in clips[0]}
+
+
+class CaptureClips(Dataset):
+    """Clips of ``frames`` consecutive valid frames from Captures, with K references per capture.
+
+    ``pools`` (optional, one per capture) are captures of the same subject whose frames serve as the
+    reference pool; by default a capture is its own pool. References are the pool's stored
+    ``reference_indices`` when there are K of them, otherwise chosen now by ``ref_method``.
+    """
+
+    def __init__(self, captures: Sequence[str | Path], frames: int = 8, refs: int = 5, ref_method: str = "kmeans",
+                 pools: Sequence[str | Path] | None = None, seed: int = 0, stride: int | None = None):
+        if not captures:
+            raise ConfigError("no captures given; pass at least one capture directory.")
+        pools = list(pools) if pools else list(captures)
+        if len(pools) != len(captures):
+            raise ConfigError(f"{len(pools)} reference pools for {len(captures)} captures; give one per capture.")
+        self.frames = frames
+        self.items: list[tuple[int, int]] = []
+        self.captures: list[Capture] = []
+        self.refs: list[tuple[Capture, np.ndarray]] = []
+        self.notes: list[str] = []
+        for ci, (path, pool_path) in enumerate(zip(captures, pools)):
+            capture = Capture.load(path)
+            pool = capture if Path(pool_path) == Path(path) else Capture.load(pool_path)
+            if pool.meta.subject != capture.meta.subject:
+                raise ConfigError(f"{pool_path}: its subject {pool.meta.subject} is not {capture.meta.subject} of "
+                                  f"{path}; references must show the same person.")
+            ref_idx, note = reference_indices(pool, refs, ref_method, seed)
+            if note:
+                self.notes.append(note)
+            self.captures.append(capture)
+            self.refs.append((pool, ref_idx))
+            valid = capture.kinematics.valid
+            step = stride or max(1, frames // 2)
+            for start in range(0, capture.num_frames - frames + 1, step):
+                if valid[start:start + frames].all():
+                    self.items.append((ci, start))
+        if not self.items:
+            raise ConfigError(f"no run of {frames} consecutive valid frames in the captures; "
+                              "use --frames smaller or captures with more valid frames.")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ci, start = self.items[index]
+        capture = self.captures[ci]
+        pool, ref_idx = self.refs[ci]
+        idx = list(range(start, start + self.frames))
+        k, pk = capture.kinematics, pool.kinematics
+        return dict(
+            frames=_images(capture.frames(idx)), shading=_images(capture.shadings(idx)),
+            controls=torch.from_numpy(kinematic_controls(k.expression[idx], k.rotation[idx], k.translation[idx])),
+            masks=_images(capture.masks(idx)),
+            ref_frames=_images(pool.frames(ref_idx.tolist())), ref_shading=_images(pool.shadings(ref_idx.tolist())),
+            ref_controls=torch.from_numpy(kinematic_controls(pk.expression[ref_idx], pk.rotation[ref_idx],
+                                                             pk.translation[ref_idx])),
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def reference_indices(capture: Capture, k: int, method: str = "kmeans", seed: int = 0) -> tuple[np.ndarray, str | None]:
+    """The capture's stored references when there are ``k`` of them, else chosen now (with a note saying so)."""
+    stored = capture.meta.reference_indices
+    if stored is not None and len(stored) == k and method == "kmeans":
+        return np.asarray(stored), None
+    from liftavatar.refs import select_references
+
+    idx = select_references(capture.kinematics, k, method, seed=seed)
+    why = "none stored; store them with `liftavatar refs`" if stored is None else f"{len(stored)} stored"
+    return idx, f"{capture.path}: references {idx.tolist()} chosen by {method} ({why})"
+
+
+def generation_inputs(ref_capture: Capture, target_capture: Capture, k: int = 5, method: str = "kmeans",
+                      seed: int = 0, frames: Sequence[int] | None = None):
+    """GenerationInputs from two Captures: references from one, target shading + kinematics from the other."""
+    from liftavatar.generator.pipeline import GenerationInputs
+
+    if list(ref_capture.meta.expression_names) != list(target_capture.meta.expression_names):
+        raise ConfigError(f"{target_capture.path}: its {len(target_capture.meta.expression_names)} expression "
+                          f"coefficients differ from the references' {len(ref_capture.meta.expression_names)}; "
+                          "use kinematics made with the same rig.")
+    ref_idx, note = reference_indices(ref_capture, k, method, seed)
+    if note:
+        print(note)
+    idx = list(range(target_capture.num_frames)) if frames is None else list(frames)
+    rk, tk = ref_capture.kinematics, target_capture.kinematics
+    return GenerationInputs(
+        ref_frames=_images(ref_capture.frames(ref_idx.tolist())),
+        ref_shading=_images(ref_capture.shadings(ref_idx.tolist())),
+        ref_controls=torch.from_numpy(kinematic_controls(rk.expression[ref_idx], rk.rotation[ref_idx],
+                                                         rk.translation[ref_idx])),
+        shading=_images(target_capture.shadings(idx)),
+        controls=torch.from_numpy(kinematic_controls(tk.expression[idx], tk.rotation[idx], tk.translation[idx])),
+    )

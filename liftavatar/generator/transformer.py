@@ -1,0 +1,450 @@
+"""LiftAvatarTransformer: a diffusers ``WanTransformer3DModel`` plus LiftAvatar's controls (DESIGN.md §6).
+
+What is added to the Wan backbone, and why each addition starts at exactly zero:
+
+- **Multi-reference conditioning.** K reference frames (latents + their own shading maps and
+  kinematics) are prepended to the target frames as extra latent frames. They are clean, get
+  timestep 0 through diffusers' per-token timestep (shape (B, seq_len)), and their outputs are
+  dropped: only target tokens are predicted (and trained).
+- **Shading maps** (dense control): the shading latents, from the same codec, go through their own
+  patch embedding whose weights start at zero and are added to the frame tokens. This is the same
+  function as growing the base patch embedding's input channels with zero-initialised weights, but
+  leaves the base module untouched, so the sum is *bitwise* the base output at initialisation.
+- **Kinematic controls** (fine-grained control): each frame's expression coefficients, head
+  rotation (axis-angle) and translation go through an MLP; per latent frame the embedding is
+  ``add``-ed to that frame's tokens through a zero-initialised projection, and/or attended to by
+  that frame's tokens in a per-block, decoupled cross-attention (``xattn``, IP-Adapter style) whose
+  output projection is zero-initialised. ``injection`` picks ``add``, ``xattn`` or ``both``.
+- **Prompt.** LiftAvatar uses one fixed prompt, so the model holds a learned prompt embedding (or
+  loads a precomputed text-encoder output) and needs no text encoder.
+
+The forward pass re-states ``WanTransformer3DModel.forward`` (diffusers 0.42) step by step, because
+the controls enter between its steps; it calls the base model's own modules for every step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from liftavatar.errors import ConfigError
+
+Injection = Literal["add", "xattn", "both"]
+
+# WanTransformer3DModel configs. `wan2.1-*` are the published checkpoints' configs (diffusers format);
+# `tiny` and `small` are ours: `small` is the embedded default prior's size (pixel codec ×4 → 48 channels).
+_WAN_COMMON = dict(patch_size=(1, 2, 2), freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                   eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+BASE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(_WAN_COMMON, num_attention_heads=4, attention_head_dim=32, in_channels=48, out_channels=48,
+                 text_dim=64, freq_dim=64, ffn_dim=512, num_layers=2),
+    "small": dict(_WAN_COMMON, num_attention_heads=6, attention_head_dim=64, in_channels=48, out_channels=48,
+                  text_dim=256, ffn_dim=1536, num_layers=8),
+    "wan2.1-1.3b": dict(_WAN_COMMON, num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, ffn_dim=8960, num_layers=30),
+    "wan2.1-14b": dict(_WAN_COMMON, num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                       out_channels=16, text_dim=4096, ffn_dim=13824, num_layers=40),
+}
+# Control-module sizes per preset: (control MLP width, cross-attention adapter width, prompt tokens).
+_CONTROL_SIZES = {"tiny": (64, 64, 4), "small": (256, 128, 8), "wan2.1-1.3b": (512, 512, 16),
+                  "wan2.1-14b": (1024, 1024, 16)}
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ADAPTER_NAME = "adapter.safetensors"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
+
+@dataclass
+class TransformerConfig:
+    """Everything needed to rebuild a LiftAvatarTransformer (saved as the prior's config.json)."""
+
+    base: dict[str, Any]
+    """WanTransformer3DModel config."""
+    num_controls: int
+    """Per-frame kinematic control size: expression coefficients + 3 rotation + 3 translation."""
+    injection: Injection = "both"
+    control_width: int = 256
+    adapter_width: int = 128
+    prompt_tokens: int = 8
+    preset: str = "custom"
+    base_path: str | None = None
+    """Where the base weights came from (a LoRA prior needs them again at load time)."""
+    lora: dict[str, Any] | None = None
+    """peft LoraConfig fields when the base is fine-tuned with LoRA."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata: codec, training summary, expression names."""
+
+    @classmethod
+    def from_preset(cls, preset: str, num_controls: int, injection: Injection = "both", **overrides) -> TransformerConfig:
+        if preset not in BASE_PRESETS:
+            raise ConfigError(f"--preset {preset}: choose one of {', '.join(BASE_PRESETS)}.")
+        width, adapter, tokens = _CONTROL_SIZES[preset]
+        base = dict(BASE_PRESETS[preset])
+        base.update(overrides)
+        return cls(base=base, num_controls=num_controls, injection=injection, control_width=width,
+                   adapter_width=adapter, prompt_tokens=tokens, preset=preset)
+
+
+class ControlCrossAttention(nn.Module):
+    """Tokens of one latent frame attend to that frame's control embeddings; output starts at zero."""
+
+    def __init__(self, dim: int, control_width: int, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.to_q = nn.Linear(dim, width)
+        self.to_k = nn.Linear(control_width, width)
+        self.to_v = nn.Linear(control_width, width)
+        self.to_out = nn.Linear(width, dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, tokens: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:
+        """tokens (N, L, dim), controls (N, G, control_width) → (N, L, dim)."""
+        n = tokens.shape[0]
+        split = lambda x: x.view(n, x.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        q = split(self.to_q(self.norm(tokens.float()).type_as(tokens)))
+        k, v = split(self.to_k(controls)), split(self.to_v(controls))
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
+        return self.to_out(out.transpose(1, 2).reshape(n, tokens.shape[1], -1))
+
+
+class LiftAvatarTransformer(nn.Module):
+    """Wan2.1 backbone + references, shading and kinematic controls. See the module docstring."""
+
+    def __init__(self, config: TransformerConfig, base: nn.Module | None = None):
+        super().__init__()
+        from diffusers import WanTransformer3DModel
+
+        if config.injection not in ("add", "xattn", "both"):
+            raise ConfigError(f"injection {config.injection!r}: use add, xattn or both.")
+        self.config = config
+        self.base = base if base is not None else WanTransformer3DModel(**config.base)
+        bc = self.base.config
+        dim = bc.num_attention_heads * bc.attention_head_dim
+        self.inner_dim = dim
+        self.shading_embedding = nn.Conv3d(bc.in_channels, dim, kernel_size=tuple(bc.patch_size),
+                                           stride=tuple(bc.patch_size), bias=False)
+        nn.init.zeros_(self.shading_embedding.weight)
+        w = config.control_width
+        self.control_encoder = nn.Sequential(nn.Linear(config.num_controls, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(),
+                                             nn.Linear(w, w))
+        # Stands in for the control embedding of frames whose controls are dropped (guidance).
+        self.null_control = nn.Parameter(torch.zeros(w))
+        self.control_to_tokens = None
+        if config.injection in ("add", "both"):
+            self.control_to_tokens = nn.Linear(w, dim)
+            nn.init.zeros_(self.control_to_tokens.weight)
+            nn.init.zeros_(self.control_to_tokens.bias)
+        self.control_xattn = None
+        if config.injection in ("xattn", "both"):
+            heads = max(1, config.adapter_width // 64) if config.adapter_width >= 64 else 1
+            self.control_xattn = nn.ModuleList(ControlCrossAttention(dim, w, config.adapter_width, heads)
+                                               for _ in range(bc.num_layers))
+        self.prompt_embedding = nn.Parameter(torch.randn(config.prompt_tokens, bc.text_dim))
+        self.gradient_checkpointing = False
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, preset: str, num_controls: int, injection: Injection = "both", seed: int | None = 0,
+                    **overrides) -> LiftAvatarTransformer:
+        """A randomly initialised model of a preset (``seed`` makes the initialisation reproducible)."""
+        config = TransformerConfig.from_preset(preset, num_controls, injection, **overrides)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return cls(config)
+
+    @classmethod
+    def from_base(cls, base_path: str | Path, num_controls: int, injection: Injection = "both",
+                  config_dir: str | Path | None = None, seed: int | None = 0) -> LiftAvatarTransformer:
+        """Wrap pretrained Wan2.1 weights: a diffusers directory or an original single-file checkpoint."""
+        base = load_wan_base(base_path, config_dir)
+        preset = next((name for name, c in BASE_PRESETS.items()
+                       if all(base.config.get(k) == (tuple(v) if isinstance(v, list) else v)
+                              for k, v in c.items() if k in ("num_layers", "num_attention_heads", "ffn_dim"))),
+                      "custom")
+        width, adapter, tokens = _CONTROL_SIZES.get(preset, (512, 512, 16))
+        config = TransformerConfig(base=_plain(dict(base.config)), num_controls=num_controls, injection=injection,
+                                   control_width=width, adapter_width=adapter, prompt_tokens=tokens,
+                                   preset=preset, base_path=str(Path(base_path).resolve()))
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return cls(config, base=base)
+
+    # ---- LoRA ---------------------------------------------------------------------------------
+
+    def add_lora(self, rank: int = 32, alpha: float | None = None, targets: tuple[str, ...] = LORA_TARGETS) -> None:
+        """Inject peft LoRA into the base's attention and FFN projections; freeze the rest of the base.
+
+        Trainable afterwards: the LoRA weights and every LiftAvatar module (shading, controls, prompt).
+        """
+        from peft import LoraConfig
+
+        lora = dict(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
+                    init_lora_weights=True)
+        self.base.requires_grad_(False)
+        self.base.add_adapter(LoraConfig(**lora))  # LoRA weights are created trainable; B starts at zero
+        self.config.lora = lora
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.config.lora is not None
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold: everything with LoRA off; LoRA + LiftAvatar modules with it on."""
+        state = self.state_dict()
+        if not self.uses_lora:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("base.") or "lora_" in k}
+
+    # ---- save / load --------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (or, for a LoRA prior, only the adapter and
+        LiftAvatar modules: the base weights stay where ``base_path`` says)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if extra:
+            self.config.extra.update(extra)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        name = ADAPTER_NAME if self.uses_lora else WEIGHTS_NAME
+        tmp = directory / f".{name}.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(directory / name)
+        cfg_tmp = directory / f".{CONFIG_NAME}.tmp"
+        cfg_tmp.write_text(json.dumps(_plain(asdict(self.config)), indent=2))
+        cfg_tmp.replace(directory / CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_path: str | Path | None = None) -> LiftAvatarTransformer:
+        """Load a prior directory written by :meth:`save_pretrained` (``base_path`` overrides the recorded one)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = read_config(directory)
+        lora = config.lora
+        if lora is None:
+            weights = directory / WEIGHTS_NAME
+            if not weights.is_file():
+                raise ConfigError(f"{directory}: no {WEIGHTS_NAME}; pass a prior directory written by `liftavatar train`.")
+            config.lora = None
+            model = cls(config)
+            _load_exact(model, load_file(str(weights)), weights, strict=True)
+            return model
+        path = base_path or config.base_path
+        if not path or not Path(path).exists():
+            raise ConfigError(f"{directory} is a LoRA prior of the Wan base at {path!r}, which is not here; "
+                              "pass --base PATH to the local Wan2.1 weights it was trained on.")
+        config.lora = None
+        model = cls(config, base=load_wan_base(path))
+        model.add_lora(rank=lora["r"], alpha=lora["lora_alpha"], targets=tuple(lora["target_modules"]))
+        weights = directory / ADAPTER_NAME
+        if not weights.is_file():
+            raise ConfigError(f"{directory}: no {ADAPTER_NAME}; the LoRA prior is incomplete, train it again.")
+        _load_exact(model, load_file(str(weights)), weights, strict=False)
+        return model
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
+    def embed_controls(self, controls: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """controls (B, T, G, num_controls) → (B, T, G, control_width); rows with drop[b] use the null embedding."""
+        embedded = self.control_encoder(controls.to(self.null_control.dtype))
+        if drop is not None:
+            embedded = torch.where(drop.view(-1, 1, 1, 1), self.null_control.to(embedded.dtype), embedded)
+        return embedded
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        shading: torch.Tensor,
+        controls: torch.Tensor,
+        ref_latents: torch.Tensor | None = None,
+        ref_shading: torch.Tensor | None = None,
+        ref_controls: torch.Tensor | None = None,
+        drop_controls: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity of the target latents.
+
+        Args:
+            latents: (B, C, T, h, w) noisy target latents.
+            timestep: (B,) diffusion time in [0, 1000] (σ · 1000).
+            shading: (B, C, T, h, w) target shading-map latents (same codec).
+            controls: (B, T, G, num_controls) kinematic controls per latent frame (G video frames each,
+                see :func:`group_controls`).
+            ref_latents, ref_shading: (B, C, K, h, w) clean references and their shading latents.
+            ref_controls: (B, K, G, num_controls) the references' own kinematic controls.
+            drop_controls: (B,) bool; True drops the target shading and controls (classifier-free
+                guidance's unconditional branch). References keep theirs.
+            prompt_embeds: (B, S, text_dim) precomputed text states; default: the learned prompt.
+
+        Returns:
+            (B, C, T, h, w) velocity for the target frames only.
+        """
+        base = self.base
+        b, _, t, h, w = latents.shape
+        p_t, p_h, p_w = base.config.patch_size
+        if drop_controls is not None:
+            keep = (~drop_controls).view(-1, 1, 1, 1, 1).to(shading.dtype)
+            shading = shading * keep
+        target_controls = self.embed_controls(controls, drop_controls)
+        k = 0 if ref_latents is None else ref_latents.shape[2]
+        if k:
+            if ref_shading is None or ref_controls is None:
+                raise ConfigError("references need their shading latents and controls too.")
+            latents = torch.cat([ref_latents.to(latents.dtype), latents], dim=2)
+            shading = torch.cat([ref_shading.to(shading.dtype), shading], dim=2)
+            frame_controls = torch.cat([self.embed_controls(ref_controls), target_controls], dim=1)
+        else:
+            frame_controls = target_controls
+        frames = (k + t) // p_t
+        tokens_per_frame = (h // p_h) * (w // p_w)
+
+        rotary_emb = base.rope(latents)
+        hidden = base.patch_embedding(latents)
+        hidden = hidden + self.shading_embedding(shading.to(hidden.dtype))
+        hidden = hidden.flatten(2).transpose(1, 2).contiguous()  # (B, frames · tokens_per_frame, dim)
+        if self.control_to_tokens is not None:
+            per_frame = self.control_to_tokens(frame_controls.mean(dim=2)).to(hidden.dtype)  # (B, frames, dim)
+            hidden = hidden + per_frame.repeat_interleave(tokens_per_frame, dim=1)
+
+        # References sit at timestep 0 (clean); targets at `timestep`. Without references the plain
+        # (B,) timestep keeps the base model's exact code path.
+        if k:
+            per_token = torch.cat([torch.zeros(b, k * tokens_per_frame, device=timestep.device, dtype=timestep.dtype),
+                                   timestep.view(b, 1).expand(b, t * tokens_per_frame)], dim=1)
+            ts_seq_len = per_token.shape[1]
+            flat_timestep = per_token.flatten()
+        else:
+            ts_seq_len = None
+            flat_timestep = timestep
+        if prompt_embeds is None:
+            prompt_embeds = self.prompt_embedding.unsqueeze(0).expand(b, -1, -1)
+        temb, timestep_proj, encoder_hidden_states, _ = base.condition_embedder(
+            flat_timestep, prompt_embeds.to(hidden.dtype), None, timestep_seq_len=ts_seq_len)
+        timestep_proj = timestep_proj.unflatten(2, (6, -1)) if ts_seq_len else timestep_proj.unflatten(1, (6, -1))
+
+        xattn_controls = frame_controls.reshape(b * frames, -1, frame_controls.shape[-1])
+        for i, block in enumerate(base.blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden = checkpoint(block, hidden, encoder_hidden_states, timestep_proj, rotary_emb, use_reentrant=False)
+            else:
+                hidden = block(hidden, encoder_hidden_states, timestep_proj, rotary_emb)
+            if self.control_xattn is not None:
+                per_frame_tokens = hidden.reshape(b * frames, tokens_per_frame, -1)
+                adapter = self.control_xattn[i]
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    delta = checkpoint(adapter, per_frame_tokens, xattn_controls, use_reentrant=False)
+                else:
+                    delta = adapter(per_frame_tokens, xattn_controls)
+                hidden = hidden + delta.reshape(hidden.shape).to(hidden.dtype)
+
+        if temb.ndim == 3:
+            shift, scale = (base.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (base.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (base.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        hidden = base.proj_out(hidden)
+        hidden = hidden.reshape(b, frames, h // p_h, w // p_w, p_t, p_h, p_w, -1)
+        out = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return out[:, :, k * p_t:]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def group_controls(controls: torch.Tensor, temporal_factor: int) -> torch.Tensor:
+    """Per-video-frame controls (B, F, D) → per-latent-frame groups (B, T, G, D), G = ``temporal_factor``.
+
+    Latent frame 0 covers video frame 0 alone (Wan's causal VAE), later ones ``temporal_factor``
+    frames each; short groups repeat their last frame.
+    """
+    from liftavatar.generator.codec import frame_groups
+
+    if temporal_factor == 1:
+        return controls.unsqueeze(2)
+    groups = frame_groups(controls.shape[1], temporal_factor)
+    index = torch.tensor([g + [g[-1]] * (temporal_factor - len(g)) for g in groups], device=controls.device)
+    return controls[:, index]
+
+
+def load_wan_base(path: str | Path, config_dir: str | Path | None = None):
+    """A ``WanTransformer3DModel`` from a local diffusers directory (``from_pretrained``; a full
+    pipeline folder's ``transformer/`` is found too) or an original single-file checkpoint
+    (``from_single_file``, with ``config_dir`` or a ``config.json`` beside the file giving its config)."""
+    from diffusers import WanTransformer3DModel
+
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path, path / "transformer"):
+            if (candidate / "config.json").is_file():
+                return WanTransformer3DModel.from_pretrained(candidate, local_files_only=True)
+        raise ConfigError(f"--base {path}: no config.json there or in {path}/transformer; pass a diffusers-format "
+                          "Wan2.1 directory or an original .safetensors checkpoint.")
+    if path.is_file():
+        config_dir = Path(config_dir) if config_dir else path.parent
+        if not (config_dir / "config.json").is_file():
+            raise ConfigError(f"--base {path}: a single-file checkpoint needs its diffusers config.json beside it "
+                              "(or --base-config DIR); copy the transformer config of the matching Wan2.1 release.")
+        return WanTransformer3DModel.from_single_file(str(path), config=str(config_dir), local_files_only=True)
+    raise ConfigError(f"--base {path}: no such file or directory; pass a local Wan2.1 checkpoint.")
+
+
+def read_config(directory: str | Path) -> TransformerConfig:
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise ConfigError(f"--prior {directory}: no such directory; pass a prior written by `liftavatar train`.")
+    if not path.is_file():
+        raise ConfigError(f"{directory}: no {CONFIG_NAME}; pass a prior directory written by `liftavatar train`.")
+    try:
+        data = json.loads(path.read_text())
+        data["base"]["patch_size"] = tuple(data["base"]["patch_size"])
+        return TransformerConfig(**data)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a LiftAvatar prior config ({exc}); train the prior again.") from exc
+
+
+def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], source: Path, strict: bool) -> None:
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise ConfigError(f"{source}: weight {key} does not belong to this model; the prior and its config disagree.")
+        if own[key].shape != value.shape:
+            raise ConfigError(f"{source}: weight {key} has shape {tuple(value.shape)}, the config expects "
+                              f"{tuple(own[key].shape)}; the prior is of another shape.")
+    missing = [k for k in own if k not in state and (strict or not k.startswith("base.") or "lora_" in k)]
+    if missing:
+        raise ConfigError(f"{source}: {len(missing)} weights missing (first: {missing[0]}); the prior is incomplete.")
+    model.load_state_dict(state, strict=False)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy (tuples → lists, FrozenDict → dict, private diffusers keys dropped)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
