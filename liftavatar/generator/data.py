@@ -18,6 +18,7 @@ clips; references are picked from the pool by :func:`liftavatar.refs.select_refe
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
@@ -79,6 +80,8 @@ class SyntheticDataConfig:
     """Frame rate of target clips (below the capture rate, so 8 frames span more motion)."""
     clips_per_subject: int = 4
     """Clips rendered per subject draw (one render call; subjects are the expensive part)."""
+    kmeans_restarts: int = 1
+    """K-means restarts per reference choice (the stream picks references for every draw)."""
     subject_cache: int = 256
     supersample: int = 2
     stream_seed: int = 0
@@ -92,7 +95,8 @@ class SubjectCache:
         self.capacity = capacity
         self.rig = rig
         self._items: OrderedDict[int, Subject] = OrderedDict()
-        self._pool = ProcessPoolExecutor(workers) if workers > 0 else None
+        # spawn, not fork: the parent may hold CUDA state and a prefetch thread
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
         self._pending: dict[int, object] = {}
 
     def prefetch(self, seeds: Sequence[int]) -> None:
@@ -163,7 +167,8 @@ class SyntheticClipStream(IterableDataset):
         n = len(pool.expression)
         pool_kin = Kinematics(pool.expression, pool.rotation, pool.translation, np.ones(n, bool),
                               np.full(n, PROVENANCE_SYNTHETIC, np.uint8), subject.identity)
-        refs = select_references(pool_kin, cfg.refs, cfg.ref_method, seed=int(rng.integers(2**31)))
+        refs = select_references(pool_kin, cfg.refs, cfg.ref_method, seed=int(rng.integers(2**31)),
+                                 n_init=cfg.kmeans_restarts)
         targets = [sample_kinematics(cfg.target_preset, cfg.frames, names, fps=cfg.target_fps,
                                      seed=int(rng.integers(2**31))) for _ in range(cfg.clips_per_subject)]
         expression = np.concatenate([pool.expression[refs]] + [t.expression for t in targets])

@@ -93,6 +93,12 @@ class TrainConfig:
     """Render / train device (default: accelerate's choice)."""
     subject_workers: int = 0
     """Processes building synthetic subjects ahead of use."""
+    subject_pool: int | None = None
+    """Keep this many synthetic subjects in memory (default 256)."""
+    clips_per_subject: int = 4
+    """Synthetic clips rendered per subject draw."""
+    prefetch: int = 0
+    """Batches the synthetic stream renders ahead in a background thread (0: render in the loop)."""
 
 
 def sample_sigmas(generator: torch.Generator, n: int, mean: float, std: float, shift: float) -> torch.Tensor:
@@ -216,7 +222,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         dataset = None
         stream = SyntheticClipStream(SyntheticDataConfig(
             seed_range=tuple(config.seed_range), frames=config.frames, refs=config.refs, size=config.size,
-            ref_method=config.ref_method, stream_seed=config.seed), device=render_device,
+            ref_method=config.ref_method, stream_seed=config.seed, clips_per_subject=config.clips_per_subject,
+            subject_cache=config.subject_pool or 256), device=render_device,
             subject_workers=config.subject_workers)
 
     ema_state = None
@@ -238,9 +245,11 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     if stream is not None:
         stream.skip(start_step * clips_per_step + accelerator.process_index * config.batch_size)
 
+    prefetcher = BatchPrefetcher(stream, config.batch_size, config.prefetch) if stream is not None else None
+
     def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
-        if stream is not None:
-            return stream.batch(config.batch_size)
+        if prefetcher is not None:
+            return prefetcher.next()
         g = torch.Generator().manual_seed(_step_seed(config.seed, step, 1000 + micro + 7919 * accelerator.process_index))
         idx = torch.randint(len(dataset), (config.batch_size,), generator=g).tolist()
         return collate([dataset[i] for i in idx])
@@ -300,6 +309,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
             if step % config.save_every == 0:
                 checkpoint_now(step)
     bar.close()
+    if prefetcher is not None:
+        prefetcher.close()
     if step % config.save_every:
         checkpoint_now(step)
     if writer is not None:
@@ -312,8 +323,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     prior_dir = out / "prior"
     if accelerator.is_main_process:
         if ema_state is not None:
-            unwrapped.load_state_dict({k: v.to(p.dtype) for (k, v), p in
-                                       zip(ema_state.items(), unwrapped.trainable_state_dict().values())}, strict=False)
+            current = unwrapped.trainable_state_dict()
+            unwrapped.load_state_dict({k: v.to(current[k].dtype) for k, v in ema_state.items()}, strict=False)
         unwrapped.save_pretrained(prior_dir, extra={
             "codec": asdict(CodecConfig(config.codec, config.pixel_factor, str(config.vae) if config.vae else None)),
             "frames": config.frames, "refs": config.refs, "size": config.size, "shift": config.shift,
@@ -323,6 +334,50 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         plot_history(history, out / "loss.png")
     accelerator.wait_for_everyone()
     return prior_dir
+
+
+class BatchPrefetcher:
+    """Batches from a synthetic stream, rendered ``depth`` ahead by one background thread (same order)."""
+
+    def __init__(self, stream: SyntheticClipStream, batch_size: int, depth: int):
+        import queue
+        import threading
+
+        self.stream, self.batch_size = stream, batch_size
+        self.queue: queue.Queue | None = None
+        if depth > 0:
+            self.queue = queue.Queue(maxsize=depth)
+            self._stop = threading.Event()
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self.stream.batch(self.batch_size)
+            except BaseException as exc:  # surfaced in the training loop
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.5)
+                    break
+                except Exception:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.queue is None:
+            return self.stream.batch(self.batch_size)
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self._stop.set()
+        self.stream.cache.close()
 
 
 def _step_seed(seed: int, step: int, stream: int) -> int:

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Train the embedded default prior (the `small` preset) on the synthetic world, in time slices.
+
+    python scripts/train_default_prior.py --out runs/prior --minutes 8 [--resume]
+
+Run it repeatedly with --resume until it reports the final step; then `--export DIR` writes the
+prior (fp16 safetensors shards + config.json) that ships in liftavatar/generator/default_prior/.
+Training subjects: seeds 100000–101999 (2,000 identities). Evaluation seeds (5000–5999, 9000–9999,
+900000+) and development seeds (1000–1099, 6000–7999) are disjoint from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from liftavatar.generator.train import TrainConfig, train
+
+CONFIG = dict(preset="small", injection="both", codec="pixel", pixel_factor=4, size=128, frames=8, refs=5,
+              ref_method="kmeans", seed_range=(100_000, 102_000), steps=12_000, batch_size=32, lr=3e-4,
+              warmup=200, lr_schedule="cosine", mixed_precision="bf16", shift=1.0, control_dropout=0.1,
+              ema=0.999, save_every=500, log_every=50, subject_workers=12, subject_pool=2000,
+              clips_per_subject=8, prefetch=6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/prior"))
+    parser.add_argument("--minutes", type=float, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--steps", type=int, default=CONFIG["steps"])
+    parser.add_argument("--batch-size", type=int, default=CONFIG["batch_size"])
+    args = parser.parse_args()
+    config = TrainConfig(out=args.out, resume=args.resume, time_limit_min=args.minutes,
+                         **{**CONFIG, "steps": args.steps, "batch_size": args.batch_size})
+    prior = train(config)
+    print(f"prior: {prior}" if prior else "paused; run again with --resume")
+
+
+if __name__ == "__main__":
+    main()
