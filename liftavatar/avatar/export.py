@@ -1,0 +1,171 @@
+"""Export an avatar: a standard 3D Gaussian Splatting ``.ply`` (plus its binding), and rendered
+frames of another capture's kinematics (``liftavatar avatar render``).
+
+Layout (one ``vertex`` element, float32 unless noted), as written by the reference 3DGS code and
+read by common viewers:
+
+- ``x y z``: world-space means, metres;
+- ``nx ny nz``: the unit normal of the bound triangle (3DGS writes zeros; viewers ignore them);
+- ``f_dc_0..2``: DC SH coefficients (colour = 0.2820948 · f_dc + 0.5);
+- ``f_rest_0..3(K-1)-1``: higher SH coefficients, channel-major (all of R, then G, then B);
+- ``opacity``: logit of the opacity;
+- ``scale_0..2``: log of the world-space standard deviations, metres;
+- ``rot_0..3``: world rotation quaternion (w, x, y, z), normalised;
+
+plus the binding, so the file re-rigs: ``binding`` (int32 triangle index into the rig's faces),
+``local_x/y/z`` (position in the triangle frame, triangle-size units), ``local_scale_0..2`` (log),
+``local_rot_0..3`` (w, x, y, z). See :mod:`liftavatar.avatar.model` for the triangle frame.
+
+The pose is the subject's neutral expression in the head frame (rotation 0, translation 0):
+metres, x toward the subject's left, y down, z into the head (OpenCV-like, so a y-up viewer
+shows the head upside down; flip y and z there). ``f_rest`` is expressed in the frame the
+avatar was trained with (``sh_frame``; "local" means the bound triangle's frame).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from liftavatar.avatar.model import Avatar, gaussians_world, triangle_frames
+
+__all__ = ["VIDEO_SUFFIXES", "export_ply", "read_ply", "render_kinematics"]
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+
+
+@torch.no_grad()
+def export_ply(avatar: Avatar, path: str | Path) -> Path:
+    """Write ``avatar`` at the neutral pose to ``path`` (binary little-endian PLY, atomically)."""
+    from plyfile import PlyData, PlyElement
+
+    from liftavatar.face.rig import FaceRig
+
+    rig = FaceRig.load()
+    avatar = avatar.to("cpu")
+    zeros = torch.zeros(1, 3)
+    verts = avatar.vertices(torch.as_tensor(rig.neutral_expression(1)), zeros, zeros, rig)
+    world = gaussians_world(avatar.params, avatar.binding, verts, avatar.faces, 0)
+    _, rot, _ = triangle_frames(verts, avatar.faces[avatar.binding])
+    p = avatar.params
+    n = avatar.num_gaussians
+    rest = p["shN"].transpose(1, 2).reshape(n, -1)  # (N, 3 * (K - 1)), channel-major
+    columns: list[tuple[str, np.ndarray, str]] = []
+
+    def add(prefix: str | list[str], values: torch.Tensor, dtype: str = "f4") -> None:
+        values = values.reshape(n, -1).numpy()
+        names = prefix if isinstance(prefix, list) else [f"{prefix}{k}" for k in range(values.shape[1])]
+        for name, col in zip(names, values.T):
+            columns.append((name, col, dtype))
+
+    add(["x", "y", "z"], world.means[0])
+    add(["nx", "ny", "nz"], rot[0, :, :, 2])
+    add("f_dc_", p["sh0"][:, 0])
+    add("f_rest_", rest)
+    add(["opacity"], p["opacities"])
+    add("scale_", torch.log(world.scales[0]))
+    add("rot_", torch.nn.functional.normalize(world.quats[0], dim=-1))
+    add(["binding"], avatar.binding.to(torch.int32), "i4")
+    add(["local_x", "local_y", "local_z"], p["means"])
+    add("local_scale_", p["scales"])
+    add("local_rot_", p["quats"])
+    data = np.empty(n, dtype=[(name, dtype) for name, _, dtype in columns])
+    for name, col, _ in columns:
+        data[name] = col
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        PlyData([PlyElement.describe(data, "vertex")], byte_order="<").write(str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_ply(path: str | Path) -> dict[str, np.ndarray]:
+    """The ``vertex`` properties of a PLY as arrays by name (for checks and tools)."""
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"]
+    return {prop.name: np.asarray(vertex[prop.name]) for prop in vertex.properties}
+
+
+@torch.no_grad()
+def render_kinematics(
+    avatar: Avatar,
+    capture_path: str | Path,
+    out: str | Path,
+    size: int | None = None,
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    device: str = "cpu",
+    batch: int = 8,
+    backend: str = "auto",
+    progress: bool = True,
+) -> tuple[Path, int]:
+    """Render ``avatar`` performing the kinematics of the capture at ``capture_path``.
+
+    The avatar keeps its own identity; the capture supplies expression, head rotation and
+    translation per frame and its camera (intrinsics rescaled to ``size``, the image height in
+    pixels; default the capture's size). Frames the capture marks invalid are rendered as plain
+    background. ``out`` ending in .mp4/.mov/.mkv is written as a video (H.264), anything else as a
+    folder of ``000000.png`` … frames.
+
+    Returns:
+        (out path, number of frames).
+
+    Raises:
+        AvatarError: the capture's expression set differs from the avatar's.
+        CaptureError: the capture does not load.
+    """
+    from tqdm import tqdm
+
+    from liftavatar.avatar.model import AvatarError, render_avatar
+    from liftavatar.capture import Capture
+    from liftavatar.face.rig import FaceRig
+
+    capture = Capture.load(capture_path)
+    names = list(capture.meta.expression_names)
+    if names != list(avatar.meta.expression_names):
+        raise AvatarError(
+            f"{capture.path}: its kinematics have {len(names)} expression coefficients, the avatar's "
+            f"rig has {len(avatar.meta.expression_names)} ({avatar.meta.rig.get('name')}); use a capture tracked "
+            f"or synthesised with the same rig."
+        )
+    rig = FaceRig.load()
+    avatar = avatar.to(device)
+    h0, w0 = capture.size
+    height = int(size) if size else h0
+    width = max(1, round(height * w0 / h0))
+    fx, fy, cx, cy = capture.meta.intrinsics
+    k = torch.tensor([fx * width / w0, fy * height / h0, cx * width / w0, cy * height / h0], device=device)
+    kin = capture.kinematics
+    bg = torch.tensor(background, dtype=torch.float32, device=device)
+    n = capture.num_frames
+
+    def frames():
+        for start in range(0, n, batch):
+            sl = slice(start, min(n, start + batch))
+            verts = avatar.vertices(torch.from_numpy(kin.expression[sl]), torch.from_numpy(kin.rotation[sl]),
+                                    torch.from_numpy(kin.translation[sl]), rig)
+            rgb, _, _ = render_avatar(avatar, verts, k, (height, width), background=bg, backend=backend)
+            rgb[torch.from_numpy(~kin.valid[sl]).to(device)] = bg
+            for image in (rgb.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy():
+                yield image
+
+    out = Path(out)
+    stream = tqdm(frames(), total=n, desc="render", unit="frame", disable=not progress)
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        from liftavatar.video import write_video
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_video(out, stream, capture.meta.fps)
+    else:
+        from liftavatar.report import save_png
+
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(stream):
+            save_png(image, out / f"{i:06d}.png")
+    return out, n

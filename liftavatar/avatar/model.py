@@ -1,0 +1,513 @@
+"""Mesh-rigged 3D Gaussians: every Gaussian is bound to one rig triangle (DESIGN.md §7).
+
+GaussianAvatars-style binding (Qian et al., CVPR 2024). Triangle t of the posed rig mesh has a
+frame: origin at its centroid ``c``, rotation ``R = [e0, e1, n]`` (columns; ``e0`` along the first
+edge v0→v1, ``n`` the unit normal of (v1 - v0) × (v2 - v0), ``e1 = n × e0``) and a scale ``k``,
+the mean length of its three edges (metres). A Gaussian bound to t stores, in that frame and in
+units of ``k``:
+
+- ``means`` (N, 3): local position μ;           world mean  = c + k · R μ
+- ``scales`` (N, 3): log of the local std s;     world scale = k · exp(s)
+- ``quats`` (N, 4): local rotation q (w, x, y, z); world rotation = quat(R) ⊗ q
+- ``opacities`` (N,): logit of the opacity
+- ``sh0`` (N, 1, 3), ``shN`` (N, K - 1, 3): SH colour coefficients (K = (degree + 1)²), gsplat's
+  convention colour = SH(dir) + 0.5, clamped at 0.
+
+So when the expression or the pose moves the mesh, the Gaussians move, turn and stretch with
+their triangles. The "world" is the OpenCV camera frame of the capture (x right, y down,
+z forward, metres) because the rig's ``vertices()`` already applies the head pose; the head
+frame is the world at zero rotation and translation.
+
+Colour direction (``sh_frame``): "local" evaluates SH on the view direction expressed in the
+Gaussian's triangle frame, so colour depends on how the surface faces the camera (the shading
+a light fixed to the camera gives, which is what synthetic and phone captures have); "world"
+is standard 3DGS (direction in the world frame). Colours are evaluated here, and the rasterizer
+gets plain RGB, so both backends see the same input.
+
+Which parts carry Gaussians: by default all of the rig's parts — face, eyeballs, mouth interior
+(teeth, tongue, cavity), *and* the head shell and neck, because capture masks cover the whole
+rigged head (hair on the shell, the neck), so without Gaussians there the masked photometric
+loss would drag face Gaussians over the hair. ``AvatarConfig.parts`` can drop them.
+
+State is plain tensors (:class:`Avatar`); :func:`gaussians_world` is a pure function from
+(parameters, posed vertices) to world-space Gaussians. Saved as ``avatar.safetensors`` (tensors)
+plus ``avatar.json`` (config and metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from liftavatar.errors import LiftAvatarError
+
+__all__ = [
+    "AVATAR_FILE",
+    "AVATAR_META",
+    "ALL_PARTS",
+    "Avatar",
+    "AvatarConfig",
+    "AvatarError",
+    "AvatarMeta",
+    "WorldGaussians",
+    "gaussians_world",
+    "init_avatar",
+    "load_avatar",
+    "matrix_to_quaternion",
+    "quaternion_multiply",
+    "render_avatar",
+    "rgb_to_sh0",
+    "intrinsics_matrix",
+    "save_avatar",
+    "triangle_frames",
+]
+
+AVATAR_FILE = "avatar.safetensors"
+AVATAR_META = "avatar.json"
+AVATAR_FORMAT = 1
+ALL_PARTS = ("face", "eyeball", "upper_teeth", "lower_teeth", "tongue", "cavity", "head", "neck")
+PARAM_NAMES = ("means", "scales", "quats", "opacities", "sh0", "shN")
+_MIN_TRIANGLE_SCALE = 1e-6  # metres; keeps degenerate triangles from collapsing their Gaussians
+
+
+class AvatarError(LiftAvatarError):
+    """An avatar directory is missing, incomplete, or does not fit the input it is used with."""
+
+
+@dataclass
+class AvatarConfig:
+    """How an avatar is built (recorded in ``avatar.json``)."""
+
+    parts: tuple[str, ...] = ALL_PARTS
+    """Rig parts whose triangles carry Gaussians."""
+    gaussians_per_triangle: int = 2
+    """Gaussians placed on every triangle at initialisation (densification adds more)."""
+    sh_degree: int = 1
+    """Spherical-harmonics degree of the colour (0: view-independent)."""
+    sh_frame: Literal["local", "world"] = "local"
+    """Frame of the SH direction: the bound triangle's frame, or the world (standard 3DGS)."""
+    init_opacity: float = 0.9
+    init_thickness: float = 0.3
+    """Initial std along the triangle normal, relative to the in-plane std."""
+
+
+@dataclass
+class AvatarMeta:
+    """What an avatar was trained on; render and export check their inputs against it."""
+
+    subject: str
+    rig: dict[str, Any]
+    expression_names: list[str]
+    size: tuple[int, int]
+    """(H, W) of the training images, pixels."""
+    intrinsics: tuple[float, float, float, float]
+    """(fx, fy, cx, cy) of the training camera at ``size``, pixels."""
+    fps: float = 25.0
+    step: int = 0
+    """Training iterations done."""
+    config: AvatarConfig = field(default_factory=AvatarConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = AVATAR_FORMAT
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "AvatarMeta":
+        data = dict(data)
+        data.pop("format", None)
+        cfg = dict(data.pop("config"))
+        cfg["parts"] = tuple(cfg["parts"])
+        return cls(
+            **{**data, "size": tuple(data["size"]), "intrinsics": tuple(data["intrinsics"])},
+            config=AvatarConfig(**cfg),
+        )
+
+
+@dataclass
+class Avatar:
+    """An avatar's state.
+
+    Attributes:
+        params: the trainable tensors, keyed by :data:`PARAM_NAMES` (see the module docstring).
+        binding: (N,) long, index into ``faces`` of each Gaussian's triangle.
+        faces: (F, 3) long, the rig's triangles (all parts; ``binding`` indexes these).
+        identity: (I,) float32 identity coefficients of the subject.
+        meta: :class:`AvatarMeta`.
+    """
+
+    params: dict[str, Tensor]
+    binding: Tensor
+    faces: Tensor
+    identity: Tensor
+    meta: AvatarMeta
+
+    @property
+    def num_gaussians(self) -> int:
+        return int(self.binding.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.binding.device
+
+    def to(self, device: torch.device | str) -> "Avatar":
+        return Avatar(
+            {k: v.to(device) for k, v in self.params.items()}, self.binding.to(device),
+            self.faces.to(device), self.identity.to(device), self.meta,
+        )
+
+    def vertices(self, expression: Tensor, rotation: Tensor, translation: Tensor, rig=None) -> Tensor:
+        """Posed rig vertices (B, V, 3) in the camera frame (metres) for this subject."""
+        from liftavatar.face.rig import FaceRig
+
+        rig = rig or FaceRig.load()
+        device = self.device
+        return rig.vertices(
+            self.identity.to(device), torch.as_tensor(expression, device=device),
+            torch.as_tensor(rotation, device=device), torch.as_tensor(translation, device=device),
+        )
+
+
+@dataclass
+class WorldGaussians:
+    """World-space Gaussians of one or more frames: means (B, N, 3) metres, quats (B, N, 4) wxyz,
+    scales (B, N, 3) metres (std), opacities (N,) in [0, 1], colors (B, N, 3) RGB (>= 0)."""
+
+    means: Tensor
+    quats: Tensor
+    scales: Tensor
+    opacities: Tensor
+    colors: Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+
+
+def triangle_frames(vertices: Tensor, faces: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Frames of triangles ``faces`` (F, 3) of posed vertices (B, V, 3).
+
+    Returns:
+        centroids (B, F, 3) metres, rotations (B, F, 3, 3) with columns (e0, e1, n) (see the
+        module docstring), and scales (B, F) metres (mean edge length, at least 1e-6).
+    """
+    v0, v1, v2 = (vertices[:, faces[:, k]] for k in range(3))
+    e01, e02, e12 = v1 - v0, v2 - v0, v2 - v1
+    e0 = F.normalize(e01, dim=-1, eps=1e-12)
+    n = F.normalize(torch.cross(e01, e02, dim=-1), dim=-1, eps=1e-12)
+    e1 = torch.cross(n, e0, dim=-1)
+    rot = torch.stack((e0, e1, n), dim=-1)
+    scale = (e01.norm(dim=-1) + e02.norm(dim=-1) + e12.norm(dim=-1)) / 3
+    return (v0 + v1 + v2) / 3, rot, scale.clamp_min(_MIN_TRIANGLE_SCALE)
+
+
+def matrix_to_quaternion(matrix: Tensor) -> Tensor:
+    """(..., 3, 3) rotation matrices -> (..., 4) unit quaternions (w, x, y, z), differentiable
+    (the best-conditioned of the four standard candidates, as in PyTorch3D)."""
+    m = matrix.reshape(matrix.shape[:-2] + (9,))
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.unbind(-1)
+    q_sq = torch.stack(
+        (1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22), -1
+    )
+    q_abs = torch.sqrt(q_sq.clamp_min(1e-12))
+    candidates = torch.stack(
+        (
+            torch.stack((q_abs[..., 0] ** 2, m21 - m12, m02 - m20, m10 - m01), -1),
+            torch.stack((m21 - m12, q_abs[..., 1] ** 2, m10 + m01, m02 + m20), -1),
+            torch.stack((m02 - m20, m10 + m01, q_abs[..., 2] ** 2, m12 + m21), -1),
+            torch.stack((m10 - m01, m20 + m02, m21 + m12, q_abs[..., 3] ** 2), -1),
+        ),
+        -2,
+    ) / (2.0 * q_abs[..., None].clamp_min(0.1))
+    best = F.one_hot(q_abs.argmax(-1), 4).to(matrix.dtype)
+    quat = (candidates * best[..., None]).sum(-2)
+    return F.normalize(quat, dim=-1)
+
+
+def quaternion_multiply(a: Tensor, b: Tensor) -> Tensor:
+    """Hamilton product a ⊗ b of (..., 4) quaternions (w, x, y, z): rotate by b, then by a."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack(
+        (
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ),
+        -1,
+    )
+
+
+def gaussians_world(
+    params: dict[str, Tensor],
+    binding: Tensor,
+    vertices: Tensor,
+    faces: Tensor,
+    sh_degree: int,
+    sh_frame: str = "local",
+    campos: Tensor | None = None,
+) -> WorldGaussians:
+    """World-space Gaussians of posed rig vertices; pure and differentiable in both inputs.
+
+    Args:
+        params: the avatar's parameters (local frame, see the module docstring).
+        binding: (N,) long triangle index of every Gaussian.
+        vertices: (B, V, 3) posed rig vertices, camera frame, metres.
+        faces: (F, 3) long rig triangles.
+        sh_degree: SH degree to evaluate (≤ the stored degree).
+        sh_frame: "local" or "world" (direction of view in the triangle's frame or the world's).
+        campos: (B, 3) or (3,) camera centre in the world frame, metres; default the origin (the
+            capture camera).
+    """
+    from gsplat.cuda._torch_impl import _spherical_harmonics
+
+    # Frames of all triangles, then gathered: no torch.unique, which would sync a CUDA device.
+    cen, rot, k = triangle_frames(vertices, faces)
+    cen, rot, k = (t.index_select(1, binding) for t in (cen, rot, k))  # (B, N, ...)
+    local = params["means"]
+    means = cen + k[..., None] * (rot * local[None, :, None, :]).sum(-1)  # R μ, elementwise (fast on CPU)
+    scales = k[..., None] * torch.exp(params["scales"])[None]
+    quats = quaternion_multiply(matrix_to_quaternion(rot), F.normalize(params["quats"], dim=-1)[None])
+    if campos is None:
+        campos = means.new_zeros(3)
+    campos = torch.as_tensor(campos, dtype=means.dtype, device=means.device).reshape(-1, 1, 3)
+    dirs = means - campos  # (B, N, 3) world
+    if sh_frame == "local":
+        dirs = (rot * dirs[..., :, None]).sum(-2)  # Rᵀ d
+    elif sh_frame != "world":
+        raise ValueError(f"sh_frame must be 'local' or 'world', got {sh_frame!r}")
+    coeffs = torch.cat((params["sh0"], params["shN"]), 1)  # (N, K, 3)
+    if sh_degree == 0:
+        colors = coeffs[None, :, 0] * 0.28209479177387814 + 0.5
+        colors = colors.expand(means.shape[0], -1, -1)
+    else:
+        colors = _spherical_harmonics(sh_degree, dirs, coeffs[None].expand(means.shape[0], -1, -1, -1)) + 0.5
+    return WorldGaussians(
+        means=means, quats=quats, scales=scales, opacities=torch.sigmoid(params["opacities"]),
+        colors=colors.clamp_min(0.0),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def rgb_to_sh0(rgb: Tensor) -> Tensor:
+    """DC SH coefficient whose colour (SH + 0.5) is ``rgb`` in [0, 1]."""
+    return (rgb - 0.5) / 0.28209479177387814
+
+
+def init_avatar(
+    rig,
+    identity: np.ndarray | Tensor,
+    meta: AvatarMeta,
+    colors: Tensor | None = None,
+    seed: int = 0,
+) -> Avatar:
+    """Gaussians on the neutral rig surface of ``identity``.
+
+    Each triangle of ``meta.config.parts`` gets ``gaussians_per_triangle`` Gaussians at
+    stratified barycentric points, flat in the triangle's plane (in-plane std ≈ the spacing
+    between them, ``init_thickness`` of it along the normal), local rotation identity, opacity
+    ``init_opacity`` and grey colour (or ``colors``: (N, 3) RGB in [0, 1] in the order built
+    here, see :func:`init_positions`).
+    """
+    cfg = meta.config
+    bad = [p for p in cfg.parts if p not in rig.part_names]
+    if bad:
+        raise AvatarError(f"avatar parts {bad} are not parts of rig {rig.name} ({', '.join(rig.part_names)}); "
+                          f"choose parts among those.")
+    binding, bary = init_positions(rig, cfg, seed)
+    faces = torch.as_tensor(rig.faces, dtype=torch.long)
+    identity = torch.as_tensor(identity, dtype=torch.float32)
+    verts = rig.vertices(identity, rig.neutral_expression(1), np.zeros((1, 3), np.float32), np.zeros((1, 3), np.float32))
+    cen, rot, k = triangle_frames(verts, faces[binding])
+    corners = verts[0][faces[binding]]  # (N, 3, 3)
+    points = (bary[..., None] * corners).sum(1)
+    local = (rot[0].transpose(-1, -2) @ ((points - cen[0]) / k[0, :, None])[..., None])[..., 0]
+    local[:, 2] = 0.0
+    # In-plane std: half the spacing of n points on a triangle of area A, relative to k.
+    area = 0.5 * torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1).norm(dim=-1)
+    spacing = torch.sqrt(area / cfg.gaussians_per_triangle) / k[0]
+    s = (0.5 * spacing).clamp(0.05, 1.0)
+    scales = torch.log(torch.stack((s, s, s * cfg.init_thickness), -1))
+    n = len(binding)
+    num_sh = (cfg.sh_degree + 1) ** 2
+    rgb = colors if colors is not None else torch.full((n, 3), 0.5)
+    params = {
+        "means": local.contiguous(),
+        "scales": scales,
+        "quats": torch.tensor([1.0, 0, 0, 0]).repeat(n, 1),
+        "opacities": torch.full((n,), math.log(cfg.init_opacity / (1 - cfg.init_opacity))),
+        "sh0": rgb_to_sh0(rgb)[:, None, :],
+        "shN": torch.zeros(n, num_sh - 1, 3),
+    }
+    return Avatar(params, binding, faces, identity, meta)
+
+
+def degenerate_triangles(rig) -> np.ndarray:
+    """(F,) bool: triangles of zero area in the template (the eyeballs' pole triangles), whose
+    frame is undefined; no Gaussian is bound to them."""
+    v = rig.template[rig.faces]  # (F, 3, 3)
+    e1, e2 = v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]
+    area2 = np.linalg.norm(np.cross(e1, e2), axis=-1)
+    k = (np.linalg.norm(e1, axis=-1) + np.linalg.norm(e2, axis=-1) + np.linalg.norm(v[:, 2] - v[:, 1], axis=-1)) / 3
+    return area2 <= 1e-6 * np.maximum(k, 1e-12) ** 2
+
+
+def init_positions(rig, cfg: AvatarConfig, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(binding (N,), barycentric (N, 3)) of the initial Gaussians: the non-degenerate triangles
+    of ``cfg.parts`` in index order, ``gaussians_per_triangle`` each, the first at the centroid and the others
+    jittered inside the triangle (deterministic in ``seed``)."""
+    tris = torch.as_tensor(np.flatnonzero(rig.part_mask(*cfg.parts) & ~degenerate_triangles(rig)), dtype=torch.long)
+    per = cfg.gaussians_per_triangle
+    if per < 1:
+        raise AvatarError(f"gaussians_per_triangle is {per}; use 1 or more.")
+    binding = tris.repeat_interleave(per)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(len(binding), 2, generator=gen)
+    flip = u.sum(-1) > 1
+    u[flip] = 1 - u[flip]
+    bary = torch.stack((1 - u.sum(-1), u[:, 0], u[:, 1]), -1)
+    bary = 0.5 * bary + 0.5 / 3  # stay inside, away from the edges
+    bary[::per] = 1.0 / 3
+    return binding, bary
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_avatar(avatar: Avatar, out_dir: str | Path) -> Path:
+    """Write ``avatar.safetensors`` and ``avatar.json`` into ``out_dir`` (each atomically)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in avatar.params.items()}
+    tensors["binding"] = avatar.binding.cpu().contiguous()
+    tensors["identity"] = avatar.identity.cpu().contiguous()
+    _atomic_write(out / AVATAR_FILE, lambda p: save_file(tensors, str(p)))
+    _atomic_write(out / AVATAR_META, lambda p: p.write_text(json.dumps(avatar.meta.to_json(), indent=2) + "\n"))
+    return out
+
+
+def load_avatar(path: str | Path, device: str | torch.device = "cpu") -> Avatar:
+    """Load an avatar directory written by :func:`save_avatar` (or ``liftavatar avatar train``).
+
+    Raises:
+        AvatarError: the directory or its files are missing or unreadable.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from liftavatar.face.rig import FaceRig
+
+    root = Path(path)
+    weights, meta_path = root / AVATAR_FILE, root / AVATAR_META
+    if not root.is_dir():
+        raise AvatarError(f"{root}: no such avatar directory; pass the -o directory of `liftavatar avatar train`.")
+    if not weights.is_file() or not meta_path.is_file():
+        missing = weights if not weights.is_file() else meta_path
+        raise AvatarError(f"{missing}: missing, so {root} holds no finished avatar checkpoint; "
+                          f"train one with `liftavatar avatar train CAPTURE -o {root}`.")
+    try:
+        meta = AvatarMeta.from_json(json.loads(meta_path.read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise AvatarError(f"{meta_path}: cannot be read as avatar metadata ({exc}); train the avatar again.") from None
+    try:
+        tensors = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise AvatarError(f"{weights}: cannot be read ({exc}); train the avatar again.") from None
+    rig = FaceRig.load()
+    if meta.rig.get("name") != rig.name or meta.rig.get("version") != rig.version:
+        raise AvatarError(f"{meta_path}: the avatar is bound to rig {meta.rig}, not this package's "
+                          f"{rig.name} v{rig.version}; train it again with this version.")
+    params = {k: tensors[k] for k in PARAM_NAMES}
+    faces = torch.as_tensor(rig.faces, dtype=torch.long, device=device)
+    return Avatar(params, tensors["binding"].long(), faces, tensors["identity"], meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def intrinsics_matrix(intrinsics: Tensor) -> Tensor:
+    """(..., 4) (fx, fy, cx, cy) -> (..., 3, 3) pinhole matrices (pixels)."""
+    fx, fy, cx, cy = torch.as_tensor(intrinsics, dtype=torch.float32).unbind(-1)
+    zero, one = torch.zeros_like(fx), torch.ones_like(fx)
+    return torch.stack((fx, zero, cx, zero, fy, cy, zero, zero, one), -1).reshape(fx.shape + (3, 3))
+
+
+def render_avatar(
+    avatar: Avatar,
+    vertices: Tensor,
+    intrinsics: Tensor,
+    size: tuple[int, int],
+    *,
+    background: Tensor | None = None,
+    backend: str = "auto",
+    params: dict[str, Tensor] | None = None,
+    binding: Tensor | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Render posed frames of an avatar seen by the capture camera (at the world origin).
+
+    Args:
+        avatar: the avatar (its ``params``/``binding`` unless given explicitly, e.g. the live
+            parameters during training).
+        vertices: (B, V, 3) posed rig vertices, camera frame, metres.
+        intrinsics: (4,) or (B, 4) (fx, fy, cx, cy) pixels at ``size``.
+        size: (H, W) pixels.
+        background: (3,) RGB in [0, 1] behind the avatar; None is black.
+        backend: rasterizer backend ("auto": gsplat on CUDA, torch on CPU).
+
+    Returns:
+        rgb (B, H, W, 3), alpha (B, H, W, 1), and the rasterizer's ``info`` (unpacked;
+        ``means2d`` is (1, N, 2) for B = 1, as gsplat's strategies expect, else (B, 1, N, 2)).
+    """
+    from liftavatar.avatar.raster import rasterization
+
+    params = avatar.params if params is None else params
+    binding = avatar.binding if binding is None else binding
+    cfg = avatar.meta.config
+    world = gaussians_world(params, binding, vertices, avatar.faces, cfg.sh_degree, cfg.sh_frame)
+    batch = vertices.shape[0]
+    ks = intrinsics_matrix(torch.as_tensor(intrinsics, device=vertices.device).float().expand(batch, 4))
+    ks = ks.to(vertices.device)[:, None]  # (B, 1, 3, 3)
+    view = torch.eye(4, device=vertices.device).repeat(batch, 1, 1, 1)  # (B, 1, 4, 4), contiguous for gsplat
+    bg = None
+    if background is not None:
+        bg = torch.as_tensor(background, dtype=torch.float32, device=vertices.device).expand(batch, 1, 3)
+    height, width = size
+    if batch == 1:
+        # Unbatched call: info then has gsplat's plain (C, N, ...) layout that its densification
+        # strategies index.
+        rgb, alpha, info = rasterization(
+            world.means[0], world.quats[0], world.scales[0], world.opacities, world.colors[0],
+            view[0], ks[0], width, height, backgrounds=None if bg is None else bg[0], backend=backend,
+        )
+        return rgb, alpha, info
+    rgb, alpha, info = rasterization(
+        world.means, world.quats, world.scales, world.opacities.expand(batch, -1).contiguous(), world.colors,
+        view, ks, width, height, backgrounds=bg, backend=backend,
+    )
+    return rgb[:, 0], alpha[:, 0], info

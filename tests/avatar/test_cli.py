@@ -1,0 +1,90 @@
+"""`liftavatar avatar train | render | export` end to end, and bad input: exit 2, one sentence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from liftavatar.cli import main
+
+
+def test_train_render_export(capture, tmp_path, capsys):
+    out = tmp_path / "avatar"
+    assert main(["avatar", "train", str(capture), "-o", str(out), "--iters", "4", "--size", "32",
+                 "--val-every", "2"]) == 0
+    assert "trained 4 iterations" in capsys.readouterr().out
+    assert (out / "avatar.safetensors").is_file() and (out / "val" / "step_000004.png").is_file()
+    assert json.loads((out / "avatar.json").read_text())["size"] == [32, 32]
+    # Training again into the same folder needs --force or --resume.
+    assert main(["avatar", "train", str(capture), "-o", str(out), "--iters", "4"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["avatar", "train", str(capture), "-o", str(out), "--iters", "6", "--size", "32", "--resume"]) == 0
+    assert json.loads((out / "avatar.json").read_text())["step"] == 6
+
+    assert main(["avatar", "render", str(out), "--kinematics", str(capture), "-o", str(tmp_path / "frames"),
+                 "--size", "48"]) == 0
+    from PIL import Image
+
+    pngs = sorted((tmp_path / "frames").glob("*.png"))
+    assert len(pngs) == 12 and Image.open(pngs[0]).size == (48, 48)
+    assert np.asarray(Image.open(pngs[0])).max() > 50  # something was drawn
+    assert main(["avatar", "render", str(out), "--kinematics", str(capture), "-o", str(tmp_path / "v.mp4")]) == 0
+    from liftavatar.video import probe_video
+
+    assert probe_video(tmp_path / "v.mp4").size == (64, 64)
+    assert main(["avatar", "export", str(out), "-o", str(tmp_path / "a.ply")]) == 0
+    assert (tmp_path / "a.ply").stat().st_size > 1000
+
+
+def _one_line_exit_2(args: list[str], needle: str, capsys) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _one_line_exit_2(["avatar", "export", str(tmp_path / "empty"), "-o", str(tmp_path / "a.ply")],
+                     "avatar.safetensors: missing", capsys)
+    _one_line_exit_2(["avatar", "render", str(tmp_path / "nope"), "--kinematics", str(tmp_path), "-o",
+                      str(tmp_path / "f")], "no such avatar directory", capsys)
+    assert not (tmp_path / "a.ply").exists()
+
+
+def test_mixed_subjects_and_no_valid_frames(capture, other_subject, tmp_path, capsys):
+    _one_line_exit_2(["avatar", "train", str(capture), str(other_subject), "-o", str(tmp_path / "x")],
+                     "train one avatar per subject", capsys)
+    invalid = tmp_path / "invalid"
+    shutil.copytree(other_subject, invalid)
+    with np.load(invalid / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["valid"][:] = False
+    np.savez(invalid / "kinematics.npz", **arrays)
+    _one_line_exit_2(["avatar", "train", str(invalid), "-o", str(tmp_path / "x")], "has no valid frames", capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_kinematics_with_another_expression_count(trained, other_subject, tmp_path, capsys):
+    fewer = tmp_path / "fewer"
+    shutil.copytree(other_subject, fewer)
+    meta = json.loads((fewer / "capture.json").read_text())
+    meta["expression_names"] = meta["expression_names"][:-1]
+    (fewer / "capture.json").write_text(json.dumps(meta))
+    with np.load(fewer / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["expression"] = np.ascontiguousarray(arrays["expression"][:, :-1])
+    np.savez(fewer / "kinematics.npz", **arrays)
+    _one_line_exit_2(["avatar", "render", str(trained), "--kinematics", str(fewer), "-o", str(tmp_path / "f")],
+                     "expression coefficients", capsys)
+    assert not (tmp_path / "f").exists()
+
+
+def test_the_console_script_reports_bad_input_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "liftavatar.cli", "avatar", "export", str(tmp_path), "-o",
+                             str(tmp_path / "a.ply")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and str(tmp_path) in result.stderr

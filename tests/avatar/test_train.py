@@ -1,0 +1,122 @@
+"""Training: it improves the renders, densification keeps the binding, resume repeats the run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from liftavatar.avatar.model import AvatarError, load_avatar
+from liftavatar.avatar.train import TrainConfig, load_frames, ssim, train_avatar
+
+
+def _val_log(path):
+    return [json.loads(line) for line in (path / "val" / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_short_training_clearly_improves_held_out_psnr(trained):
+    log = _val_log(trained)
+    assert [r["step"] for r in log] == [0, 60] and log[0]["held_out"]
+    assert log[-1]["psnr"] > log[0]["psnr"] + 3.0, log
+    assert (trained / "val" / "step_000060.png").is_file()
+    avatar = load_avatar(trained)
+    assert avatar.meta.step == 60 and avatar.num_gaussians == log[-1]["gaussians"]
+
+
+def test_densification_keeps_every_gaussian_on_its_parents_triangle(trained, capture):
+    from gsplat.strategy.ops import duplicate, split
+
+    from liftavatar.avatar.train import _bound_strategy, _make_optimizers
+
+    avatar = load_avatar(trained)
+    cfg = TrainConfig()
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in avatar.params.items()}
+    params["binding"] = torch.nn.Parameter(avatar.binding.clone(), requires_grad=False)
+    optimizers = _make_optimizers(params, cfg)
+    n = len(avatar.binding)
+    pick = torch.zeros(n, dtype=torch.bool)
+    pick[::7] = True
+    parents = avatar.binding[pick]
+    duplicate(params, optimizers, {}, pick)
+    assert torch.equal(params["binding"][n:], parents)
+    split(params, optimizers, {}, torch.cat((pick, torch.zeros(len(parents), dtype=torch.bool))))
+    assert torch.equal(params["binding"][-2 * len(parents):], parents.repeat(2))
+    # Pruning everything transparent never leaves a triangle without a Gaussian.
+    strategy = _bound_strategy(cfg)
+    before = set(params["binding"].tolist())
+    params["opacities"].data.fill_(-20.0)
+    strategy._prune_gs(params, optimizers, {}, 0)
+    assert set(params["binding"].tolist()) == before
+    assert len(params["binding"]) == len(before)
+
+
+def test_resume_repeats_the_uninterrupted_run(capture, tmp_path):
+    cfg = TrainConfig(iters=12, holdout_every=0, val_every=0, checkpoint_every=0, progress=False, refine_start=3,
+                      refine_every=3, grow_grad2d=1e-6)
+    whole = train_avatar([capture], tmp_path / "whole", cfg)
+    part = train_avatar([capture], tmp_path / "part", cfg, max_steps=7)
+    assert part.step == 7 and load_avatar(tmp_path / "part").meta.step == 7
+    resumed = train_avatar([capture], tmp_path / "part", cfg, resume=True)
+    assert resumed.step == 12 and len(resumed.history) == 5
+    a, b = load_avatar(tmp_path / "whole"), load_avatar(tmp_path / "part")
+    assert a.num_gaussians > part.history[0]["gaussians"]  # densification ran, before and after the break
+    assert torch.equal(a.binding, b.binding)
+    for key in a.params:
+        torch.testing.assert_close(a.params[key], b.params[key], atol=1e-6, rtol=1e-5)
+
+
+def test_lifted_frames_get_the_lifted_weight(capture, tmp_path):
+    lifted = tmp_path / "lifted"
+    shutil.copytree(capture, lifted)
+    with np.load(lifted / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["provenance"][::2] = 1
+    np.savez(lifted / "kinematics.npz", **arrays)
+    frames = load_frames([lifted], size=32, lifted_weight=0.25)
+    assert frames.size == (32, 32) and frames.images.shape == (12, 32, 32, 3)
+    np.testing.assert_allclose(frames.weight.numpy(), np.where(arrays["provenance"] == 1, 0.25, 1.0))
+    # Intrinsics follow the resize.
+    np.testing.assert_allclose(frames.intrinsics[0, 2:].numpy(), [16.0, 16.0])
+
+
+def test_ssim_matches_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    gen = torch.Generator().manual_seed(6005)
+    a = torch.rand(1, 40, 36, 3, generator=gen)
+    b = (a + 0.1 * torch.randn(1, 40, 36, 3, generator=gen)).clamp(0, 1)
+    ref = structural_similarity(a[0].numpy(), b[0].numpy(), gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False, data_range=1.0, channel_axis=-1)
+    assert abs(float(ssim(a, b)[0]) - ref) < 1e-5
+
+
+def test_bad_training_input_is_named(capture, other_subject, tmp_path):
+    with pytest.raises(AvatarError, match="different subjects|train one avatar per subject"):
+        load_frames([capture, other_subject])
+    invalid = tmp_path / "invalid"
+    shutil.copytree(other_subject, invalid)
+    with np.load(invalid / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["valid"][:] = False
+    np.savez(invalid / "kinematics.npz", **arrays)
+    with pytest.raises(AvatarError, match="invalid.*has no valid frames"):
+        load_frames([invalid])
+    with pytest.raises(AvatarError, match="no capture given"):
+        load_frames([])
+    with pytest.raises(AvatarError, match="no training state"):
+        train_avatar([capture], tmp_path / "fresh", TrainConfig(iters=2, progress=False), resume=True)
+
+
+def test_kinematics_refinement_learns_per_frame_corrections(capture, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(iters=4, size=32, refine_kinematics=True, lr_kinematics=1e-3, val_every=0,
+                      checkpoint_every=0, progress=False)
+    train_avatar([capture], tmp_path / "k", cfg)
+    delta = load_file(str(tmp_path / "k" / "train_state.safetensors"))["kinematics_delta"]
+    assert delta.shape == (12, 37 + 6)
+    touched = (delta.abs().sum(-1) > 0).sum()
+    assert 1 <= touched <= 4  # only the frames drawn in the 4 iterations moved
