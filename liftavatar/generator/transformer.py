@@ -60,6 +60,7 @@ _CONTROL_SIZES = {"tiny": (64, 64, 4), "small": (256, 128, 8), "wan2.1-1.3b": (5
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ADAPTER_NAME = "adapter.safetensors"
+SHARD_PATTERN = "model-*-of-*.safetensors"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 
@@ -240,11 +241,18 @@ class LiftAvatarTransformer(nn.Module):
         lora = config.lora
         if lora is None:
             weights = directory / WEIGHTS_NAME
-            if not weights.is_file():
+            shards = sorted(directory.glob(SHARD_PATTERN))
+            if weights.is_file():
+                state = load_file(str(weights))
+            elif shards:  # fp16 shards of a shipped prior (scripts/export_prior.py)
+                state = {k: v for shard in shards for k, v in load_file(str(shard)).items()}
+            else:
                 raise ConfigError(f"{directory}: no {WEIGHTS_NAME}; pass a prior directory written by `liftavatar train`.")
             config.lora = None
             model = cls(config)
-            _load_exact(model, load_file(str(weights)), weights, strict=True)
+            own = model.state_dict()
+            state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+            _load_exact(model, state, weights, strict=True)
             return model
         path = base_path or config.base_path
         if not path or not Path(path).exists():
