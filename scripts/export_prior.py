@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--shard-mb", type=float, default=15.0)
+    parser.add_argument("--raw", action="store_true", help="export the raw weights, not the EMA")
     args = parser.parse_args()
     ckpt = complete_checkpoints(args.run / "checkpoints")[-1]
     state = json.loads((ckpt / "state.json").read_text())
@@ -33,7 +34,8 @@ def main() -> None:
     factor = cfg["pixel_factor"]
     model = LiftAvatarTransformer.from_preset(cfg["preset"], num_controls(rig.num_expressions), cfg["injection"],
                                               in_channels=3 * factor**2, out_channels=3 * factor**2)
-    weights = ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").is_file() else "model.safetensors")
+    ema = ckpt / "ema.safetensors"
+    weights = ema if ema.is_file() and not args.raw else ckpt / "model.safetensors"
     model.load_state_dict(load_file(str(weights)), strict=True)
     history = state.get("history", [])
     model.save_pretrained(args.out, extra={

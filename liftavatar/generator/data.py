@@ -35,7 +35,7 @@ from liftavatar.errors import ConfigError
 from liftavatar.face.rig import FaceRig
 from liftavatar.synth.kinematics import CAMERA_DISTANCE_M, sample_kinematics
 from liftavatar.synth.subject import Subject, make_subject
-from liftavatar.synth.world import render_subject
+from liftavatar.synth.world import render_subject_tensors
 
 # Translation enters the controls relative to the usual head position, in decimetres, so that all
 # control components are of order one.
@@ -52,6 +52,24 @@ def kinematic_controls(expression: np.ndarray, rotation: np.ndarray, translation
 
 def num_controls(num_expressions: int) -> int:
     return num_expressions + 6
+
+
+def _quantised(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W[, C]) float in [0, 1] → (B, C, H, W), rounded to 8 bits as a Capture's PNGs are."""
+    if images.ndim == 3:
+        images = images.unsqueeze(-1)
+    return (images.clamp(0, 1) * 255).round().div(255).permute(0, 3, 1, 2).contiguous()
+
+
+_WORKER_RIG: FaceRig | None = None
+
+
+def _build_subject(seed: int) -> Subject:
+    """make_subject in a worker process, loading the rig once per process."""
+    global _WORKER_RIG
+    if _WORKER_RIG is None:
+        _WORKER_RIG = FaceRig.load()
+    return make_subject(seed, _WORKER_RIG)
 
 
 def _images(array: np.ndarray) -> torch.Tensor:
@@ -104,7 +122,7 @@ class SubjectCache:
             return
         for seed in seeds:
             if seed not in self._items and seed not in self._pending:
-                self._pending[seed] = self._pool.submit(make_subject, seed)
+                self._pending[seed] = self._pool.submit(_build_subject, seed)
 
     def get(self, seed: int) -> Subject:
         if seed in self._items:
@@ -174,10 +192,11 @@ class SyntheticClipStream(IterableDataset):
         expression = np.concatenate([pool.expression[refs]] + [t.expression for t in targets])
         rotation = np.concatenate([pool.rotation[refs]] + [t.rotation for t in targets])
         translation = np.concatenate([pool.translation[refs]] + [t.translation for t in targets])
-        batch = render_subject(subject, expression, rotation, translation, cfg.size, rig=self.rig,
-                               supersample=cfg.supersample, device=self.device)
-        rgb, shading, mask = _images(batch.rgb), _images(batch.shading), _images(batch.mask)
-        controls = torch.from_numpy(kinematic_controls(expression, rotation, translation))
+        # Rendered and kept on the stream's device (no 8-bit round trip through host memory).
+        rgb, mask, shading, _ = render_subject_tensors(subject, expression, rotation, translation, cfg.size,
+                                                       rig=self.rig, supersample=cfg.supersample, device=self.device)
+        rgb, shading, mask = _quantised(rgb), _quantised(shading), _quantised(mask)
+        controls = torch.from_numpy(kinematic_controls(expression, rotation, translation)).to(self.device)
         k = len(refs)
         clips = []
         for c in range(cfg.clips_per_subject):

@@ -45,6 +45,8 @@ class TrainConfig:
     """Local Wan2.1 transformer weights: a diffusers directory or an original single-file checkpoint."""
     base_config: Path | None = None
     """Directory holding the diffusers config.json of a single-file --base."""
+    init_from: Path | None = None
+    """Start from this prior's weights (a warm start; ignored when resuming a checkpoint)."""
     train_mode: Literal["full", "lora"] = "full"
     """full: train every weight (a preset from scratch); lora: peft LoRA on the base + the new modules."""
     lora_rank: int = 32
@@ -103,7 +105,7 @@ class TrainConfig:
 
 def sample_sigmas(generator: torch.Generator, n: int, mean: float, std: float, shift: float) -> torch.Tensor:
     """Logit-normal σ in (0, 1), then shifted: ``s σ / (1 + (s − 1) σ)``."""
-    sigma = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    sigma = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=generator.device))
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
@@ -127,9 +129,9 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], c
         ref_latents = codec.encode_frames(to5(batch["ref_frames"]))
         ref_shading = codec.encode_frames(to5(batch["ref_shading"]))
     b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    sigma = sample_sigmas(generator, b, config.logit_mean, config.logit_std, config.shift).to(device)
-    drop = (torch.rand(b, generator=generator) < config.control_dropout).to(device)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device)
+    sigma = sample_sigmas(generator, b, config.logit_mean, config.logit_std, config.shift)
+    drop = torch.rand(b, generator=generator, device=generator.device) < config.control_dropout
     s = sigma.view(b, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     tf = codec.temporal_factor
@@ -150,6 +152,12 @@ def build_model(config: TrainConfig, n_controls: int) -> LiftAvatarTransformer:
             overrides = dict(in_channels=3 * config.pixel_factor ** 2, out_channels=3 * config.pixel_factor ** 2)
         model = LiftAvatarTransformer.from_preset(config.preset, n_controls, config.injection, seed=config.seed,
                                                   **overrides)
+    if config.init_from is not None:
+        start = LiftAvatarTransformer.from_pretrained(config.init_from, base_path=config.base)
+        if start.config.base != model.config.base or start.config.num_controls != n_controls:
+            raise ConfigError(f"--init-from {config.init_from}: that prior has another shape than --preset "
+                              f"{config.preset}; start from a prior of the same preset and codec.")
+        model.load_state_dict(start.state_dict(), strict=False)
     if config.train_mode == "lora":
         model.add_lora(config.lora_rank)
     if config.gradient_checkpointing:
@@ -280,7 +288,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         while step < last_step and not flag.stop and not out_of_time():
             for micro in range(config.grad_accum):
                 batch = next_batch(step, micro)
-                g = torch.Generator().manual_seed(_step_seed(config.seed, step, micro + 7919 * accelerator.process_index))
+                g = torch.Generator(device).manual_seed(
+                    _step_seed(config.seed, step, micro + 7919 * accelerator.process_index))
                 with accelerator.accumulate(model), accelerator.autocast():
                     loss = flow_matching_loss(model, batch, codec, g, config)
                     accelerator.backward(loss)

@@ -70,7 +70,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
-def render_subject(
+def render_subject_tensors(
     subject: Subject,
     expression: np.ndarray,
     rotation: np.ndarray,
@@ -80,8 +80,10 @@ def render_subject(
     rig: FaceRig | None = None,
     supersample: int = 2,
     device: str | torch.device = "cpu",
-) -> RenderedBatch:
-    """Render one batch: expression (B, E), rotation (B, 3) axis-angle, translation (B, 3) metres."""
+):
+    """Render one batch and keep it on ``device``: (rgb, mask, shading, landmarks2d) tensors, images
+    (B, H, W, C) float in [0, 1], landmarks (B, 478, 2) pixels. Expression (B, E), rotation (B, 3)
+    axis-angle, translation (B, 3) metres."""
     rig = rig or FaceRig.load()
     device = torch.device(device)
     intrinsics = intrinsics or default_intrinsics(size)
@@ -103,7 +105,24 @@ def render_subject(
         supersample=supersample,
     )
     landmarks = project(rig.landmarks(verts), torch.tensor(intrinsics, device=device))[..., :2]
-    return RenderedBatch(_to_uint8(out.rgb), _to_uint8(out.mask), _to_uint8(out.shading),
+    return out.rgb, out.mask, out.shading, landmarks
+
+
+def render_subject(
+    subject: Subject,
+    expression: np.ndarray,
+    rotation: np.ndarray,
+    translation: np.ndarray,
+    size: int,
+    intrinsics: tuple[float, float, float, float] | None = None,
+    rig: FaceRig | None = None,
+    supersample: int = 2,
+    device: str | torch.device = "cpu",
+) -> RenderedBatch:
+    """Render one batch as 8-bit images: expression (B, E), rotation (B, 3) axis-angle, translation (B, 3) metres."""
+    rgb, mask, shading, landmarks = render_subject_tensors(subject, expression, rotation, translation, size,
+                                                           intrinsics, rig, supersample, device)
+    return RenderedBatch(_to_uint8(rgb), _to_uint8(mask), _to_uint8(shading),
                          landmarks.cpu().numpy().astype(np.float32))
 
 
