@@ -64,22 +64,38 @@ rig, 256²): eyelids are the most precise landmarks (median 0.8 px sparse / 1.3 
 carry blinks and squints; lips (1.2 / 2.5 px) carry jaw and mouth; brows 1.6 / 2.0 px; the ~340
 untextured points (cheeks, forehead, nose) 1.7 / 2.5 px and biased; the face oval 4.2 / 6.1 px,
 worse with yaw. Irises carry gaze, which the rig does not model. Hence the default group
-weights of :class:`FitConfig` (eyelids 3, lips 2, brows 1, nose and the rest 0.1, oval 0.1,
-irises 0), on top of the visibility weight c.
+weights of :class:`FitConfig` (eyelids 4, lips 2, brows 2, nose and the rest 0.1, oval 0.3,
+irises 0), on top of the visibility weight c. Against the calibrated landmark model the residuals
+(per axis, robust σ) are eyelids 0.5 px, brows 0.7, lips 0.8, the rest 0.8, the oval 1.9: inverse
+variances near 4 : 2 : 1.5 for eyelids, brows and lips. The many untextured points stay at 0.1
+although their σ is small: their errors are strongly correlated (MediaPipe fills them in from its
+own face model), and weighting them as independent made the extreme-expression error worse.
 
 Landmark models: MediaPipe does not report exactly the rig's landmark vertices. On the synthetic
 world it reports blendshapes at 0.3–0.9 of their size (brows, nose sneer, eye-wide least) and
 places the chin, forehead and nose bridge a few pixels off the rig's vertices, which biases the
 fitted pitch. :func:`calibrate_landmark_model` learns, from renders with known kinematics, a
 :class:`LandmarkModel` that says where MediaPipe puts each landmark as a function of the same
-coefficients; :meth:`LandmarkModel.default` uses a packaged calibration file when one exists.
+coefficients (a per-landmark response to each blendshape, so it carries the detector's gain);
+:meth:`LandmarkModel.default` uses a packaged calibration file when one exists. The packaged one
+(``scripts/calibrate_landmarks.py``) includes clips whose blendshapes vary independently: with only
+the presets' fixed combinations, each blendshape's response was smeared over its companions.
+
+Limits, measured on development clips (MediaPipe in video mode on 256² renders): several
+blendshapes barely move MediaPipe's landmarks at all: at 0.9, eyeWide moves the detected landmarks
+by ~1 px in total and noseSneer by ~1.5 px, and in combinations (squeezed eyes, anger, surprise) the
+detector reports about half the summed isolated displacement. Their coefficients stay near 0 under
+any prior, and no landmark fit recovers them (even with the true pose and identity, an unregularised
+fit is uncorrelated with the truth). The ``extreme`` preset's error is dominated by them.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -106,16 +122,17 @@ class FitConfig:
 
     huber_px: float = 3.0
     """Huber threshold δ, reference pixels: residuals beyond it count linearly (outlier landmarks)."""
-    weight_oval: float = 0.1
+    weight_oval: float = 0.3
     """Face-oval contour (36 points): MediaPipe guesses it where the cheek turns away, and puts the
-    chin and forehead several pixels off the rig's vertices even frontally (median error ~4 px)."""
-    weight_eyelid: float = 3.0
-    """Eyelid contours (2 × 16 points): the most precise landmarks (~0.8 px median) and the only
-    evidence of blinks and squints."""
+    chin and forehead several pixels off the rig's vertices even frontally (median error ~4 px
+    against the rig, 1.9 px per axis against the calibrated model, which absorbs the offsets)."""
+    weight_eyelid: float = 4.0
+    """Eyelid contours (2 × 16 points): the most precise landmarks (~0.8 px median; 0.5 px per axis
+    against the calibrated model) and the only evidence of blinks, squints and wide eyes."""
     weight_lips: float = 2.0
     """Inner and outer lip contours (40 points): jaw, mouth opening, smile, pucker."""
-    weight_brow: float = 1.0
-    """Eyebrow outlines (20 points)."""
+    weight_brow: float = 2.0
+    """Eyebrow outlines (20 points; 0.7 px per axis against the calibrated model): brow raise and frown."""
     weight_nose: float = 0.1
     """Nose (MediaPipe's FACEMESH_NOSE, 24 points): MediaPipe puts the bridge 2–4 px below the rig's
     vertices, which tilts the fitted pitch by several degrees if weighted fully."""
@@ -130,9 +147,9 @@ class FitConfig:
     """... rising linearly to 1 at this cosine (points facing the camera)."""
     identity_prior: float = 1000.0
     """λ_id, reference px² per unit² of identity: pulls the shared identity toward the mean face."""
-    expression_l1: float = 60.0
+    expression_l1: float = 80.0
     """λ_1, reference px² per unit of coefficient per frame: sparsity (coefficients are ≥ 0)."""
-    expression_l2: float = 20.0
+    expression_l2: float = 5.0
     """λ_2, reference px² per unit² per frame: small magnitude; conditions near-degenerate pairs."""
     smooth_expression: float = 50.0
     """λ_ψ, reference px² per unit² of frame-to-frame expression change."""
@@ -694,7 +711,8 @@ def fit_rig(
     )
     frame = np.concatenate([rot0, trans0, np.zeros((len(index), rig.num_expressions))], axis=1)
     state = _State(identity=torch.zeros(rig.num_identity, device=dev), frame=f32(frame))
-    state, iterations, energy = _optimise(problem, state, progress)
+    with single_threaded_math():
+        state, iterations, energy = _optimise(problem, state, progress)
 
     frame = state.frame.double().cpu().numpy()
     rotation, translation, expression = _fill_invalid(index, num, frame[:, :3], frame[:, 3:6], frame[:, 6:])
@@ -709,6 +727,30 @@ def fit_rig(
         iterations=iterations,
         energy=energy,
     )
+
+
+@contextmanager
+def single_threaded_math() -> Iterator[None]:
+    """Run torch and the BLAS libraries (OpenBLAS / MKL, through threadpoolctl) on one thread each.
+
+    The solver is many small batched products and solves (M frames × 43 parameters). With the
+    default pools (torch's and OpenBLAS's 2 threads each on a 2-core machine) the threads spin
+    against each other and against other processes. Measured on a 100-frame extreme clip on 2
+    shared cores: 0.67–1.0 s with the default pools, 0.41 s with BLAS on one thread, 0.24 s with
+    both on one; ``pytest tests/face`` on a loaded machine went from 13 minutes to under 1.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # threadpoolctl comes with scikit-learn; without it only torch is limited
+            yield
+        else:
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _reprojection(model: LandmarkModel, s: _State, obs: np.ndarray, intrinsics) -> np.ndarray:

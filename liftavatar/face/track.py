@@ -380,7 +380,7 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
     crop_landmarks = ((state.landmarks - np.array(crop[:2], np.float32)) * scale).astype(np.float32)
     from liftavatar.face.fit import fit_rig
 
-    with _Timer(report, "fitting"):
+    with _Timer(report, "fitting"):  # fit_rig runs torch and BLAS single-threaded (see single_threaded_math)
         fit = fit_rig(crop_landmarks, state.valid, intrinsics, rig=rig, device=config.device)
     report.median_reprojection_px = float(np.nanmedian(fit.reprojection_px))
 
