@@ -47,6 +47,9 @@ class TrainConfig:
     """Directory holding the diffusers config.json of a single-file --base."""
     init_from: Path | None = None
     """Start from this prior's weights (a warm start; ignored when resuming a checkpoint)."""
+    prompt_embedding: Path | None = None
+    """A precomputed text-encoder output (safetensors, key 'prompt_embeds', shape (S, text_dim)), e.g. umT5 of
+    the fixed prompt for a real Wan2.1 base; kept frozen. Default: a learned prompt embedding."""
     train_mode: Literal["full", "lora"] = "full"
     """full: train every weight (a preset from scratch); lora: peft LoRA on the base + the new modules."""
     lora_rank: int = 32
@@ -158,6 +161,8 @@ def build_model(config: TrainConfig, n_controls: int) -> LiftAvatarTransformer:
             raise ConfigError(f"--init-from {config.init_from}: that prior has another shape than --preset "
                               f"{config.preset}; start from a prior of the same preset and codec.")
         model.load_state_dict(start.state_dict(), strict=False)
+    if config.prompt_embedding is not None:
+        model.load_prompt_embedding(config.prompt_embedding)
     if config.train_mode == "lora":
         model.add_lora(config.lora_rank)
     if config.gradient_checkpointing:

@@ -184,6 +184,22 @@ class LiftAvatarTransformer(nn.Module):
                 torch.manual_seed(seed)
             return cls(config, base=base)
 
+    def load_prompt_embedding(self, path: str | Path, trainable: bool = False) -> None:
+        """Replace the learned prompt with a precomputed text-encoder output (safetensors key ``prompt_embeds``)."""
+        from safetensors.torch import load_file
+
+        try:
+            embeds = load_file(str(path))["prompt_embeds"]
+        except (OSError, KeyError) as exc:
+            raise ConfigError(f"--prompt-embedding {path}: no 'prompt_embeds' tensor in a safetensors file there; "
+                              "save the text encoder's output under that key.") from exc
+        embeds = embeds.squeeze(0) if embeds.ndim == 3 else embeds
+        if embeds.ndim != 2 or embeds.shape[1] != self.base.config.text_dim:
+            raise ConfigError(f"--prompt-embedding {path}: shape {tuple(embeds.shape)}, the base expects "
+                              f"(tokens, {self.base.config.text_dim}).")
+        self.prompt_embedding = nn.Parameter(embeds.float().clone(), requires_grad=trainable)
+        self.config.prompt_tokens = embeds.shape[0]
+
     # ---- LoRA ---------------------------------------------------------------------------------
 
     def add_lora(self, rank: int = 32, alpha: float | None = None, targets: tuple[str, ...] = LORA_TARGETS) -> None:

@@ -204,3 +204,16 @@ def test_lora_prior_saves_only_the_adapter_and_reloads_on_its_base(tmp_path):
         assert torch.equal(loaded(x, t, shading, controls), model.eval()(x, t, shading, controls))
     with pytest.raises(ConfigError, match="--base PATH"):
         LiftAvatarTransformer.from_pretrained(tmp_path / "prior", base_path=tmp_path / "gone")
+
+
+def test_precomputed_prompt_embedding_replaces_the_learned_one(tmp_path):
+    model = LiftAvatarTransformer.from_preset("tiny", D)
+    embeds = torch.randn(7, BASE_PRESETS["tiny"]["text_dim"])
+    save_file({"prompt_embeds": embeds}, str(tmp_path / "prompt.safetensors"))
+    model.load_prompt_embedding(tmp_path / "prompt.safetensors")
+    assert torch.equal(model.prompt_embedding, embeds) and not model.prompt_embedding.requires_grad
+    model.save_pretrained(tmp_path / "prior")
+    assert torch.equal(LiftAvatarTransformer.from_pretrained(tmp_path / "prior").prompt_embedding, embeds)
+    save_file({"prompt_embeds": torch.randn(7, 5)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConfigError, match="expects"):
+        model.load_prompt_embedding(tmp_path / "bad.safetensors")
