@@ -19,8 +19,8 @@ from liftavatar.generator.train import TrainConfig, train
 CONFIG = dict(preset="small", injection="both", codec="pixel", pixel_factor=4, size=128, frames=8, refs=5,
               ref_method="kmeans", seed_range=(100_000, 102_000), steps=12_000, batch_size=32, lr=3e-4,
               warmup=200, lr_schedule="cosine", mixed_precision="bf16", shift=1.0, control_dropout=0.1,
-              ema=0.999, save_every=500, log_every=50, subject_workers=12, subject_pool=2000,
-              clips_per_subject=16, prefetch=4)
+              ema=0.999, save_every=500, log_every=50, subject_pool=256,
+              clips_per_subject=16, data_workers=10)
 
 
 def main() -> None:

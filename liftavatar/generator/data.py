@@ -218,6 +218,48 @@ class SyntheticClipStream(IterableDataset):
         return collate([next(it) for _ in range(batch_size)])
 
 
+class SyntheticBatches(IterableDataset):
+    """Whole training batches from the synthetic world, for a DataLoader with worker processes.
+
+    Batch ``b`` is made of the clips of subject draws ``b·D … b·D + D − 1`` (D = batch_size /
+    clips_per_subject, rounded up), so every batch is a pure function of its index: workers take
+    indices round-robin (``first + (k·W + w)·stride + offset``), which the DataLoader returns in order,
+    and a resumed run starts at the right index. Images travel as 8-bit CPU tensors (they are
+    8-bit-quantised anyway) and become floats on the training device.
+    """
+
+    def __init__(self, config: SyntheticDataConfig, batch_size: int, device: str = "cpu", first: int = 0,
+                 stride: int = 1, offset: int = 0):
+        super().__init__()
+        self.config, self.batch_size, self.device = config, batch_size, device
+        self.first, self.stride, self.offset = first, stride, offset
+        self.draws = -(-batch_size // config.clips_per_subject)
+        self._stream: SyntheticClipStream | None = None
+
+    def batch_at(self, index: int) -> dict[str, torch.Tensor]:
+        if self._stream is None:
+            self._stream = SyntheticClipStream(self.config, self.device)
+        clips = [c for d in range(self.draws) for c in self._stream._render_draw(index * self.draws + d)]
+        batch = collate(clips[:self.batch_size])
+        return {k: (v * 255).round().to(torch.uint8).cpu() if k not in ("controls", "ref_controls") else v.cpu()
+                for k, v in batch.items()}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        k = worker
+        while True:
+            yield self.batch_at(self.first + k * self.stride + self.offset)
+            k += workers
+
+
+def as_float_images(x: torch.Tensor) -> torch.Tensor:
+    """8-bit images from :class:`SyntheticBatches` → float in [0, 1]; float images pass through."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x
+
+
 def collate(clips: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([c[key] for c in clips]) for key in clips[0]}
 

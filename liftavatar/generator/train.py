@@ -29,7 +29,14 @@ from tqdm import tqdm
 from liftavatar.errors import ConfigError
 from liftavatar.generator.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from liftavatar.generator.codec import CodecConfig, build_codec
-from liftavatar.generator.data import CaptureClips, SyntheticClipStream, SyntheticDataConfig, collate, num_controls
+from liftavatar.generator.data import (
+    CaptureClips,
+    SyntheticBatches,
+    SyntheticDataConfig,
+    as_float_images,
+    collate,
+    num_controls,
+)
 from liftavatar.generator.transformer import LiftAvatarTransformer, group_controls
 
 
@@ -96,14 +103,12 @@ class TrainConfig:
     """End this run after this many minutes (checkpointed; --resume continues)."""
     device: str | None = None
     """Render / train device (default: accelerate's choice)."""
-    subject_workers: int = 0
-    """Processes building synthetic subjects ahead of use."""
     subject_pool: int | None = None
     """Keep this many synthetic subjects in memory (default 256)."""
     clips_per_subject: int = 4
     """Synthetic clips rendered per subject draw."""
-    prefetch: int = 0
-    """Batches the synthetic stream renders ahead in a background thread (0: render in the loop)."""
+    data_workers: int = 0
+    """Worker processes rendering synthetic batches (each renders on --device; 0: in the training loop)."""
 
 
 def sample_sigmas(generator: torch.Generator, n: int, mean: float, std: float, shift: float) -> torch.Tensor:
@@ -125,7 +130,7 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], c
                        config: TrainConfig) -> torch.Tensor:
     """One rectified-flow loss on a batch of clips (see the module docstring)."""
     device = next(model.parameters()).device
-    to5 = lambda x: x.to(device).permute(0, 2, 1, 3, 4)  # noqa: E731  (B, F, C, H, W) → (B, C, F, H, W)
+    to5 = lambda x: as_float_images(x.to(device)).permute(0, 2, 1, 3, 4)  # noqa: E731  (B, F, C, H, W) → (B, C, F, H, W)
     with torch.no_grad():
         x0 = codec.encode(to5(batch["frames"]))
         shading = codec.encode(to5(batch["shading"]))
@@ -230,14 +235,13 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
                                config.pools or None, seed=config.seed)
         for note in dataset.notes:
             print(note)
-        stream = None
+        synthetic = None
     else:
         dataset = None
-        stream = SyntheticClipStream(SyntheticDataConfig(
+        synthetic = SyntheticDataConfig(
             seed_range=tuple(config.seed_range), frames=config.frames, refs=config.refs, size=config.size,
             ref_method=config.ref_method, stream_seed=config.seed, clips_per_subject=config.clips_per_subject,
-            subject_cache=config.subject_pool or 256), device=render_device,
-            subject_workers=config.subject_workers)
+            subject_cache=config.subject_pool or 256)
 
     ema_state = None
     if config.ema:
@@ -254,15 +258,23 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         start_step, history = ckpt["step"], ckpt.get("history", [])
         print(f"resuming {out} from step {start_step}")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    clips_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
-    if stream is not None:
-        stream.skip(start_step * clips_per_step + accelerator.process_index * config.batch_size)
-
-    prefetcher = BatchPrefetcher(stream, config.batch_size, config.prefetch) if stream is not None else None
+    batches = None
+    if synthetic is not None:
+        # Batch index of (step, micro, process): a pure function, so resume needs only the step.
+        procs = accelerator.num_processes
+        source = SyntheticBatches(synthetic, config.batch_size, render_device,
+                                  first=start_step * config.grad_accum * procs, stride=procs,
+                                  offset=accelerator.process_index)
+        if config.data_workers > 0:
+            batches = iter(torch.utils.data.DataLoader(
+                source, batch_size=None, num_workers=config.data_workers, multiprocessing_context="spawn",
+                prefetch_factor=4, pin_memory=torch.cuda.is_available()))
+        else:
+            batches = iter(source)
 
     def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
-        if prefetcher is not None:
-            return prefetcher.next()
+        if batches is not None:
+            return next(batches)
         g = torch.Generator().manual_seed(_step_seed(config.seed, step, 1000 + micro + 7919 * accelerator.process_index))
         idx = torch.randint(len(dataset), (config.batch_size,), generator=g).tolist()
         return collate([dataset[i] for i in idx])
@@ -323,8 +335,6 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
             if step % config.save_every == 0:
                 checkpoint_now(step)
     bar.close()
-    if prefetcher is not None:
-        prefetcher.close()
     if step % config.save_every:
         checkpoint_now(step)
     if writer is not None:
@@ -348,50 +358,6 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         plot_history(history, out / "loss.png")
     accelerator.wait_for_everyone()
     return prior_dir
-
-
-class BatchPrefetcher:
-    """Batches from a synthetic stream, rendered ``depth`` ahead by one background thread (same order)."""
-
-    def __init__(self, stream: SyntheticClipStream, batch_size: int, depth: int):
-        import queue
-        import threading
-
-        self.stream, self.batch_size = stream, batch_size
-        self.queue: queue.Queue | None = None
-        if depth > 0:
-            self.queue = queue.Queue(maxsize=depth)
-            self._stop = threading.Event()
-            self.thread = threading.Thread(target=self._run, daemon=True)
-            self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self.stream.batch(self.batch_size)
-            except BaseException as exc:  # surfaced in the training loop
-                item = exc
-            while not self._stop.is_set():
-                try:
-                    self.queue.put(item, timeout=0.5)
-                    break
-                except Exception:
-                    continue
-            if isinstance(item, BaseException):
-                return
-
-    def next(self) -> dict[str, torch.Tensor]:
-        if self.queue is None:
-            return self.stream.batch(self.batch_size)
-        item = self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        if self.queue is not None:
-            self._stop.set()
-        self.stream.cache.close()
 
 
 def _step_seed(seed: int, step: int, stream: int) -> int:

@@ -116,3 +116,20 @@ def test_generation_inputs_and_bad_inputs(tmp_path, tiny_capture):
                              inputs.controls[:, :40])
     with pytest.raises(ConfigError, match="expression coefficients"):
         pipe(wrong, steps=1)
+
+
+def test_synthetic_batches_are_the_same_with_worker_processes():
+    from torch.utils.data import DataLoader
+
+    from liftavatar.generator.data import SyntheticBatches
+
+    config = SyntheticDataConfig(seed_range=(7402, 7405), frames=2, refs=2, size=SIZE, pool_frames=12,
+                                 clips_per_subject=2, supersample=1)
+    inline = SyntheticBatches(config, batch_size=3, first=5)
+    expected = [inline.batch_at(i) for i in (5, 6, 7)]
+    assert expected[0]["frames"].shape == (3, 2, 3, SIZE, SIZE) and expected[0]["frames"].dtype == torch.uint8
+    loader = iter(DataLoader(SyntheticBatches(config, batch_size=3, first=5), batch_size=None, num_workers=2,
+                             multiprocessing_context="spawn"))
+    for want in expected:
+        got = next(loader)
+        assert all(torch.equal(got[k], want[k]) for k in want)
