@@ -268,7 +268,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         if config.data_workers > 0:
             batches = iter(torch.utils.data.DataLoader(
                 source, batch_size=None, num_workers=config.data_workers, multiprocessing_context="spawn",
-                prefetch_factor=4, pin_memory=torch.cuda.is_available()))
+                prefetch_factor=4, pin_memory=torch.cuda.is_available(), worker_init_fn=_single_threaded_worker))
         else:
             batches = iter(source)
 
@@ -358,6 +358,18 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         plot_history(history, out / "loss.png")
     accelerator.wait_for_everyone()
     return prior_dir
+
+
+def _single_threaded_worker(_: int) -> None:
+    """One CPU thread per data worker: N workers × all cores each oversubscribe the machine (measured on an
+    H100 host with 16 cores: 10 workers at torch's default threads gave 1.5 training steps/s)."""
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
 
 
 def _step_seed(seed: int, step: int, stream: int) -> int:
