@@ -213,6 +213,48 @@ class Generate:
     """Windows generated at once."""
 
 
+@dataclass
+class Lift:
+    """Complete a capture in kinematic space: generate the expressions (and poses) it lacks, append them."""
+
+    capture: tyro.conf.Positional[Path]
+    """Capture to lift (from `track` or `synth`), at the prior's resolution."""
+    out: Out
+    """Capture directory to write: the original frames plus the lifted ones (provenance 1)."""
+    prior: Path | None = None
+    """Prior directory (default: the embedded prior)."""
+    num_expressions: int = 100
+    poses: Literal["observed", "wide"] = "observed"
+    refs: int = 5
+    ref_selection: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
+    steps: int = 25
+    guidance: float = 1.0
+    solver: Literal["euler", "unipc"] = "euler"
+    seed: int = 0
+    expressions_from: Path | None = None
+    """Use another capture's expressions as the library instead of the rig's extreme presets."""
+    device: str = "cpu"
+    force: bool = False
+    """Replace an existing capture at OUT."""
+    resume: bool = False
+    """Keep the clips an interrupted run already wrote."""
+
+
+def run_lift(cfg: Lift) -> None:
+    from liftavatar.lift import LiftConfig, lift
+
+    config = LiftConfig(num_expressions=cfg.num_expressions, poses=cfg.poses, refs=cfg.refs,
+                        ref_selection=cfg.ref_selection, steps=cfg.steps, guidance=cfg.guidance, solver=cfg.solver,
+                        seed=cfg.seed)
+    start = time.perf_counter()
+    capture, report = lift(cfg.capture, cfg.out, cfg.prior, config, cfg.expressions_from, cfg.device,
+                           overwrite=cfg.force, resume=cfg.resume)
+    print(f"coverage of held-out extreme expressions within {report['coverage_radius']}: "
+          f"{report['coverage_before']:.1%} before, {report['coverage_after']:.1%} after")
+    print(f"wrote {capture.path}: {report['lifted_frames']} lifted frames added "
+          f"({time.perf_counter() - start:.1f} s)")
+
+
 def run_train(cfg) -> None:
     from liftavatar.generator.train import train
 
@@ -431,6 +473,7 @@ COMMANDS = {
     "eval": (Eval, run_eval),
     "train": (_train_config(), run_train),
     "generate": (Generate, run_generate),
+    "lift": (Lift, run_lift),
     "avatar": (AvatarCommand, run_avatar),
     "demo": (Demo, run_demo),
 }

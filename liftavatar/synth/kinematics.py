@@ -198,3 +198,13 @@ def neutral_kinematics(num_expressions: int, num_frames: int = 1) -> KinematicsS
         np.zeros((num_frames, 3), np.float32),
         np.tile(np.array([0.0, 0.0, CAMERA_DISTANCE_M], np.float32), (num_frames, 1)),
     )
+
+
+def expression_keyframes(preset: str, count: int, expression_names: list[str] | tuple[str, ...],
+                         seed: int = 0) -> np.ndarray:
+    """(count, E) expression keyframes drawn from ``preset``'s library (the poses a trajectory visits)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset {preset!r} is not one of {', '.join(PRESETS)}; pick one of those.")
+    names = list(expression_names)
+    rng = np.random.default_rng([seed, 0x11B])
+    return np.stack([_keyframe(preset, names, rng) for _ in range(count)]).astype(np.float32)

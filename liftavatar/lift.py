@@ -1,0 +1,201 @@
+"""Kinematic-space completion (`liftavatar lift`): add the expressions and poses a capture lacks.
+
+1. **Targets.** From an expression library (the rig's extreme presets and their combinations, or
+   another capture's expressions) pick ``num_expressions`` targets by farthest-point sampling
+   against what the capture already holds: each pick is the library entry farthest from every
+   observed frame and every earlier pick, so the targets cover the empty regions first.
+2. **Trajectories.** Each target is reached by a short, smooth clip (cosine ease) that starts at
+   the observed frame nearest to it, in expression and pose; with ``poses="wide"`` the head also
+   turns toward a wider pose than the capture shows.
+3. **Generation.** The rig, with the capture's tracked identity and camera, is rendered into
+   shading maps and masks; the prior generates the person from K reference frames of the capture.
+4. **Output.** A new Capture: the original frames, then the lifted ones (provenance 1) with the
+   kinematics they were generated from. Clips are written as they finish; ``resume`` keeps them.
+
+Coverage before and after is the share of a held-out set of library expressions that lies within
+``coverage_radius`` (L2 distance in coefficient space) of some frame.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation, Slerp
+from tqdm import tqdm
+
+import liftavatar
+from liftavatar.capture import PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter, Kinematics
+from liftavatar.errors import ConfigError
+
+
+@dataclass
+class LiftConfig:
+    num_expressions: int = 100
+    """Target expressions to add (the paper's gains plateau at about 100)."""
+    poses: Literal["observed", "wide"] = "observed"
+    """Keep the capture's head poses, or also turn toward wider ones."""
+    refs: int = 5
+    ref_selection: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
+    steps: int = 25
+    guidance: float = 1.0
+    solver: Literal["euler", "unipc"] = "euler"
+    seed: int = 0
+    library_size: int = 2000
+    """Expression library entries drawn from the rig's extreme presets (ignored with expressions_from)."""
+    coverage_radius: float = 0.5
+    batch_size: int = 8
+
+
+def farthest_targets(library: np.ndarray, observed: np.ndarray, count: int) -> np.ndarray:
+    """Indices of ``count`` library rows chosen by farthest-point sampling against ``observed`` (L2)."""
+    if count > len(library):
+        raise ConfigError(f"--num-expressions {count}: the expression library has only {len(library)} entries.")
+    nearest = np.full(len(library), np.inf) if len(observed) == 0 else \
+        np.min(np.linalg.norm(library[:, None] - observed[None], axis=-1), axis=1)
+    picks = []
+    for _ in range(count):
+        i = int(np.argmax(nearest))
+        picks.append(i)
+        nearest = np.minimum(nearest, np.linalg.norm(library - library[i], axis=1))
+    return np.array(picks)
+
+
+def coverage(query: np.ndarray, frames: np.ndarray, radius: float) -> float:
+    """Share of ``query`` expressions within ``radius`` (L2) of some row of ``frames``."""
+    if len(frames) == 0:
+        return 0.0
+    d = np.min(np.linalg.norm(query[:, None] - frames[None], axis=-1), axis=1)
+    return float(np.mean(d <= radius))
+
+
+def target_trajectories(kinematics: Kinematics, targets: np.ndarray, frames: int, poses: str,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T·frames, E) expression, rotation, translation: from the nearest observed frame to each target."""
+    valid = np.flatnonzero(kinematics.valid & (kinematics.provenance != PROVENANCE_LIFTED))
+    obs = kinematics.expression[valid]
+    ease = (1 - np.cos(np.linspace(0, math.pi, frames))) / 2  # 0 → 1, smooth at both ends
+    expressions, rotations, translations = [], [], []
+    for target in targets:
+        start = valid[int(np.argmin(np.linalg.norm(obs - target, axis=1)))]
+        e0, r0, t0 = kinematics.expression[start], kinematics.rotation[start], kinematics.translation[start]
+        expressions.append(e0[None] + ease[:, None] * (target - e0)[None])
+        if poses == "wide":
+            turn = Rotation.from_euler("xyz", [rng.uniform(-20, 20), rng.choice([-1, 1]) * rng.uniform(20, 40),
+                                               rng.uniform(-8, 8)], degrees=True)
+            key = Rotation.from_rotvec(np.stack([r0, (turn * Rotation.from_rotvec(r0)).as_rotvec()]))
+            rotations.append(Slerp([0, 1], key)(ease).as_rotvec())
+        else:
+            rotations.append(np.repeat(r0[None], frames, 0))
+        translations.append(np.repeat(t0[None], frames, 0))
+    return (np.concatenate(expressions).astype(np.float32), np.concatenate(rotations).astype(np.float32),
+            np.concatenate(translations).astype(np.float32))
+
+
+def render_controls(capture: Capture, expression: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
+                    device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Shading maps (N, H, W, 3) and masks (N, H, W) uint8 of the capture's rig at these kinematics."""
+    from liftavatar.face.render import render_mesh
+    from liftavatar.face.rig import FaceRig
+    from liftavatar.synth.world import shading_albedo
+
+    rig = FaceRig.load()
+    h, w = capture.meta.size
+    verts = rig.vertices(capture.kinematics.identity, expression, rotation, translation).to(device)
+    out = render_mesh(verts, torch.as_tensor(rig.faces, device=device),
+                      torch.tensor(capture.meta.intrinsics, dtype=torch.float32, device=device), (h, w),
+                      shading_albedo=shading_albedo(rig).to(device), supersample=2)
+    to8 = lambda x: (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # noqa: E731
+    return to8(out.shading), to8(out.mask)
+
+
+def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = None,
+         config: LiftConfig | None = None, expressions_from: str | Path | None = None, device: str = "cpu",
+         overwrite: bool = False, resume: bool = False, progress: bool = True) -> tuple[Capture, dict]:
+    """Lift ``capture_path`` into ``out`` (see the module docstring). Returns the new capture and a report."""
+    from liftavatar.face.rig import FaceRig
+    from liftavatar.generator.data import _images, kinematic_controls, reference_indices
+    from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline
+    from liftavatar.generator.prior import resolve_prior
+    from liftavatar.synth.kinematics import expression_keyframes
+
+    config = config or LiftConfig()
+    capture = Capture.load(capture_path)
+    rig = FaceRig.load()
+    if list(capture.meta.expression_names) != list(rig.expression_names):
+        raise ConfigError(f"{capture.path}: its expression coefficients are not this rig's; lift captures made by "
+                          "`liftavatar track` or `synth`.")
+    kin = capture.kinematics
+    observed = kin.expression[kin.valid & (kin.provenance != PROVENANCE_LIFTED)]
+    if len(observed) == 0:
+        raise ConfigError(f"{capture.path}: no valid observed frames to lift from; track a video with a visible face.")
+    pipe = LiftAvatarPipeline.from_pretrained(resolve_prior(prior), device=device)
+    frames = pipe.window
+
+    if expressions_from is not None:
+        library = Capture.load(expressions_from).kinematics
+        library = library.expression[library.valid]
+    else:
+        library = expression_keyframes("extreme", config.library_size, rig.expression_names, seed=config.seed)
+    held_out = expression_keyframes("extreme", 500, rig.expression_names, seed=config.seed + 1)
+    picks = farthest_targets(library, observed, config.num_expressions)
+    rng = np.random.default_rng(config.seed)
+    expression, rotation, translation = target_trajectories(kin, library[picks], frames, config.poses, rng)
+    ref_idx, note = reference_indices(capture, config.refs, config.ref_selection, config.seed)
+    if note and progress:
+        print(note)
+
+    n0, n_new = capture.num_frames, len(expression)
+    meta = CaptureMeta(**{**asdict(capture.meta), "num_frames": n0 + n_new,
+                          "creator": {"verb": "lift", "version": liftavatar.__version__,
+                                      "config": {**asdict(config), "prior": str(resolve_prior(prior)),
+                                                 "source": str(capture.path)}}})
+    rk = kin
+    refs = dict(ref_frames=_images(capture.frames(ref_idx.tolist())),
+                ref_shading=_images(capture.shadings(ref_idx.tolist())),
+                ref_controls=torch.from_numpy(kinematic_controls(rk.expression[ref_idx], rk.rotation[ref_idx],
+                                                                 rk.translation[ref_idx])))
+    with CaptureWriter(out, meta, overwrite=overwrite, resume=resume) as writer:
+        for i in range(n0):
+            if not writer.has_frame(i):
+                writer.add_frame(i, capture.frame(i), capture.mask(i), capture.shading(i))
+        clips = config.num_expressions
+        bar = tqdm(total=clips, desc="lift", unit="expression", disable=not progress)
+        for c in range(clips):
+            sl = slice(c * frames, (c + 1) * frames)
+            if all(writer.has_frame(n0 + j) for j in range(sl.start, sl.stop)):
+                bar.update(1)
+                continue
+            shading, masks = render_controls(capture, expression[sl], rotation[sl], translation[sl], device)
+            inputs = GenerationInputs(**refs, shading=_images(shading),
+                                      controls=torch.from_numpy(kinematic_controls(expression[sl], rotation[sl],
+                                                                                   translation[sl])))
+            video = pipe(inputs, steps=config.steps, guidance=config.guidance, seed=config.seed + c,
+                         solver=config.solver)
+            rgb = (video.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+            for j in range(frames):
+                writer.add_frame(n0 + c * frames + j, rgb[j], masks[j], shading[j])
+            bar.update(1)
+        bar.close()
+        lifted = Kinematics(
+            expression=np.concatenate([kin.expression, expression]),
+            rotation=np.concatenate([kin.rotation, rotation]),
+            translation=np.concatenate([kin.translation, translation]),
+            valid=np.concatenate([kin.valid, np.ones(n_new, bool)]),
+            provenance=np.concatenate([kin.provenance, np.full(n_new, PROVENANCE_LIFTED, np.uint8)]),
+            identity=kin.identity,
+        )
+        result = writer.finalize(lifted, reference_indices=ref_idx.tolist())
+    report = {
+        "source": str(capture.path), "lifted_expressions": config.num_expressions, "lifted_frames": n_new,
+        "frames_per_expression": frames, "coverage_radius": config.coverage_radius,
+        "coverage_before": coverage(held_out, observed, config.coverage_radius),
+        "coverage_after": coverage(held_out, np.concatenate([observed, expression]), config.coverage_radius),
+    }
+    (result.path / "lift_report.json").write_text(json.dumps(report, indent=2))
+    return result, report
