@@ -73,3 +73,23 @@ def test_lift_cli_and_bad_inputs(tmp_path, tiny_prior_and_capture, capsys):
                  "--num-expressions", "1", "--refs", "20"]) == 2
     assert "more than the 8 valid" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_lift_a_capture_tracked_from_an_mp4(tmp_path):
+    """The user's path: phone-style .mp4 → `track` → `lift` (a tiny random prior, one solver step)."""
+    from liftavatar.face.track import TrackConfig, track
+    from liftavatar.generator.transformer import LiftAvatarTransformer
+    from liftavatar.synth.world import DEFAULT_FOV_DEG
+    from liftavatar.video import write_video
+
+    truth = synthesize(SynthSpec(seed=7404, preset="sparse", frames=6, size=192), tmp_path / "truth", progress=False)
+    write_video(tmp_path / "clip.mp4", truth.frames(), truth.meta.fps)
+    tracked, _ = track(tmp_path / "clip.mp4", tmp_path / "tracked", TrackConfig(size=64, fov=DEFAULT_FOV_DEG),
+                       progress=False)
+    LiftAvatarTransformer.from_preset("tiny", 43, in_channels=12, out_channels=12).save_pretrained(
+        tmp_path / "prior", extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None}, "frames": 2, "size": 64})
+    out, report = lift(tracked.path, tmp_path / "lifted", tmp_path / "prior",
+                       LiftConfig(num_expressions=2, refs=2, steps=1), progress=False)
+    assert out.num_frames == tracked.num_frames + 4
+    assert (out.kinematics.provenance[-4:] == PROVENANCE_LIFTED).all()
+    assert report["coverage_after"] >= report["coverage_before"]
