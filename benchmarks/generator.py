@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--refs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--solver", choices=["euler", "unipc"], default="euler")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "generator.json")
     parser.add_argument("--grid", type=Path, default=ROOT / "docs" / "generator_grid.png")
@@ -71,7 +72,7 @@ def main() -> None:
                                  Path(tmp) / f"e{seed}", progress=False, device=args.device)
             inputs = generation_inputs(sparse, extreme, k=args.refs)
             start = time.perf_counter()
-            video = pipe(inputs, steps=args.steps, guidance=args.guidance, seed=0)
+            video = pipe(inputs, steps=args.steps, guidance=args.guidance, seed=0, solver=args.solver)
             seconds += time.perf_counter() - start
             truth = torch.from_numpy(extreme.frames()).permute(0, 3, 1, 2).float() / 255
             copy = max((psnr(r.expand_as(truth), truth).mean(), j) for j, r in enumerate(inputs.ref_frames))
@@ -87,7 +88,7 @@ def main() -> None:
                 rows.append(torch.cat([refs, inputs.shading[f], video[f], truth[f]], 2))
 
     mean = {k: float(np.mean([s[k] for s in per_subject])) for k in per_subject[0] if k != "seed"}
-    result = {"machine": machine_info(args.device), "prior": str(prior), "steps": args.steps,
+    result = {"machine": machine_info(args.device), "prior": str(prior), "steps": args.steps, "solver": args.solver,
               "guidance": args.guidance, "refs": args.refs, "frames": args.frames, "size": size,
               "subjects": per_subject, "mean": mean,
               "seconds_per_frame": seconds / (args.subjects * args.frames)}

@@ -227,9 +227,10 @@ class Lift:
     poses: Literal["observed", "wide"] = "observed"
     refs: int = 5
     ref_selection: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
-    steps: int = 25
+    steps: int = 10
+    """Solver steps (UniPC at 10 is within 0.25 dB of Euler at 25, 2.5× faster)."""
     guidance: float = 1.0
-    solver: Literal["euler", "unipc"] = "euler"
+    solver: Literal["euler", "unipc"] = "unipc"
     seed: int = 0
     expressions_from: Path | None = None
     """Use another capture's expressions as the library instead of the rig's extreme presets."""

@@ -42,9 +42,10 @@ class LiftConfig:
     """Keep the capture's head poses, or also turn toward wider ones."""
     refs: int = 5
     ref_selection: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
-    steps: int = 25
+    steps: int = 10
+    """Solver steps. UniPC at 10 steps lost 0.23 dB against Euler at 25 (2 held-out subjects) at 2.5× the speed."""
     guidance: float = 1.0
-    solver: Literal["euler", "unipc"] = "euler"
+    solver: Literal["euler", "unipc"] = "unipc"
     seed: int = 0
     library_size: int = 2000
     """Expression library entries drawn from the rig's extreme presets (ignored with expressions_from)."""
