@@ -241,7 +241,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         synthetic = SyntheticDataConfig(
             seed_range=tuple(config.seed_range), frames=config.frames, refs=config.refs, size=config.size,
             ref_method=config.ref_method, stream_seed=config.seed, clips_per_subject=config.clips_per_subject,
-            subject_cache=config.subject_pool or 256)
+            subject_cache=config.subject_pool or 256, identity_shards=max(1, config.data_workers))
 
     ema_state = None
     if config.ema:

@@ -133,3 +133,16 @@ def test_synthetic_batches_are_the_same_with_worker_processes():
     for want in expected:
         got = next(loader)
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_identity_shards_give_each_batch_one_slice_of_the_identities():
+    from liftavatar.generator.data import SyntheticBatches
+
+    config = SyntheticDataConfig(seed_range=(100, 110), clips_per_subject=2, identity_shards=3)
+    batches = SyntheticBatches(config, batch_size=4)  # two draws a batch
+    stream = SyntheticClipStream(batches.config)
+    for batch in range(6):
+        seeds = {stream._subject_seed(batch * 2 + d) for d in range(2)}
+        assert all((seed - 100) % 3 == batch % 3 and 100 <= seed < 110 for seed in seeds)
+    plain = SyntheticClipStream(SyntheticDataConfig(seed_range=(100, 110)))
+    assert len({plain._subject_seed(d) for d in range(60)}) > 5
