@@ -258,6 +258,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         start_step, history = ckpt["step"], ckpt.get("history", [])
         print(f"resuming {out} from step {start_step}")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if progress and accelerator.is_main_process:
+        print(f"LiftAvatarTransformer ({sum(p.numel() for p in trainable) / 1e6:.2f} M trainable) on "
+              f"{accelerator.num_processes} "
+              f"process(es), {accelerator.distributed_type.value}, {device}, precision {config.mixed_precision}")
     batches = None
     if synthetic is not None:
         # Batch index of (step, micro, process): a pure function, so resume needs only the step.
