@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -213,6 +213,12 @@ class Generate:
     """Windows generated at once."""
 
 
+def _lift_config():
+    from liftavatar.lift import LiftConfig
+
+    return LiftConfig
+
+
 @dataclass
 class Lift:
     """Complete a capture in kinematic space: generate the expressions (and poses) it lacks, append them."""
@@ -223,15 +229,8 @@ class Lift:
     """Capture directory to write: the original frames plus the lifted ones (provenance 1)."""
     prior: Path | None = None
     """Prior directory (default: the embedded prior)."""
-    num_expressions: int = 100
-    poses: Literal["observed", "wide"] = "observed"
-    refs: int = 5
-    ref_selection: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
-    steps: int = 10
-    """Solver steps (UniPC at 10 is within 0.25 dB of Euler at 25, 2.5× faster)."""
-    guidance: float = 1.0
-    solver: Literal["euler", "unipc"] = "unipc"
-    seed: int = 0
+    config: Annotated[_lift_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _lift_config()())
+    """What to lift and how (its options appear without a prefix)."""
     expressions_from: Path | None = None
     """Use another capture's expressions as the library instead of the rig's extreme presets."""
     device: str = "cpu"
@@ -242,13 +241,10 @@ class Lift:
 
 
 def run_lift(cfg: Lift) -> None:
-    from liftavatar.lift import LiftConfig, lift
+    from liftavatar.lift import lift
 
-    config = LiftConfig(num_expressions=cfg.num_expressions, poses=cfg.poses, refs=cfg.refs,
-                        ref_selection=cfg.ref_selection, steps=cfg.steps, guidance=cfg.guidance, solver=cfg.solver,
-                        seed=cfg.seed)
     start = time.perf_counter()
-    capture, report = lift(cfg.capture, cfg.out, cfg.prior, config, cfg.expressions_from, cfg.device,
+    capture, report = lift(cfg.capture, cfg.out, cfg.prior, cfg.config, cfg.expressions_from, cfg.device,
                            overwrite=cfg.force, resume=cfg.resume)
     print(f"coverage of held-out extreme expressions within {report['coverage_radius']}: "
           f"{report['coverage_before']:.1%} before, {report['coverage_after']:.1%} after")

@@ -41,6 +41,7 @@ class LiftConfig:
     poses: Literal["observed", "wide"] = "observed"
     """Keep the capture's head poses, or also turn toward wider ones."""
     refs: int = 5
+    """Reference frames K."""
     ref_selection: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
     steps: int = 10
     """Solver steps. UniPC at 10 steps lost 0.23 dB against Euler at 25 (2 held-out subjects) at 2.5× the speed."""
@@ -50,7 +51,7 @@ class LiftConfig:
     library_size: int = 2000
     """Expression library entries drawn from the rig's extreme presets (ignored with expressions_from)."""
     coverage_radius: float = 0.5
-    batch_size: int = 8
+    """Coverage counts held-out expressions within this L2 distance of some frame."""
 
 
 def farthest_targets(library: np.ndarray, observed: np.ndarray, count: int) -> np.ndarray:
@@ -120,7 +121,7 @@ def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = N
          overwrite: bool = False, resume: bool = False, progress: bool = True) -> tuple[Capture, dict]:
     """Lift ``capture_path`` into ``out`` (see the module docstring). Returns the new capture and a report."""
     from liftavatar.face.rig import FaceRig
-    from liftavatar.generator.data import _images, kinematic_controls, reference_indices
+    from liftavatar.generator.data import _images, kinematic_controls, reference_indices, reference_inputs
     from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline
     from liftavatar.generator.prior import resolve_prior
     from liftavatar.synth.kinematics import expression_keyframes
@@ -156,11 +157,7 @@ def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = N
                           "creator": {"verb": "lift", "version": liftavatar.__version__,
                                       "config": {**asdict(config), "prior": str(resolve_prior(prior)),
                                                  "source": str(capture.path)}}})
-    rk = kin
-    refs = dict(ref_frames=_images(capture.frames(ref_idx.tolist())),
-                ref_shading=_images(capture.shadings(ref_idx.tolist())),
-                ref_controls=torch.from_numpy(kinematic_controls(rk.expression[ref_idx], rk.rotation[ref_idx],
-                                                                 rk.translation[ref_idx])))
+    refs = reference_inputs(capture, ref_idx)
     with CaptureWriter(out, meta, overwrite=overwrite, resume=resume) as writer:
         for i in range(n0):
             if not writer.has_frame(i):

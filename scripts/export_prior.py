@@ -11,12 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from liftavatar.face.rig import FaceRig
 from liftavatar.generator.checkpoint import complete_checkpoints
 from liftavatar.generator.data import num_controls
+from liftavatar.generator.train import prior_metadata
 from liftavatar.generator.transformer import LiftAvatarTransformer
 
 
@@ -38,11 +38,8 @@ def main() -> None:
     weights = ema if ema.is_file() and not args.raw else ckpt / "model.safetensors"
     model.load_state_dict(load_file(str(weights)), strict=True)
     history = state.get("history", [])
-    model.save_pretrained(args.out, extra={
-        "codec": {"kind": "pixel", "factor": factor, "vae_path": None}, "frames": cfg["frames"], "refs": cfg["refs"],
-        "size": cfg["size"], "shift": cfg["shift"], "expression_names": list(rig.expression_names),
-        "steps": state["step"], "seed_range": cfg["seed_range"], "final_loss": history[-1][1] if history else None,
-        "weights": weights.name, "train_config": cfg})
+    model.save_pretrained(args.out, extra={**prior_metadata(cfg, state["step"], history, rig.expression_names),
+                                           "weights": weights.name, "train_config": cfg})
     # fp16 shards (each under the transfer and repository limits), then drop the fp32 file
     full = load_file(str(args.out / "model.safetensors"))
     shards, current, size = [], {}, 0

@@ -58,7 +58,6 @@ from liftavatar.avatar.model import (
     render_avatar,
     rgb_to_sh0,
     save_avatar,
-    triangle_frames,
 )
 from liftavatar.capture import PROVENANCE_LIFTED, Capture
 from liftavatar.errors import ConfigError

@@ -18,10 +18,7 @@ clips; references are picked from the pool by :func:`liftavatar.refs.select_refe
 
 from __future__ import annotations
 
-import multiprocessing
-import random
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -59,17 +56,6 @@ def _quantised(images: torch.Tensor) -> torch.Tensor:
     if images.ndim == 3:
         images = images.unsqueeze(-1)
     return (images.clamp(0, 1) * 255).round().div(255).permute(0, 3, 1, 2).contiguous()
-
-
-_WORKER_RIG: FaceRig | None = None
-
-
-def _build_subject(seed: int) -> Subject:
-    """make_subject in a worker process, loading the rig once per process."""
-    global _WORKER_RIG
-    if _WORKER_RIG is None:
-        _WORKER_RIG = FaceRig.load()
-    return make_subject(seed, _WORKER_RIG)
 
 
 def _images(array: np.ndarray) -> torch.Tensor:
@@ -112,38 +98,21 @@ class SyntheticDataConfig:
 
 
 class SubjectCache:
-    """LRU cache of synthetic subjects (building a texture atlas takes ~0.4 s on a CPU core),
-    optionally built ahead in worker processes."""
+    """LRU cache of synthetic subjects: building one (its texture atlas) takes ~0.4 s on a CPU core."""
 
-    def __init__(self, capacity: int, rig: FaceRig, workers: int = 0):
+    def __init__(self, capacity: int, rig: FaceRig):
         self.capacity = capacity
         self.rig = rig
         self._items: OrderedDict[int, Subject] = OrderedDict()
-        # spawn, not fork: the parent may hold CUDA state and a prefetch thread
-        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
-        self._pending: dict[int, object] = {}
-
-    def prefetch(self, seeds: Sequence[int]) -> None:
-        if self._pool is None:
-            return
-        for seed in seeds:
-            if seed not in self._items and seed not in self._pending:
-                self._pending[seed] = self._pool.submit(_build_subject, seed)
 
     def get(self, seed: int) -> Subject:
         if seed in self._items:
             self._items.move_to_end(seed)
             return self._items[seed]
-        future = self._pending.pop(seed, None)
-        subject = future.result() if future is not None else make_subject(seed, self.rig)
-        self._items[seed] = subject
+        subject = self._items[seed] = make_subject(seed, self.rig)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
         return subject
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
 
 
 class SyntheticClipStream(IterableDataset):
@@ -153,7 +122,7 @@ class SyntheticClipStream(IterableDataset):
     skip ahead with :meth:`skip`. Render on CUDA with ``device="cuda"``.
     """
 
-    def __init__(self, config: SyntheticDataConfig, device: str = "cpu", subject_workers: int = 0):
+    def __init__(self, config: SyntheticDataConfig, device: str = "cpu"):
         super().__init__()
         lo, hi = config.seed_range
         if hi <= lo:
@@ -161,7 +130,7 @@ class SyntheticClipStream(IterableDataset):
         self.config = config
         self.device = device
         self.rig = FaceRig.load()
-        self.cache = SubjectCache(config.subject_cache, self.rig, subject_workers)
+        self.cache = SubjectCache(config.subject_cache, self.rig)
         self.draw = 0
         self._buffer: list[dict[str, torch.Tensor]] = []
 
@@ -187,7 +156,6 @@ class SyntheticClipStream(IterableDataset):
         cfg = self.config
         rng = np.random.default_rng([cfg.stream_seed, draw])
         seed = self._subject_seed(draw)
-        self.cache.prefetch([self._subject_seed(d) for d in range(draw + 1, draw + 9)])
         subject = self.cache.get(seed)
         names = self.rig.expression_names
         pool = sample_kinematics(cfg.pool_preset, cfg.pool_frames, names, seed=int(rng.integers(2**31)))
@@ -220,11 +188,6 @@ class SyntheticClipStream(IterableDataset):
                 self._buffer = self._render_draw(self.draw)
                 self.draw += 1
             yield self._buffer.pop(0)
-
-    def batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """The next ``batch_size`` clips stacked (a DataLoader-free path for on-GPU rendering)."""
-        it = iter(self)
-        return collate([next(it) for _ in range(batch_size)])
 
 
 class SyntheticBatches(IterableDataset):
@@ -322,21 +285,13 @@ class CaptureClips(Dataset):
         capture = self.captures[ci]
         pool, ref_idx = self.refs[ci]
         idx = list(range(start, start + self.frames))
-        k, pk = capture.kinematics, pool.kinematics
+        k = capture.kinematics
         return dict(
             frames=_images(capture.frames(idx)), shading=_images(capture.shadings(idx)),
             controls=torch.from_numpy(kinematic_controls(k.expression[idx], k.rotation[idx], k.translation[idx])),
-            masks=_images(capture.masks(idx)),
-            ref_frames=_images(pool.frames(ref_idx.tolist())), ref_shading=_images(pool.shadings(ref_idx.tolist())),
-            ref_controls=torch.from_numpy(kinematic_controls(pk.expression[ref_idx], pk.rotation[ref_idx],
-                                                             pk.translation[ref_idx])),
+            masks=_images(capture.masks(idx)), **reference_inputs(pool, ref_idx),
         )
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def reference_indices(capture: Capture, k: int, method: str = "kmeans", seed: int = 0) -> tuple[np.ndarray, str | None]:
@@ -349,6 +304,14 @@ def reference_indices(capture: Capture, k: int, method: str = "kmeans", seed: in
     idx = select_references(capture.kinematics, k, method, seed=seed)
     why = "none stored; store them with `liftavatar refs`" if stored is None else f"{len(stored)} stored"
     return idx, f"{capture.path}: references {idx.tolist()} chosen by {method} ({why})"
+
+
+def reference_inputs(capture: Capture, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """``ref_frames``, ``ref_shading`` (K, 3, H, W) and ``ref_controls`` (K, D) of these frames of a capture."""
+    k, idx = capture.kinematics, np.asarray(indices)
+    return dict(ref_frames=_images(capture.frames(idx.tolist())), ref_shading=_images(capture.shadings(idx.tolist())),
+                ref_controls=torch.from_numpy(kinematic_controls(k.expression[idx], k.rotation[idx],
+                                                                 k.translation[idx])))
 
 
 def generation_inputs(ref_capture: Capture, target_capture: Capture, k: int = 5, method: str = "kmeans",
@@ -364,12 +327,9 @@ def generation_inputs(ref_capture: Capture, target_capture: Capture, k: int = 5,
     if note:
         print(note)
     idx = list(range(target_capture.num_frames)) if frames is None else list(frames)
-    rk, tk = ref_capture.kinematics, target_capture.kinematics
+    tk = target_capture.kinematics
     return GenerationInputs(
-        ref_frames=_images(ref_capture.frames(ref_idx.tolist())),
-        ref_shading=_images(ref_capture.shadings(ref_idx.tolist())),
-        ref_controls=torch.from_numpy(kinematic_controls(rk.expression[ref_idx], rk.rotation[ref_idx],
-                                                         rk.translation[ref_idx])),
+        **reference_inputs(ref_capture, ref_idx),
         shading=_images(target_capture.shadings(idx)),
         controls=torch.from_numpy(kinematic_controls(tk.expression[idx], tk.rotation[idx], tk.translation[idx])),
     )

@@ -37,7 +37,7 @@ from liftavatar.generator.data import (
     collate,
     num_controls,
 )
-from liftavatar.generator.transformer import LiftAvatarTransformer, group_controls
+from liftavatar.generator.transformer import LiftAvatarTransformer, group_controls, json_safe
 
 
 @dataclass
@@ -175,6 +175,15 @@ def build_model(config: TrainConfig, n_controls: int) -> LiftAvatarTransformer:
     return model
 
 
+def prior_metadata(config: dict[str, Any], step: int, history: list[list[float]],
+                   expression_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """What a prior records of its training (its config.json ``extra``), from a JSON-safe TrainConfig dict."""
+    return {"codec": asdict(CodecConfig(config["codec"], config["pixel_factor"], config["vae"])),
+            "frames": config["frames"], "refs": config["refs"], "size": config["size"], "shift": config["shift"],
+            "expression_names": list(expression_names), "steps": step, "seed_range": list(config["seed_range"]),
+            "final_loss": history[-1][1] if history else None}
+
+
 class _StopFlag:
     """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the end of the step and stops."""
 
@@ -284,14 +293,14 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         return collate([dataset[i] for i in idx])
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(_jsonable(asdict(config)), indent=2))
+    (out / "train_config.json").write_text(json.dumps(json_safe(asdict(config)), indent=2))
     writer = _tensorboard(out / "logs") if accelerator.is_main_process else None
     unwrapped = accelerator.unwrap_model(model)
 
     def checkpoint_now(step: int) -> None:
         if accelerator.is_main_process:
             save_checkpoint(ckpt_dir, unwrapped.trainable_state_dict(), optimizer.state_dict(),
-                            scheduler.state_dict(), step, {"history": history, "config": _jsonable(asdict(config))},
+                            scheduler.state_dict(), step, {"history": history, "config": json_safe(asdict(config))},
                             ema_state)
 
     bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step",
@@ -353,12 +362,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         if ema_state is not None:
             current = unwrapped.trainable_state_dict()
             unwrapped.load_state_dict({k: v.to(current[k].dtype) for k, v in ema_state.items()}, strict=False)
-        unwrapped.save_pretrained(prior_dir, extra={
-            "codec": asdict(CodecConfig(config.codec, config.pixel_factor, str(config.vae) if config.vae else None)),
-            "frames": config.frames, "refs": config.refs, "size": config.size, "shift": config.shift,
-            "expression_names": list(rig.expression_names), "steps": step, "seed_range": list(config.seed_range),
-            "final_loss": history[-1][1] if history else None,
-        })
+        unwrapped.save_pretrained(prior_dir, extra=prior_metadata(json_safe(asdict(config)), step, history,
+                                                                  rig.expression_names))
         plot_history(history, out / "loss.png")
     accelerator.wait_for_everyone()
     return prior_dir
@@ -407,15 +412,3 @@ def plot_history(history: list[list[float]], path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

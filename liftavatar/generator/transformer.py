@@ -176,7 +176,7 @@ class LiftAvatarTransformer(nn.Module):
                               for k, v in c.items() if k in ("num_layers", "num_attention_heads", "ffn_dim"))),
                       "custom")
         width, adapter, tokens = _CONTROL_SIZES.get(preset, (512, 512, 16))
-        config = TransformerConfig(base=_plain(dict(base.config)), num_controls=num_controls, injection=injection,
+        config = TransformerConfig(base=json_safe(dict(base.config)), num_controls=num_controls, injection=injection,
                                    control_width=width, adapter_width=adapter, prompt_tokens=tokens,
                                    preset=preset, base_path=str(Path(base_path).resolve()))
         with torch.random.fork_rng(devices=[]):
@@ -243,7 +243,7 @@ class LiftAvatarTransformer(nn.Module):
         save_file(state, str(tmp))
         tmp.replace(directory / name)
         cfg_tmp = directory / f".{CONFIG_NAME}.tmp"
-        cfg_tmp.write_text(json.dumps(_plain(asdict(self.config)), indent=2))
+        cfg_tmp.write_text(json.dumps(json_safe(asdict(self.config)), indent=2))
         cfg_tmp.replace(directory / CONFIG_NAME)
         return directory
 
@@ -463,12 +463,15 @@ def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], source: Path, 
     model.load_state_dict(state, strict=False)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe copy (tuples → lists, FrozenDict → dict, private diffusers keys dropped)."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy: tuples → lists, FrozenDict → dict, Path → str, non-finite floats → null, private
+    (``_``-prefixed) diffusers config keys dropped."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+        return {k: json_safe(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
