@@ -54,15 +54,19 @@ __all__ = [
     "AVATAR_FILE",
     "AVATAR_META",
     "ALL_PARTS",
+    "ActivatedGaussians",
     "Avatar",
     "AvatarConfig",
     "AvatarError",
     "AvatarMeta",
     "WorldGaussians",
+    "activate_gaussians",
     "gaussians_world",
     "init_avatar",
     "load_avatar",
+    "local_covariances",
     "matrix_to_quaternion",
+    "pose_gaussians",
     "quaternion_multiply",
     "render_avatar",
     "rgb_to_sh0",
@@ -180,13 +184,16 @@ class Avatar:
 @dataclass
 class WorldGaussians:
     """World-space Gaussians of one or more frames: means (B, N, 3) metres, quats (B, N, 4) wxyz,
-    scales (B, N, 3) metres (std), opacities (N,) in [0, 1], colors (B, N, 3) RGB (>= 0)."""
+    scales (B, N, 3) metres (std), opacities (N,) in [0, 1], colors (B, N, 3) RGB (>= 0); or,
+    from :func:`pose_gaussians` with ``covariances``, ``covars`` (B, N, 6) m² (upper triangle
+    xx, xy, xz, yy, yz, zz, gsplat's layout) in place of quats and scales (then None)."""
 
     means: Tensor
-    quats: Tensor
-    scales: Tensor
+    quats: Tensor | None
+    scales: Tensor | None
     opacities: Tensor
     colors: Tensor
+    covars: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +235,9 @@ def matrix_to_quaternion(matrix: Tensor) -> Tensor:
         ),
         -2,
     ) / (2.0 * q_abs[..., None].clamp_min(0.1))
-    best = F.one_hot(q_abs.argmax(-1), 4).to(matrix.dtype)
+    # One-hot of the best candidate by comparison with arange (same values as F.one_hot, which on
+    # some devices checks its input on the host); keeps this free of host syncs (CUDA graphs).
+    best = (q_abs.argmax(-1)[..., None] == torch.arange(4, device=matrix.device)).to(matrix.dtype)
     quat = (candidates * best[..., None]).sum(-2)
     return F.normalize(quat, dim=-1)
 
@@ -245,6 +254,29 @@ def quaternion_multiply(a: Tensor, b: Tensor) -> Tensor:
             aw * bz + ax * by - ay * bx + az * bw,
         ),
         -1,
+    )
+
+
+@dataclass
+class ActivatedGaussians:
+    """The frame-independent part of an avatar's Gaussians, activated: local means (N, 3),
+    local std ``exp(scales)`` (N, 3), unit local quaternions (N, 4), opacities ``sigmoid`` (N,)
+    and the SH coefficients (N, K, 3) (``sh0`` and ``shN`` joined). :func:`gaussians_world`
+    computes it on every call (it must stay differentiable in the parameters); a renderer of a
+    fixed avatar (:mod:`liftavatar.avatar.fast_render`) computes it once."""
+
+    means: Tensor
+    scales: Tensor
+    quats: Tensor
+    opacities: Tensor
+    coeffs: Tensor
+
+
+def activate_gaussians(params: dict[str, Tensor]) -> ActivatedGaussians:
+    """:class:`ActivatedGaussians` of the avatar's parameters (differentiable)."""
+    return ActivatedGaussians(
+        means=params["means"], scales=torch.exp(params["scales"]), quats=F.normalize(params["quats"], dim=-1),
+        opacities=torch.sigmoid(params["opacities"]), coeffs=torch.cat((params["sh0"], params["shN"]), 1),
     )
 
 
@@ -269,15 +301,44 @@ def gaussians_world(
         campos: (B, 3) or (3,) camera centre in the world frame, metres; default the origin (the
             capture camera).
     """
+    return pose_gaussians(activate_gaussians(params), binding, vertices, faces, sh_degree, sh_frame, campos)
+
+
+def pose_gaussians(
+    local: ActivatedGaussians,
+    binding: Tensor,
+    vertices: Tensor,
+    faces: Tensor,
+    sh_degree: int,
+    sh_frame: str = "local",
+    campos: Tensor | None = None,
+    covariances: Tensor | None = None,
+) -> WorldGaussians:
+    """:func:`gaussians_world` from already activated parameters (same arguments otherwise).
+
+    Only fixed-shape tensor operations, no host synchronisation and no data-dependent control
+    flow, so that :mod:`liftavatar.avatar.fast_render` can capture it in a CUDA graph.
+
+    ``covariances``: (N, 3, 3) local covariances R_l diag(exp(s))² R_lᵀ (triangle units², see
+    :func:`local_covariances`); when given, the world covariances k² R Σ_l Rᵀ are returned as
+    ``covars`` instead of quats and scales: the same Gaussians for a rasterizer that takes
+    covariances (gsplat), in ~7 tensor operations instead of the ~70 of the quaternion path.
+    """
     from gsplat.cuda._torch_impl import _spherical_harmonics
 
     # Frames of all triangles, then gathered: no torch.unique, which would sync a CUDA device.
     cen, rot, k = triangle_frames(vertices, faces)
     cen, rot, k = (t.index_select(1, binding) for t in (cen, rot, k))  # (B, N, ...)
-    local = params["means"]
-    means = cen + k[..., None] * (rot * local[None, :, None, :]).sum(-1)  # R μ, elementwise (fast on CPU)
-    scales = k[..., None] * torch.exp(params["scales"])[None]
-    quats = quaternion_multiply(matrix_to_quaternion(rot), F.normalize(params["quats"], dim=-1)[None])
+    means = cen + k[..., None] * (rot * local.means[None, :, None, :]).sum(-1)  # R μ, elementwise (fast on CPU)
+    quats = scales = covars = None
+    if covariances is None:
+        scales = k[..., None] * local.scales[None]
+        quats = quaternion_multiply(matrix_to_quaternion(rot), local.quats[None])
+    else:
+        rs = (rot[..., :, :, None] * covariances[None, :, None, :, :]).sum(-2)  # R Σ_l
+        cov = (rs[..., :, None, :] * rot[..., None, :, :]).sum(-1) * (k * k)[..., None, None]  # k² R Σ_l Rᵀ
+        covars = torch.stack((cov[..., 0, 0], cov[..., 0, 1], cov[..., 0, 2], cov[..., 1, 1], cov[..., 1, 2],
+                              cov[..., 2, 2]), -1)
     if campos is None:
         campos = means.new_zeros(3)
     campos = torch.as_tensor(campos, dtype=means.dtype, device=means.device).reshape(-1, 1, 3)
@@ -286,16 +347,25 @@ def gaussians_world(
         dirs = (rot * dirs[..., :, None]).sum(-2)  # Rᵀ d
     elif sh_frame != "world":
         raise ValueError(f"sh_frame must be 'local' or 'world', got {sh_frame!r}")
-    coeffs = torch.cat((params["sh0"], params["shN"]), 1)  # (N, K, 3)
+    coeffs = local.coeffs  # (N, K, 3)
     if sh_degree == 0:
         colors = coeffs[None, :, 0] * 0.28209479177387814 + 0.5
         colors = colors.expand(means.shape[0], -1, -1)
     else:
         colors = _spherical_harmonics(sh_degree, dirs, coeffs[None].expand(means.shape[0], -1, -1, -1)) + 0.5
     return WorldGaussians(
-        means=means, quats=quats, scales=scales, opacities=torch.sigmoid(params["opacities"]),
-        colors=colors.clamp_min(0.0),
+        means=means, quats=quats, scales=scales, opacities=local.opacities, colors=colors.clamp_min(0.0),
+        covars=covars,
     )
+
+
+def local_covariances(local: ActivatedGaussians) -> Tensor:
+    """(N, 3, 3) covariances R_l diag(σ)² R_lᵀ of the Gaussians in their triangle frames, in
+    triangle units² (σ = ``local.scales``, R_l the rotation of ``local.quats``)."""
+    from gsplat.cuda._torch_impl import _quat_to_rotmat
+
+    m = _quat_to_rotmat(local.quats) * local.scales[..., None, :]  # R_l S
+    return (m[..., :, None, :] * m[..., None, :, :]).sum(-1)  # (R_l S)(R_l S)ᵀ
 
 
 # --------------------------------------------------------------------------------------------
