@@ -20,7 +20,7 @@ CONFIG = dict(preset="small", injection="both", codec="pixel", pixel_factor=4, s
               ref_method="kmeans", seed_range=(100_000, 102_000), steps=12_000, batch_size=32, lr=3e-4,
               warmup=200, lr_schedule="cosine", mixed_precision="bf16", shift=1.0, control_dropout=0.1,
               ema=0.999, save_every=500, log_every=50, subject_pool=256,
-              clips_per_subject=16, data_workers=10)
+              clips_per_subject=16, data_workers=4)
 
 
 def main() -> None:
@@ -32,9 +32,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=CONFIG["batch_size"])
     parser.add_argument("--init-from", type=Path, default=None, help="warm start from this prior's weights")
     parser.add_argument("--warmup", type=int, default=CONFIG["warmup"])
+    parser.add_argument("--data-workers", type=int, default=CONFIG["data_workers"],
+                        help="processes rendering batches on the GPU (part of the data's definition: keep it on resume)")
     args = parser.parse_args()
     config = TrainConfig(out=args.out, resume=args.resume, time_limit_min=args.minutes, init_from=args.init_from,
-                         **{**CONFIG, "steps": args.steps, "batch_size": args.batch_size, "warmup": args.warmup})
+                         **{**CONFIG, "steps": args.steps, "batch_size": args.batch_size, "warmup": args.warmup,
+                            "data_workers": args.data_workers})
     prior = train(config)
     print(f"prior: {prior}" if prior else "paused; run again with --resume")
 

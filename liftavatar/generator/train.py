@@ -6,14 +6,35 @@ and shifted (``σ' = s σ / (1 + (s − 1) σ)``, as SD3 / Wan). The target shad
 controls are dropped together with probability ``control_dropout`` so the sampler can guide.
 
 accelerate does devices, mixed precision, gradient accumulation and multi-process training (DDP /
-FSDP under ``accelerate launch``). Exact resume: every random draw of step *s* comes from a
-generator seeded by ``(seed, s)``, the data stream is a pure function of the clip index, and a
-checkpoint holds the trainable weights, optimizer, LR scheduler, EMA and step — so ``--resume``
-continues bit-for-bit (a CPU test checks 4 straight steps against 2 + resume + 2).
+FSDP2 under ``accelerate launch``, configs in ``configs/accelerate/``, docs/multi_gpu.md). Exact resume:
+every random draw of step *s* comes from a generator seeded by ``(seed, s)``, the data stream is a
+pure function of the clip index, and a checkpoint holds the trainable weights, optimizer, LR
+scheduler, EMA and step — so ``--resume`` continues bit-for-bit (a CPU test checks 4 straight steps
+against 2 + resume + 2).
+
+Process-count independence: ``--batch-size`` is per process, the *global* batch of a step is
+``batch_size × processes``, and every draw is made for the global batch — the clip indices (Captures),
+the noise, σ and the control dropout — of which process *p* takes rows ``p·B … p·B + B − 1``. So P
+processes × batch B train on exactly the samples and noise of 1 process × batch P·B, the weights agree
+to float rounding, and a checkpoint written by P processes resumes on Q processes (same global batch)
+as if never interrupted (CPU tests check both over DDP and FSDP2). With one process every draw is
+what it always was. The synthetic stream is layout-independent when the per-process batch is a
+multiple of ``--clips-per-subject`` and ``--data-workers`` ≤ 1 (its batch *b* is a run of whole
+subject draws); otherwise it is an equally valid but different sample of the same distribution.
+
+Under FSDP2 (``configs/accelerate/fsdp_14b.yaml``): the model and optimizer are prepared together;
+with ``fsdp_cpu_ram_efficient_loading`` only rank 0 builds (or loads) the weights and the other ranks
+build an empty replica of its config that accelerate fills by broadcast; a LoRA run keeps the frozen
+base in bf16 under bf16 mixed precision; activation checkpointing is the config's (whole
+``WanTransformerBlock``s), so ``--gradient-checkpointing`` is not applied twice; checkpoints and the
+final prior are gathered to rank 0 through ``torch.distributed.checkpoint`` (see checkpoint.py); the
+EMA is kept *sharded* like the parameters it follows (each process averages its own shard, no
+communication per step) and is gathered only when written.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -27,7 +48,16 @@ import torch
 from tqdm import tqdm
 
 from liftavatar.errors import ConfigError
-from liftavatar.generator.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from liftavatar.generator.checkpoint import (
+    complete_checkpoints,
+    full_tensors,
+    gather_model_state,
+    gather_optimizer_state,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+    shard_like,
+)
 from liftavatar.generator.codec import CodecConfig, build_codec
 from liftavatar.generator.data import (
     CaptureClips,
@@ -37,7 +67,12 @@ from liftavatar.generator.data import (
     collate,
     num_controls,
 )
-from liftavatar.generator.transformer import LiftAvatarTransformer, group_controls, json_safe
+from liftavatar.generator.transformer import (
+    LiftAvatarTransformer,
+    TransformerConfig,
+    group_controls,
+    json_safe,
+)
 
 
 @dataclass
@@ -78,13 +113,15 @@ class TrainConfig:
     """Synthetic training subjects' seeds [low, high)."""
     steps: int = 1000
     batch_size: int = 8
+    """Clips per process and step; the global batch is this × the number of processes."""
     grad_accum: int = 1
     lr: float = 3e-4
     weight_decay: float = 0.01
     warmup: int = 100
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     """After warmup: constant, or cosine decay to a tenth of --lr at --steps."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """Default: the `accelerate launch` config's (bf16 in configs/accelerate/fsdp_14b.yaml), else no."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
@@ -127,8 +164,11 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], codec, generator: torch.Generator,
-                       config: TrainConfig) -> torch.Tensor:
-    """One rectified-flow loss on a batch of clips (see the module docstring)."""
+                       config: TrainConfig, global_batch: int | None = None, offset: int = 0) -> torch.Tensor:
+    """One rectified-flow loss on a batch of clips (see the module docstring).
+
+    The noise, σ and dropout are drawn for ``global_batch`` clips (default: this batch's) and this batch
+    takes rows ``offset …``: every process of a multi-process step draws the same global numbers."""
     device = next(model.parameters()).device
     to5 = lambda x: as_float_images(x.to(device)).permute(0, 2, 1, 3, 4)  # noqa: E731  (B, F, C, H, W) → (B, C, F, H, W)
     with torch.no_grad():
@@ -137,9 +177,11 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], c
         ref_latents = codec.encode_frames(to5(batch["ref_frames"]))
         ref_shading = codec.encode_frames(to5(batch["ref_shading"]))
     b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device)
-    sigma = sample_sigmas(generator, b, config.logit_mean, config.logit_std, config.shift)
-    drop = torch.rand(b, generator=generator, device=generator.device) < config.control_dropout
+    n = global_batch or b
+    rows = slice(offset, offset + b)
+    noise = torch.randn((n, *x0.shape[1:]), generator=generator, device=generator.device)[rows]
+    sigma = sample_sigmas(generator, n, config.logit_mean, config.logit_std, config.shift)[rows]
+    drop = (torch.rand(n, generator=generator, device=generator.device) < config.control_dropout)[rows]
     s = sigma.view(b, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     tf = codec.temporal_factor
@@ -172,6 +214,45 @@ def build_model(config: TrainConfig, n_controls: int) -> LiftAvatarTransformer:
         model.add_lora(config.lora_rank)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    return model
+
+
+def build_distributed_model(accelerator, config: TrainConfig, n_controls: int) -> LiftAvatarTransformer:
+    """:func:`build_model` as a (multi-process) run needs it, before ``accelerator.prepare``.
+
+    Not under FSDP: every process builds the model. Under FSDP2: with ``fsdp_cpu_ram_efficient_loading``
+    only rank 0 builds (or loads) the weights and the others get an empty replica of its structure that
+    accelerate fills by broadcast; activation checkpointing is the config's, not ours on top; a LoRA run
+    under bf16 keeps the frozen base in bf16 (FSDP's mixed precision computes it in bf16 anyway)."""
+    from accelerate.utils import DistributedType
+
+    main = accelerator.is_main_process
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    plugin = accelerator.state.fsdp_plugin if fsdp else None
+    # Under FSDP with cpu_ram_efficient_loading only rank 0 holds real weights before sharding.
+    replica = fsdp and plugin.cpu_ram_efficient_loading and accelerator.num_processes > 1
+    model = build_model(config, n_controls) if main or not replica else None
+    if replica:
+        model = _replicate_structure(accelerator, model, config)
+    if fsdp:
+        if plugin.activation_checkpointing and model.gradient_checkpointing:
+            model.gradient_checkpointing = False
+            if main:
+                print("activation checkpointing: the FSDP config's (whole WanTransformerBlocks); "
+                      "--gradient-checkpointing is not applied on top")
+        if accelerator.mixed_precision == "bf16" and config.train_mode == "lora":
+            for name, p in model.named_parameters():  # the frozen base is computed in bf16 anyway
+                if name.startswith("base.") and not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+        wrap = plugin.transformer_cls_names_to_wrap
+        if wrap:  # e.g. ControlCrossAttention, absent with --injection add: accelerate would refuse the config
+            present = {type(m).__name__ for m in model.modules()}
+            plugin.transformer_cls_names_to_wrap = [name for name in wrap if name in present]
+        if plugin.cpu_ram_efficient_loading and not hasattr(model, "get_parameter_or_buffer"):
+            # accelerate 1.15's fsdp2_load_full_state_dict looks each weight up with transformers'
+            # `get_parameter_or_buffer` and, failing that, splits the name at its last dot — which fails
+            # for a top-level parameter such as `null_control` (ValueError). nn.Module's own lookups do it.
+            model.get_parameter_or_buffer = _parameter_or_buffer(model)
     return model
 
 
@@ -209,9 +290,10 @@ class _StopFlag:
 
 def train(config: TrainConfig, progress: bool = True) -> Path | None:
     """Train; returns the final prior directory (``out/prior``), or None when this run ended early
-    at ``stop_after`` / ``time_limit_min`` (checkpointed). Resumable with ``config.resume``."""
+    at ``stop_after`` / ``time_limit_min`` (checkpointed). Resumable with ``config.resume``, under any
+    number of processes (see the module docstring)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     from liftavatar.face.rig import FaceRig
 
@@ -227,23 +309,43 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
                               cpu=config.device == "cpu")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("DeepSpeed is not supported by `liftavatar train`; launch with configs/accelerate/"
+                          "fsdp_14b.yaml (FSDP2) or configs/accelerate/ddp.yaml instead.")
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not accelerator.is_fsdp2:
+        raise ConfigError("FSDP1 is not supported by `liftavatar train`; set `fsdp_version: 2` in the accelerate "
+                          "config (as configs/accelerate/fsdp_14b.yaml does).")
+    procs, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    global_batch = config.batch_size * procs
     device = accelerator.device
     set_seed(config.seed)
     rig = FaceRig.load()
     n_controls = num_controls(rig.num_expressions)
     codec = build_codec(CodecConfig(config.codec, config.pixel_factor, str(config.vae) if config.vae else None))
     codec.to(device)
-    model = build_model(config, n_controls)
+
+    model = build_distributed_model(accelerator, config, n_controls)
+    trainable_keys = list(model.trainable_state_dict())
+    frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # Frozen tensors a prior must hold (a precomputed prompt embedding): never change, kept as they are.
+    frozen_kept = {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()
+                   if k in frozen_names} if main else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    # Not prepared by accelerate: its scheduler wrapper steps once per process (the LR schedule would
+    # run P times too fast); stepped here once per optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
-    render_device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # This process's GPU (cuda:k under a multi-GPU launch), not cuda:0 for every rank's renderer.
+    render_device = config.device or ((str(device) if procs > 1 else "cuda") if device.type == "cuda" else "cpu")
     if config.captures:
         dataset = CaptureClips(config.captures, config.frames, config.refs, config.ref_method,
                                config.pools or None, seed=config.seed)
-        for note in dataset.notes:
-            print(note)
+        if main:
+            for note in dataset.notes:
+                print(note)
         synthetic = None
     else:
         dataset = None
@@ -252,32 +354,45 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
             ref_method=config.ref_method, stream_seed=config.seed, clips_per_subject=config.clips_per_subject,
             subject_cache=config.subject_pool or 256, identity_shards=max(1, config.data_workers))
 
-    ema_state = None
-    if config.ema:
-        ema_state = {k: v.detach().float().cpu().clone() for k, v in model.trainable_state_dict().items()}
-
-    start_step, history = 0, []
+    start_step, history, ckpt = 0, [], None
     if existing:
         ckpt = load_checkpoint(existing[-1])
-        model.load_state_dict(ckpt["model"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["ema"] is not None:
-            ema_state = ckpt["ema"]
+        if not any(p.is_meta for p in model.parameters()):  # an empty replica gets rank 0's weights
+            model.load_state_dict(ckpt["model"], strict=False)
         start_step, history = ckpt["step"], ckpt.get("history", [])
-        print(f"resuming {out} from step {start_step}")
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if progress and accelerator.is_main_process:
-        print(f"LiftAvatarTransformer ({sum(p.numel() for p in trainable) / 1e6:.2f} M trainable) on "
+        if main:
+            print(f"resuming {out} from step {start_step}")
+            written = ckpt.get("global_batch")
+            if written is not None and written != global_batch:
+                print(f"note: the checkpoint was written with a global batch of {written} "
+                      f"({ckpt.get('processes')} process(es)); this run's is {global_batch} "
+                      f"({procs} × {config.batch_size}), so the continuation differs from an uninterrupted "
+                      "run; keep --batch-size × processes equal to continue it exactly.")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them by sharded ones
+    if ckpt is not None:
+        load_optimizer_state(unwrapped, optimizer.optimizer, ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+
+    ema_state = None
+    if config.ema:
+        # On the training device in fp32, sharded like the parameters under FSDP: a per-step copy to host
+        # memory cost ~45 ms of a 270 ms step (small preset, batch 32, H100).
+        ema_state = {k: v.detach().float().clone() for k, v in unwrapped.trainable_state_dict().items()}
+        if ckpt is not None and ckpt["ema"] is not None:
+            ema_state = shard_like(ckpt["ema"], ema_state)
+
+    if progress and main:
+        print(f"LiftAvatarTransformer ({n_trainable / 1e6:.2f} M trainable) on "
               f"{accelerator.num_processes} "
-              f"process(es), {accelerator.distributed_type.value}, {device}, precision {config.mixed_precision}")
+              f"process(es), {accelerator.distributed_type.value}, {device}, precision {accelerator.mixed_precision}"
+              + (f", global batch {global_batch}" if procs > 1 else ""))
     batches = None
     if synthetic is not None:
         # Batch index of (step, micro, process): a pure function, so resume needs only the step.
-        procs = accelerator.num_processes
         source = SyntheticBatches(synthetic, config.batch_size, render_device,
-                                  first=start_step * config.grad_accum * procs, stride=procs,
-                                  offset=accelerator.process_index)
+                                  first=start_step * config.grad_accum * procs, stride=procs, offset=rank)
         if config.data_workers > 0:
             batches = iter(torch.utils.data.DataLoader(
                 source, batch_size=None, num_workers=config.data_workers, multiprocessing_context="spawn",
@@ -288,52 +403,74 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         if batches is not None:
             return next(batches)
-        g = torch.Generator().manual_seed(_step_seed(config.seed, step, 1000 + micro + 7919 * accelerator.process_index))
-        idx = torch.randint(len(dataset), (config.batch_size,), generator=g).tolist()
-        return collate([dataset[i] for i in idx])
+        # The global batch's clip indices, drawn alike on every process; this process takes its rows.
+        g = torch.Generator().manual_seed(_step_seed(config.seed, step, 1000 + micro))
+        idx = torch.randint(len(dataset), (global_batch,), generator=g)
+        return collate([dataset[i] for i in idx[rank * config.batch_size:(rank + 1) * config.batch_size].tolist()])
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(json_safe(asdict(config)), indent=2))
-    writer = _tensorboard(out / "logs") if accelerator.is_main_process else None
-    unwrapped = accelerator.unwrap_model(model)
+    if main:
+        (out / "train_config.json").write_text(json.dumps(json_safe(asdict(config)), indent=2))
+    writer = _tensorboard(out / "logs") if main else None
+
+    def weights_to_save() -> dict[str, torch.Tensor]:
+        """The trainable state dict, whole, on rank 0 (a collective under FSDP; {} on other ranks)."""
+        if not fsdp:
+            return unwrapped.trainable_state_dict() if main else {}
+        state = gather_model_state(unwrapped, trainable_keys)
+        return {**frozen_kept, **state} if main else {}
 
     def checkpoint_now(step: int) -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt_dir, unwrapped.trainable_state_dict(), optimizer.state_dict(),
-                            scheduler.state_dict(), step, {"history": history, "config": json_safe(asdict(config))},
-                            ema_state)
+        model_state = weights_to_save()
+        optimizer_state = gather_optimizer_state(unwrapped, optimizer.optimizer)
+        ema = None if ema_state is None else full_tensors(ema_state)
+        if main:
+            save_checkpoint(ckpt_dir, model_state, optimizer_state, scheduler.state_dict(), step,
+                            {"history": history, "config": json_safe(asdict(config)), "processes": procs,
+                             "global_batch": global_batch}, ema)
+        accelerator.wait_for_everyone()
 
     bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step",
-               disable=not progress or not accelerator.is_main_process)
+               disable=not progress or not main)
     model.train()
     step = start_step
     run_start = tic = time.perf_counter()
     window_loss = []
     last_step = min(config.steps, start_step + config.stop_after) if config.stop_after else config.steps
 
-    def out_of_time() -> bool:
-        return config.time_limit_min is not None and time.perf_counter() - run_start > 60 * config.time_limit_min
+    def stop_reasons(flag: _StopFlag) -> tuple[bool, bool]:
+        """(signalled, out of time), agreed by all processes: one stopping alone would hang the others."""
+        late = config.time_limit_min is not None and time.perf_counter() - run_start > 60 * config.time_limit_min
+        if procs == 1:
+            return flag.stop, late
+        agreed = accelerator.reduce(torch.tensor([float(flag.stop), float(late)], device=device), "max").tolist()
+        return agreed[0] > 0, agreed[1] > 0
 
+    signalled = False
     with _StopFlag() as flag:
-        while step < last_step and not flag.stop and not out_of_time():
+        while step < last_step:
+            signalled, late = stop_reasons(flag)
+            if signalled or late:
+                break
             for micro in range(config.grad_accum):
                 batch = next_batch(step, micro)
-                g = torch.Generator(device).manual_seed(
-                    _step_seed(config.seed, step, micro + 7919 * accelerator.process_index))
+                g = torch.Generator(device).manual_seed(_step_seed(config.seed, step, micro))
                 with accelerator.accumulate(model), accelerator.autocast():
-                    loss = flow_matching_loss(model, batch, codec, g, config)
+                    loss = flow_matching_loss(model, batch, codec, g, config, global_batch,
+                                              rank * config.batch_size)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(trainable, 1.0)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                window_loss.append(loss.detach().float().item())
+                loss = loss.detach().float()
+                window_loss.append((accelerator.reduce(loss, "mean") if procs > 1 else loss).item())
             step += 1
             if ema_state is not None:
                 with torch.no_grad():
-                    for k, v in unwrapped.trainable_state_dict().items():
-                        ema_state[k].mul_(config.ema).add_(v.detach().float().cpu(), alpha=1 - config.ema)
+                    _ema_update(ema_state, unwrapped.trainable_state_dict(), config.ema)
             if step % config.log_every == 0 or step == config.steps:
                 mean_loss = float(np.mean(window_loss))
                 rate = len(window_loss) / config.grad_accum / (time.perf_counter() - tic)
@@ -353,20 +490,105 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     if writer is not None:
         writer.close()
     if step < config.steps:
-        if flag.stop:
+        if signalled or flag.stop:
             raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, continue with --resume")
-        print(f"paused at step {step} of {config.steps} (checkpoint saved); continue with --resume")
+        if main:
+            print(f"paused at step {step} of {config.steps} (checkpoint saved); continue with --resume")
         return None
     prior_dir = out / "prior"
-    if accelerator.is_main_process:
-        if ema_state is not None:
-            current = unwrapped.trainable_state_dict()
-            unwrapped.load_state_dict({k: v.to(current[k].dtype) for k, v in ema_state.items()}, strict=False)
-        unwrapped.save_pretrained(prior_dir, extra=prior_metadata(json_safe(asdict(config)), step, history,
-                                                                  rig.expression_names))
+    extra = prior_metadata(json_safe(asdict(config)), step, history, rig.expression_names)
+    if not fsdp:
+        if main:
+            if ema_state is not None:
+                current = unwrapped.trainable_state_dict()
+                unwrapped.load_state_dict({k: v.to(current[k].dtype) for k, v in ema_state.items()}, strict=False)
+            unwrapped.save_pretrained(prior_dir, extra=extra)
+    else:
+        state = weights_to_save()
+        ema = None if ema_state is None else full_tensors(ema_state)
+        if main:
+            if ema is not None:
+                state = {k: ema[k].to(v.dtype) if k in ema else v for k, v in state.items()}
+            # save_pretrained's own file layout, written from the gathered tensors.
+            LiftAvatarTransformer.save_pretrained(_GatheredPrior(copy.deepcopy(unwrapped.config), state),
+                                                  prior_dir, extra=extra)
+    if main:
         plot_history(history, out / "loss.png")
     accelerator.wait_for_everyone()
     return prior_dir
+
+
+@dataclass
+class _GatheredPrior:
+    """What :meth:`LiftAvatarTransformer.save_pretrained` reads of a model, from gathered (FSDP) weights."""
+
+    config: TransformerConfig
+    state: dict[str, torch.Tensor]
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.config.lora is not None
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
+def _parameter_or_buffer(model: torch.nn.Module):
+    def lookup(name: str) -> torch.Tensor:
+        try:
+            return model.get_parameter(name)
+        except AttributeError:
+            return model.get_buffer(name)
+
+    return lookup
+
+
+def _ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> None:
+    """``ema ← decay · ema + (1 − decay) · current``, one fused call per kind of tensor (sharded or not)."""
+    from torch.distributed.tensor import DTensor
+
+    for sharded in (False, True):
+        keys = [k for k in ema if isinstance(ema[k], DTensor) == sharded]
+        if keys:
+            torch._foreach_lerp_([ema[k] for k in keys], [current[k].detach().float() for k in keys], 1 - decay)
+
+
+def _replicate_structure(accelerator, model: LiftAvatarTransformer | None,
+                         config: TrainConfig) -> LiftAvatarTransformer:
+    """Rank 0's model as is; on the other ranks an empty (meta-device) model of rank 0's config —
+    the same parameters, shapes, dtypes and trainability — that accelerate's FSDP2 preparation
+    (``cpu_ram_efficient_loading``) fills with rank 0's weights by broadcast. Spares every rank
+    but one building or loading a 14B model in host memory."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import broadcast_object_list
+
+    signature = None if model is None else [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
+    shared = broadcast_object_list([None if model is None else model.config, signature])
+    if model is not None:
+        return model
+    tc: TransformerConfig = copy.deepcopy(shared[0])
+    lora, tc.lora = tc.lora, None
+    if isinstance(tc.base.get("patch_size"), list):
+        tc.base["patch_size"] = tuple(tc.base["patch_size"])
+    with init_empty_weights():
+        replica = LiftAvatarTransformer(tc)
+        if lora is not None:
+            replica.add_lora(rank=lora["r"], alpha=lora["lora_alpha"], targets=tuple(lora["target_modules"]))
+    if config.prompt_embedding is not None:
+        replica.prompt_embedding.requires_grad_(False)
+    # What the optimizer holds needs storage of its own: accelerate maps the optimizer's parameters to
+    # their sharded successors by data_ptr, and every meta tensor's is 0 (all would map to one).
+    for module in replica.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.requires_grad and p.is_meta:
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="cpu"))
+    if config.gradient_checkpointing:
+        replica.enable_gradient_checkpointing()
+    mine = [(n, tuple(p.shape), p.requires_grad) for n, p in replica.named_parameters()]
+    if mine != shared[1]:
+        diff = next((a, b) for a, b in zip(mine + [None] * len(shared[1]), shared[1] + [None] * len(mine)) if a != b)
+        raise RuntimeError(f"rank {accelerator.process_index}: the empty replica differs from rank 0's model at {diff}")
+    return replica
 
 
 def _single_threaded_worker(_: int) -> None:
