@@ -21,9 +21,11 @@ from tqdm import tqdm
 
 from liftavatar.errors import ConfigError
 from liftavatar.generator.codec import CodecConfig, build_codec
+from liftavatar.generator.speed import SpeedConfig
 from liftavatar.generator.transformer import LiftAvatarTransformer, group_controls, read_config
 
 Solver = Literal["euler", "unipc"]
+Controls = Literal["both", "shading", "coefficients"]
 
 
 def make_scheduler(solver: Solver, shift: float):
@@ -61,8 +63,12 @@ def window_starts(num_frames: int, window: int, overlap: int) -> list[int]:
 
 class LiftAvatarPipeline:
     def __init__(self, model: LiftAvatarTransformer, codec, window: int = 8, shift: float = 1.0,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 speed: SpeedConfig | None = None):
+        """``speed``: how the transformer runs (:class:`SpeedConfig`; None keeps the model's own setting)."""
         self.model = model.to(device=device, dtype=dtype).eval()
+        if speed is not None:
+            self.model.set_speed(speed)
         self.codec = codec.to(device)
         self.window = window
         self.shift = shift
@@ -71,7 +77,8 @@ class LiftAvatarPipeline:
 
     @classmethod
     def from_pretrained(cls, prior: str | Path, device: str = "cpu", base_path: str | None = None,
-                        vae_path: str | None = None, dtype: torch.dtype = torch.float32) -> LiftAvatarPipeline:
+                        vae_path: str | None = None, dtype: torch.dtype = torch.float32,
+                        speed: SpeedConfig | None = None) -> LiftAvatarPipeline:
         """Load a prior directory (``config.json`` + safetensors) written by `liftavatar train`."""
         config = read_config(prior)
         extra = config.extra
@@ -80,7 +87,7 @@ class LiftAvatarPipeline:
             codec_cfg.vae_path = vae_path
         model = LiftAvatarTransformer.from_pretrained(prior, base_path=base_path)
         return cls(model, build_codec(codec_cfg), window=int(extra.get("frames", 8)),
-                   shift=float(extra.get("shift", 1.0)), device=device, dtype=dtype)
+                   shift=float(extra.get("shift", 1.0)), device=device, dtype=dtype, speed=speed)
 
     @property
     def size(self) -> int | None:
@@ -105,9 +112,18 @@ class LiftAvatarPipeline:
 
     @torch.no_grad()
     def __call__(self, inputs: GenerationInputs, steps: int = 25, guidance: float = 1.0, seed: int = 0,
-                 solver: Solver = "euler", overlap: int = 2, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-        """Generate the target frames: (N, 3, H, W) float in [0, 1] (on the CPU)."""
+                 solver: Solver = "euler", overlap: int = 2, batch_size: int = 8, progress: bool = False,
+                 controls: Controls = "both") -> torch.Tensor:
+        """Generate the target frames: (N, 3, H, W) float in [0, 1] (on the CPU).
+
+        ``controls`` other than "both" is the inference-time ablation of the paper's control study:
+        "shading" replaces the target expression coefficients (and pose) by the learned null
+        embedding, "coefficients" zeroes the target shading latents; the trainer dropped the two
+        together, so each alone is a condition the prior never saw in training.
+        """
         self.check_inputs(inputs)
+        if controls not in ("both", "shading", "coefficients"):
+            raise ConfigError(f"controls={controls!r}: use both, shading or coefficients.")
         n = inputs.shading.shape[0]
         # The VAE needs its trained 4n + 1 window (short inputs are padded); pixel latents may be shorter.
         window = min(self.window, n) if self.codec.temporal_factor == 1 else self.window
@@ -125,10 +141,14 @@ class LiftAvatarPipeline:
         for chunk in range(0, len(starts), batch_size):
             chunk_starts = starts[chunk:chunk + batch_size]
             shading = torch.cat([as5(_pad(inputs.shading[s:s + window], window)) for s in chunk_starts])
-            controls = torch.stack([_pad(inputs.controls[s:s + window], window) for s in chunk_starts]).to(dev).float()
-            video = self._sample(self.codec.encode(shading).to(self.dtype), group_controls(controls, tf),
+            kinematics = torch.stack([_pad(inputs.controls[s:s + window], window) for s in chunk_starts]).to(dev).float()
+            shading_latents = self.codec.encode(shading).to(self.dtype)
+            if controls == "coefficients":
+                shading_latents = torch.zeros_like(shading_latents)
+            video = self._sample(shading_latents, group_controls(kinematics, tf),
                                  ref_latents, ref_shading, ref_controls, steps, guidance,
-                                 [_window_seed(seed, s) for s in chunk_starts], solver)
+                                 [_window_seed(seed, s) for s in chunk_starts], solver,
+                                 drop_coefficients=controls == "shading")
             for i, s in enumerate(chunk_starts):
                 length = min(window, n - s)
                 frames = video[i].permute(1, 0, 2, 3)[:length].float().cpu()
@@ -143,7 +163,8 @@ class LiftAvatarPipeline:
         bar.close()
         return out / weight.clamp_min(1e-8)
 
-    def _sample(self, shading, controls, ref_latents, ref_shading, ref_controls, steps, guidance, seeds, solver):
+    def _sample(self, shading, controls, ref_latents, ref_shading, ref_controls, steps, guidance, seeds, solver,
+                drop_coefficients: bool = False):
         b = shading.shape[0]
         shape = (b, self.codec.latent_channels, *shading.shape[2:])
         noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -153,17 +174,18 @@ class LiftAvatarPipeline:
         expand = lambda x: x.expand(b, *x.shape[1:])  # noqa: E731
         refs = (expand(ref_latents), expand(ref_shading), expand(ref_controls))
         guided = guidance != 1.0
+        only_shading = torch.full((b,), drop_coefficients, dtype=torch.bool, device=self.device)
         for t in scheduler.timesteps:
             timestep = t.expand(b).to(self.device, torch.float32)
             if guided:
                 drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(self.device)
                 two = lambda x: torch.cat([x, x])  # noqa: E731
                 v = self.model(two(latents), two(timestep), two(shading), two(controls), *(two(r) for r in refs),
-                               drop_controls=drop)
+                               drop_controls=drop, drop_coefficients=two(only_shading))
                 v_cond, v_drop = v.chunk(2)
                 v = v_drop + guidance * (v_cond - v_drop)
             else:
-                v = self.model(latents, timestep, shading, controls, *refs)
+                v = self.model(latents, timestep, shading, controls, *refs, drop_coefficients=only_shading)
             latents = scheduler.step(v.float(), t, latents.float(), return_dict=False)[0].to(self.dtype)
         return self.codec.decode(latents.float())
 

@@ -20,22 +20,27 @@ What is added to the Wan backbone, and why each addition starts at exactly zero:
 
 The forward pass re-states ``WanTransformer3DModel.forward`` (diffusers 0.42) step by step, because
 the controls enter between its steps; it calls the base model's own modules for every step.
+:meth:`LiftAvatarTransformer.set_speed` selects a faster path computing the same function
+(liftavatar/generator/speed.py: per-frame timestep modulation, fused LoRA, attention backend,
+selective checkpointing, torch.compile); the default is the plain path.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from liftavatar.errors import ConfigError
+from liftavatar.generator import speed as fast
+from liftavatar.generator.speed import SpeedConfig
 
 Injection = Literal["add", "xattn", "both"]
 
@@ -153,6 +158,8 @@ class LiftAvatarTransformer(nn.Module):
                                                for _ in range(bc.num_layers))
         self.prompt_embedding = nn.Parameter(torch.randn(config.prompt_tokens, bc.text_dim))
         self.gradient_checkpointing = False
+        self.speed = SpeedConfig()
+        self._compiled_unit = None
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -288,6 +295,25 @@ class LiftAvatarTransformer(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True
 
+    def set_speed(self, config: SpeedConfig | None = None, **fields) -> SpeedConfig:
+        """Choose how the forward pass runs (see liftavatar/generator/speed.py); returns the new setting.
+
+        ``set_speed()`` restores the plain path; ``set_speed(SpeedConfig.fast())`` or
+        ``set_speed(fast_path=True, attention="cudnn", save_attention=10)`` pick the fast one.
+        """
+        self.speed = replace(config or SpeedConfig(), **fields)
+        self._compiled_unit = None
+        return self.speed
+
+    def _block_unit(self):
+        if not self.speed.compile:
+            return fast.block_unit
+        if self._compiled_unit is None:
+            backend = self.speed.compile if isinstance(self.speed.compile, str) else "inductor"
+            # Static shapes: one specialised graph per token count (training runs one shape).
+            self._compiled_unit = torch.compile(fast.block_unit, backend=backend, dynamic=False)
+        return self._compiled_unit
+
     def embed_controls(self, controls: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """controls (B, T, G, num_controls) → (B, T, G, control_width); rows with drop[b] use the null embedding."""
         embedded = self.control_encoder(controls.to(self.null_control.dtype))
@@ -306,6 +332,7 @@ class LiftAvatarTransformer(nn.Module):
         ref_controls: torch.Tensor | None = None,
         drop_controls: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        drop_coefficients: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity of the target latents.
 
@@ -320,6 +347,8 @@ class LiftAvatarTransformer(nn.Module):
             drop_controls: (B,) bool; True drops the target shading and controls (classifier-free
                 guidance's unconditional branch). References keep theirs.
             prompt_embeds: (B, S, text_dim) precomputed text states; default: the learned prompt.
+            drop_coefficients: (B,) bool; True drops only the target kinematic controls (null embedding)
+                and keeps the shading maps: the shading-only ablation (zero ``shading`` for the other one).
 
         Returns:
             (B, C, T, h, w) velocity for the target frames only.
@@ -330,7 +359,10 @@ class LiftAvatarTransformer(nn.Module):
         if drop_controls is not None:
             keep = (~drop_controls).view(-1, 1, 1, 1, 1).to(shading.dtype)
             shading = shading * keep
-        target_controls = self.embed_controls(controls, drop_controls)
+        drop_embedding = drop_controls
+        if drop_coefficients is not None:
+            drop_embedding = drop_coefficients if drop_controls is None else drop_controls | drop_coefficients
+        target_controls = self.embed_controls(controls, drop_embedding)
         k = 0 if ref_latents is None else ref_latents.shape[2]
         if k:
             if ref_shading is None or ref_controls is None:
@@ -342,6 +374,10 @@ class LiftAvatarTransformer(nn.Module):
             frame_controls = target_controls
         frames = (k + t) // p_t
         tokens_per_frame = (h // p_h) * (w // p_w)
+        if prompt_embeds is None:
+            prompt_embeds = self.prompt_embedding.unsqueeze(0).expand(b, -1, -1)
+        if self.speed.fast_path and p_t == 1:
+            return self._forward_fast(latents, timestep, shading, frame_controls, prompt_embeds, k, t, h, w)
 
         rotary_emb = base.rope(latents)
         hidden = base.patch_embedding(latents)
@@ -361,8 +397,6 @@ class LiftAvatarTransformer(nn.Module):
         else:
             ts_seq_len = None
             flat_timestep = timestep
-        if prompt_embeds is None:
-            prompt_embeds = self.prompt_embedding.unsqueeze(0).expand(b, -1, -1)
         temb, timestep_proj, encoder_hidden_states, _ = base.condition_embedder(
             flat_timestep, prompt_embeds.to(hidden.dtype), None, timestep_seq_len=ts_seq_len)
         timestep_proj = timestep_proj.unflatten(2, (6, -1)) if ts_seq_len else timestep_proj.unflatten(1, (6, -1))
@@ -392,6 +426,64 @@ class LiftAvatarTransformer(nn.Module):
         hidden = hidden.reshape(b, frames, h // p_h, w // p_w, p_t, p_h, p_w, -1)
         out = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         return out[:, :, k * p_t:]
+
+    def _forward_fast(self, latents: torch.Tensor, timestep: torch.Tensor, shading: torch.Tensor,
+                      frame_controls: torch.Tensor, prompt_embeds: torch.Tensor, k: int, t: int, h: int,
+                      w: int) -> torch.Tensor:
+        """The rest of :meth:`forward` on the fast path (``latents``/``shading`` already hold the
+        references first; patch size 1 in time, so a latent frame is a token group)."""
+        base = self.base
+        b = latents.shape[0]
+        _, p_h, p_w = base.config.patch_size
+        frames, tokens_per_frame = k + t, (h // p_h) * (w // p_w)
+
+        rotary_emb = base.rope(latents)
+        hidden = base.patch_embedding(latents)
+        hidden = hidden + self.shading_embedding(shading.to(hidden.dtype))
+        hidden = hidden.flatten(2).transpose(1, 2).contiguous()  # (B, frames · tokens_per_frame, dim)
+        dim = hidden.shape[-1]
+        if self.control_to_tokens is not None:
+            per_frame = self.control_to_tokens(frame_controls.mean(dim=2)).to(hidden.dtype)  # (B, frames, dim)
+            hidden = (hidden.view(b, frames, tokens_per_frame, dim) + per_frame.unsqueeze(2)).view(b, -1, dim)
+
+        # One timestep per latent frame (references 0, targets t) instead of one per token.
+        if k:
+            per_frame_t = torch.cat([torch.zeros(b, k, device=timestep.device, dtype=timestep.dtype),
+                                     timestep.view(b, 1).expand(b, t)], dim=1)
+            temb, modulation, context, _ = base.condition_embedder(
+                per_frame_t.flatten(), prompt_embeds.to(hidden.dtype), None, timestep_seq_len=frames)
+            modulation = modulation.unflatten(2, (6, -1))  # (B, frames, 6, dim)
+        else:
+            temb, modulation, context, _ = base.condition_embedder(timestep, prompt_embeds.to(hidden.dtype), None)
+            temb, modulation = temb.unsqueeze(1), modulation.unflatten(1, (6, -1)).unsqueeze(1)  # one group
+
+        controls = None
+        if self.control_xattn is not None:
+            controls = frame_controls.reshape(b * frames, -1, frame_controls.shape[-1])
+        unit, speed = self._block_unit(), self.speed
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
+        for i, block in enumerate(base.blocks):
+            adapter = self.control_xattn[i] if self.control_xattn is not None else None
+            args = (block, adapter, hidden, context, modulation, rotary_emb, frames, controls)
+            if checkpointing:
+                context_fn = (fast.save_attention_context(hidden.shape[1]) if i < speed.save_attention
+                              else noop_context_fn)
+                hidden = checkpoint(fast.run_unit, unit, speed.attention, *args, use_reentrant=False,
+                                    context_fn=context_fn)
+            else:
+                hidden = fast.run_unit(unit, speed.attention, *args)
+
+        # Output head on the target tokens only.
+        hidden = hidden[:, k * tokens_per_frame:]
+        groups = temb.shape[1]
+        shift, scale = (base.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)  # (B, G, 1, dim)
+        if groups > 1:
+            shift, scale, groups = shift[:, k:], scale[:, k:], t
+        normed = base.norm_out(hidden.float())
+        hidden = (normed.view(b, groups, -1, dim) * (1 + scale) + shift).view(normed.shape).type_as(hidden)
+        hidden = base.proj_out(hidden)
+        hidden = hidden.reshape(b, t, h // p_h, w // p_w, 1, p_h, p_w, -1)
+        return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

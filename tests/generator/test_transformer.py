@@ -54,6 +54,23 @@ def test_controls_and_references_matter_once_trained_modules_move():
     assert not torch.allclose(moved, other)
 
 
+def test_single_control_ablations_drop_exactly_one_control():
+    """drop_coefficients ignores the expression coefficients but still reads the shading maps;
+    drop_controls ignores both (the inference-time ablations of the control study)."""
+    model = LiftAvatarTransformer.from_preset("tiny", D, "both").eval()
+    for module in (model.shading_embedding, model.control_to_tokens, model.control_xattn[0].to_out):
+        torch.nn.init.normal_(module.weight, std=0.02)
+    x, t, shading, controls = _inputs()
+    yes = torch.ones(2, dtype=torch.bool)
+    with torch.no_grad():
+        shading_only = model(x, t, shading, controls, drop_coefficients=yes)
+        assert torch.equal(shading_only, model(x, t, shading, controls + 1.0, drop_coefficients=yes))
+        assert not torch.allclose(shading_only, model(x, t, shading + 1.0, controls, drop_coefficients=yes))
+        assert not torch.allclose(shading_only, model(x, t, shading, controls))
+        dropped = model(x, t, shading, controls, drop_controls=yes)
+        assert torch.equal(dropped, model(x, t, shading + 1.0, controls + 1.0, drop_controls=yes))
+
+
 def test_reference_tokens_get_timestep_zero():
     """Changing the target timestep must not change how clean references are embedded: with the
     per-token timestep, a reference-only difference shows up in the output only through attention."""
