@@ -2,11 +2,16 @@
 """Generator quality on held-out synthetic subjects: K references from a `sparse` capture, targets
 from an `extreme` capture of the same subject, generated frames against the ground truth.
 
-    python benchmarks/generator.py [--prior DIR] [--subjects 4] [--frames 16] [--steps 25] [--device cuda]
+    python benchmarks/generator.py [--prior DIR] [--subjects 4] [--frames 16] [--ablations] [--device cuda]
 
-Reported per subject and on average: PSNR and SSIM (128², whole frame) of the generated frames, and
-the same for the best single reference copied to every frame (what a model that ignores the controls
-could reach). Evaluation subjects: seeds 5200.. (never used in training, which uses 100000–101999).
+Reported per subject and on average: PSNR and SSIM (whole frame), AED (the project's tracker run on
+the generated and on the ground-truth frames alike, mean |coefficient difference|), CSIM (dlib
+face embeddings, generated vs ground truth), and, as floors, the best single reference copied to
+every frame (what a model that ignores the controls could reach) and the tracker's own AED on the
+ground truth against the true coefficients. ``--ablations`` adds the paper's studies: K ∈ {1, 3, 5, 7}
+K-means references, random vs K-means at K = 5, and shading-only / coefficients-only controls (by
+dropping one control at inference: the prior was trained with both, dropped together).
+Evaluation subjects: seeds 5200.. (never used in training, which uses 100000–101999).
 Writes benchmarks/results/generator.json / .md and docs/generator_grid.png
 (references | target shading | generated | ground truth).
 """
@@ -17,6 +22,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +32,30 @@ from skimage.metrics import structural_similarity
 from liftavatar.generator.data import generation_inputs
 from liftavatar.generator.pipeline import LiftAvatarPipeline
 from liftavatar.generator.prior import resolve_prior
+from liftavatar.metrics.identity import csim
+from liftavatar.metrics.kinematic import aed, track_frames
 from liftavatar.report import machine_info
 from liftavatar.synth.world import SynthSpec, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SEED_BASE = 5200
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the study: how many references, how they are chosen, which controls are used."""
+
+    name: str
+    refs: int = 5
+    method: str = "kmeans"
+    controls: str = "both"
+
+
+MAIN = Setting("K=5 k-means, both controls")
+ABLATIONS = (Setting("K=1 k-means", refs=1), Setting("K=3 k-means", refs=3), Setting("K=7 k-means", refs=7),
+             Setting("K=5 random", method="random"), Setting("shading only", controls="shading"),
+             Setting("coefficients only", controls="coefficients"))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -41,8 +65,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    return np.array([structural_similarity(x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy(),
-                                           channel_axis=2, data_range=1.0) for x, y in zip(a, b)])
+    return np.array([structural_similarity(x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy(), channel_axis=2,
+                                           data_range=1.0) for x, y in zip(a, b)])
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 def main() -> None:
@@ -50,10 +78,11 @@ def main() -> None:
     parser.add_argument("--prior", type=Path, default=None)
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--refs", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=1.0)
-    parser.add_argument("--solver", choices=["euler", "unipc"], default="euler")
+    parser.add_argument("--solver", choices=["euler", "unipc"], default="unipc")
+    parser.add_argument("--ablations", action="store_true", help="also run the reference and control studies")
+    parser.add_argument("--no-face-metrics", action="store_true", help="skip AED and CSIM (no MediaPipe/dlib)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "generator.json")
     parser.add_argument("--grid", type=Path, default=ROOT / "docs" / "generator_grid.png")
@@ -62,7 +91,10 @@ def main() -> None:
     prior = resolve_prior(args.prior)
     pipe = LiftAvatarPipeline.from_pretrained(prior, device=args.device)
     size = pipe.size or 128
-    rows, per_subject, seconds = [], [], 0.0
+    settings = (MAIN, *ABLATIONS) if args.ablations else (MAIN,)
+    face_metrics = not args.no_face_metrics
+    per_setting: dict[str, list[dict]] = {s.name: [] for s in settings}
+    floors, rows, seconds, generated = [], [], 0.0, 0
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.subjects):
             seed = SEED_BASE + i
@@ -70,44 +102,97 @@ def main() -> None:
                                 progress=False, device=args.device)
             extreme = synthesize(SynthSpec(seed=seed, preset="extreme", frames=args.frames, size=size),
                                  Path(tmp) / f"e{seed}", progress=False, device=args.device)
-            inputs = generation_inputs(sparse, extreme, k=args.refs)
-            start = time.perf_counter()
-            video = pipe(inputs, steps=args.steps, guidance=args.guidance, seed=0, solver=args.solver)
-            seconds += time.perf_counter() - start
             truth = torch.from_numpy(extreme.frames()).permute(0, 3, 1, 2).float() / 255
-            copy = max((psnr(r.expand_as(truth), truth).mean(), j) for j, r in enumerate(inputs.ref_frames))
-            best_ref = inputs.ref_frames[copy[1]].expand_as(truth)
-            per_subject.append({"seed": seed, "psnr": float(psnr(video, truth).mean()),
-                                "ssim": float(ssim(video, truth).mean()),
-                                "reference_copy_psnr": float(copy[0]),
-                                "reference_copy_ssim": float(ssim(best_ref, truth).mean())})
-            print(per_subject[-1])
-            for f in range(0, args.frames, max(1, args.frames // 3))[:3]:
-                refs = torch.cat(list(inputs.ref_frames[:3]), 1)  # a column of 3 references
-                refs = torch.nn.functional.interpolate(refs[None], size=(size, size // 3 * 1), mode="area")[0]
-                rows.append(torch.cat([refs, inputs.shading[f], video[f], truth[f]], 2))
+            truth8 = extreme.frames()
+            floor = {"seed": seed}
+            if face_metrics:
+                tracked_truth = track_frames(truth8, tuple(extreme.meta.intrinsics))
+                floor["tracker_aed_on_truth"] = aed(tracked_truth.expression, extreme.kinematics.expression,
+                                                    tracked_truth.valid)
+            for setting in settings:
+                inputs = generation_inputs(sparse, extreme, k=setting.refs, method=setting.method, seed=seed)
+                start = time.perf_counter()
+                video = pipe(inputs, steps=args.steps, guidance=args.guidance, seed=0, solver=args.solver,
+                             controls=setting.controls)
+                seconds += time.perf_counter() - start
+                generated += len(video)
+                row = {"seed": seed, "psnr": float(psnr(video, truth).mean()), "ssim": float(ssim(video, truth).mean())}
+                if face_metrics:
+                    tracked = track_frames(to_uint8(video), tuple(extreme.meta.intrinsics))
+                    both = tracked.valid & tracked_truth.valid
+                    row["aed"] = aed(tracked.expression, tracked_truth.expression, both)
+                    row["aed_frames"] = int(both.sum())
+                    similarity = csim(to_uint8(video), truth8)
+                    row["csim"] = similarity.mean
+                    row["csim_missed"] = len(similarity.missed)
+                per_setting[setting.name].append(row)
+                print(setting.name, row, flush=True)
+                if setting == MAIN:
+                    copy = max((psnr(r.expand_as(truth), truth).mean(), j) for j, r in enumerate(inputs.ref_frames))
+                    best_ref = inputs.ref_frames[copy[1]].expand_as(truth)
+                    floor.update(reference_copy_psnr=float(copy[0]),
+                                 reference_copy_ssim=float(ssim(best_ref, truth).mean()))
+                    if face_metrics:
+                        floor["reference_copy_csim"] = csim(to_uint8(best_ref), truth8).mean
+                    for f in range(0, args.frames, max(1, args.frames // 3))[:3]:
+                        refs = torch.cat(list(inputs.ref_frames[:3]), 1)  # a column of 3 references
+                        refs = torch.nn.functional.interpolate(refs[None], size=(size, size // 3), mode="area")[0]
+                        rows.append(torch.cat([refs, inputs.shading[f], video[f], truth[f]], 2))
+            floors.append(floor)
 
-    mean = {k: float(np.mean([s[k] for s in per_subject])) for k in per_subject[0] if k != "seed"}
+    def mean_of(items: list[dict]) -> dict[str, float]:
+        keys = [k for k in items[0] if k != "seed"]
+        return {k: float(np.nanmean([s[k] for s in items])) for k in keys} | \
+               {f"{k}_std": float(np.nanstd([s[k] for s in items])) for k in keys if not k.endswith(("frames", "missed"))}
+
     result = {"machine": machine_info(args.device), "prior": str(prior), "steps": args.steps, "solver": args.solver,
-              "guidance": args.guidance, "refs": args.refs, "frames": args.frames, "size": size,
-              "subjects": per_subject, "mean": mean,
-              "seconds_per_frame": seconds / (args.subjects * args.frames)}
+              "guidance": args.guidance, "frames": args.frames, "size": size,
+              "settings": {s.name: {**asdict(s), "subjects": per_setting[s.name], "mean": mean_of(per_setting[s.name])}
+                           for s in settings},
+              "floors": {"subjects": floors, "mean": mean_of(floors)},
+              "seconds_per_frame": seconds / max(1, generated)}
+    result["mean"] = result["settings"][MAIN.name]["mean"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    lines = ["# Generator quality (held-out subjects, sparse references → extreme targets)", "",
-             f"Machine: {result['machine'].get('gpu', result['machine']['cpu'])}; prior `{prior.name}`; "
-             f"{args.steps} Euler steps; K = {args.refs}; {size}².", "",
-             "| seed | PSNR | SSIM | best reference copied: PSNR | SSIM |", "|---|---|---|---|---|"]
-    for s in per_subject + [{"seed": "mean", **mean}]:
-        lines.append(f"| {s['seed']} | {s['psnr']:.2f} | {s['ssim']:.3f} | {s['reference_copy_psnr']:.2f} | "
-                     f"{s['reference_copy_ssim']:.3f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result, prior, args))
     grid = torch.cat(rows, 1).clamp(0, 1)
     from liftavatar.report import save_png
 
     args.grid.parent.mkdir(parents=True, exist_ok=True)
     save_png((grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8), args.grid)
-    print(json.dumps(mean, indent=2))
+    print(json.dumps(result["mean"], indent=2))
+
+
+def markdown(result: dict, prior: Path, args) -> str:
+    m = result["machine"]
+    fl = result["floors"]["mean"]
+    lines = ["# Generator quality (held-out subjects, sparse references → extreme targets)", "",
+             f"Machine: {m.get('gpu', m['cpu'])}; prior `{prior.name}`; {args.steps} {args.solver} steps; "
+             f"{args.subjects} subjects (seeds {SEED_BASE}–{SEED_BASE + args.subjects - 1}) × {args.frames} frames; "
+             f"{result['size']}². Mean ± std over subjects.", "",
+             "| setting | PSNR (dB) | SSIM | AED ↓ | CSIM ↑ |", "|---|---|---|---|---|"]
+
+    def cell(mean: dict, key: str, fmt: str) -> str:
+        if key not in mean:
+            return "–"
+        if not np.isfinite(mean[key]):
+            return "no face found"
+        return f"{mean[key]:{fmt}} ± {mean.get(key + '_std', 0):{fmt}}"
+
+    for name, entry in result["settings"].items():
+        mean = entry["mean"]
+        lines.append(f"| {name} | {cell(mean, 'psnr', '.2f')} | {cell(mean, 'ssim', '.3f')} | "
+                     f"{cell(mean, 'aed', '.3f')} | {cell(mean, 'csim', '.3f')} |")
+    lines.append(f"| *best reference copied to every frame* | {cell(fl, 'reference_copy_psnr', '.2f')} | "
+                 f"{cell(fl, 'reference_copy_ssim', '.3f')} | – | {cell(fl, 'reference_copy_csim', '.3f')} |")
+    if "tracker_aed_on_truth" in fl:
+        lines += ["", f"AED floor: the tracker on the ground-truth frames against the true coefficients gives "
+                      f"{fl['tracker_aed_on_truth']:.3f}."]
+    lines += ["", "Per subject (main setting):", "", "| seed | PSNR | SSIM | AED | CSIM |", "|---|---|---|---|---|"]
+    for row in result["settings"][MAIN.name]["subjects"]:
+        lines.append(f"| {row['seed']} | {row['psnr']:.2f} | {row['ssim']:.3f} | {row.get('aed', float('nan')):.3f} | "
+                     f"{row.get('csim', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
