@@ -1,0 +1,414 @@
+"""The benchmark's HTML report: one self-contained folder (``index.html`` and the images, plot and videos
+next to it, linked relatively; no scripts, no network fetches), readable in any browser.
+
+:func:`write_report` makes the pictures from a run folder (grids of ground truth | baseline | lifted on
+test frames, side-by-side H.264 videos, samples of lifted frames, the curve plot) and then
+:func:`render_html` writes the page from the results and those files.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from liftavatar.bench.summary import METRICS, fmt
+
+__all__ = ["write_report", "render_html", "build_assets"]
+
+SCALE = 2
+"""Pictures show the 128² frames at twice their size (nearest neighbour), so the pixels stay honest."""
+
+
+def _up(image: np.ndarray, scale: int = SCALE) -> np.ndarray:
+    return np.kron(image, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else image
+
+
+def _font(size: int = 13):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def labelled_row(images: list[np.ndarray], labels: list[str], header: int = 22, pad: int = 2) -> np.ndarray:
+    """Images side by side (same size), each under a caption; even width and height (for H.264)."""
+    h, w = images[0].shape[:2]
+    width = len(images) * w + (len(images) - 1) * pad
+    height = header + h
+    width += width % 2
+    height += height % 2
+    canvas = Image.new("RGB", (width, height), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x = i * (w + pad)
+        canvas.paste(Image.fromarray(np.ascontiguousarray(image)), (x, header))
+        draw.text((x + 4, 4), label, fill=(235, 235, 235), font=font)
+    return np.asarray(canvas)
+
+
+def labelled_grid(rows: list[list[np.ndarray]], row_labels: list[str], captions: list[list[str]],
+                  pad: int = 2, left: int = 150, caption: int = 18) -> np.ndarray:
+    """Rows of images with a label on the left of each row and a caption under each image."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    cell_h = h + caption
+    canvas = Image.new("RGB", (left + cols * (w + pad), len(rows) * (cell_h + pad)), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    font, small = _font(14), _font(12)
+    for r, (row, name) in enumerate(zip(rows, row_labels)):
+        y = r * (cell_h + pad)
+        draw.text((6, y + h // 2 - 8), name, fill=(235, 235, 235), font=font)
+        for c, image in enumerate(row):
+            x = left + c * (w + pad)
+            canvas.paste(Image.fromarray(np.ascontiguousarray(image)), (x, y))
+            draw.text((x + 3, y + h + 2), captions[r][c], fill=(210, 210, 210), font=small)
+    return np.asarray(canvas)
+
+
+def _save_png(image: np.ndarray, path: Path) -> str:
+    from liftavatar.report import save_png
+
+    save_png(image, path)
+    return path.name
+
+
+def _renders(run: Path, seed: int, k: int, split: str) -> np.ndarray | None:
+    from liftavatar.bench.protocol import avatar_dir
+
+    path = avatar_dir(run, seed, k) / f"renders_{split}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return data["renders"]
+
+
+def _per_frame_psnr(run: Path, seed: int, k: int, split: str) -> list[float | None]:
+    from liftavatar.bench.protocol import avatar_dir
+
+    path = avatar_dir(run, seed, k) / f"eval_{split}.json"
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())["metrics"].get("psnr", {}).get("per_frame", [])
+
+
+def build_assets(results: dict[str, Any], run: Path, out: Path) -> dict[str, Any]:
+    """Write the report's pictures and videos into ``out``; returns their file names (relative to ``out``)."""
+    from liftavatar.bench.plots import curve_plot
+    from liftavatar.bench.protocol import _gt_frames, subject_dir
+    from liftavatar.capture import Capture
+    from liftavatar.video import write_video
+
+    cfg = results["config"]
+    lifted_k = int(cfg["lifted"])
+    out.mkdir(parents=True, exist_ok=True)
+    assets: dict[str, Any] = {"curve": curve_plot(results, out / "curve.png").name, "subjects": []}
+    for subject in results["subjects"]:
+        seed = subject["seed"]
+        sdir = subject_dir(run, seed)
+        entry: dict[str, Any] = {"seed": seed, "grids": {}, "videos": {}, "lifted": None}
+        for split in ("extreme", "seen"):
+            test_path = sdir / f"test_{split}"
+            base, lifted = _renders(run, seed, 0, split), _renders(run, seed, lifted_k, split)
+            if base is None or lifted is None or not (test_path / "capture.json").is_file():
+                continue
+            test = Capture.load(test_path)
+            gt, _ = _gt_frames(test)
+            psnr_b, psnr_l = _per_frame_psnr(run, seed, 0, split), _per_frame_psnr(run, seed, lifted_k, split)
+            n = len(gt)
+            pick = np.unique(np.linspace(0, n - 1, min(int(cfg["grid_frames"]), n)).round().astype(int))
+            db = lambda values, i: f"{values[i]:.1f} dB" if i < len(values) and values[i] is not None else ""  # noqa: E731
+            rows = [[_up(gt[i]) for i in pick], [_up(base[i]) for i in pick], [_up(lifted[i]) for i in pick]]
+            captions = [[f"frame {i}" for i in pick], [db(psnr_b, i) for i in pick], [db(psnr_l, i) for i in pick]]
+            sheet = labelled_grid(rows, ["ground truth", "baseline", f"lifted ({lifted_k})"], captions)
+            entry["grids"][split] = _save_png(sheet, out / f"grid_s{seed}_{split}.png")
+            video = out / f"video_s{seed}_{split}.mp4"
+            labels = ["ground truth", "baseline (capture only)", f"lifted ({lifted_k} expressions)"]
+            write_video(video, (labelled_row([_up(gt[i]), _up(base[i]), _up(lifted[i])], labels) for i in range(n)),
+                        test.meta.fps)
+            entry["videos"][split] = video.name
+        entry["lifted"] = _lifted_samples(results, sdir, out, seed)
+        assets["subjects"].append(entry)
+    return assets
+
+
+def _lifted_samples(results: dict[str, Any], sdir: Path, out: Path, seed: int, count: int = 8) -> str | None:
+    """References, then target shading maps and generated frames at the end of evenly spaced lifted clips."""
+    from liftavatar.capture import Capture
+
+    path = sdir / "lifted"
+    lift = results_subject(results, seed).get("lift", {})
+    if not (path / "capture.json").is_file() or "window" not in lift:
+        return None
+    lifted = Capture.load(path)
+    train = Capture.load(sdir / "train")
+    n0, window = train.num_frames, int(lift["window"])
+    clips = (lifted.num_frames - n0) // window
+    if clips < 1:
+        return None
+    ends = [n0 + (c + 1) * window - 1 for c in np.unique(np.linspace(0, clips - 1, min(count, clips)).round().astype(int))]
+    refs = lifted.meta.reference_indices or []
+    rows = [[_up(lifted.frame(i)) for i in refs], [_up(lifted.shading(i)) for i in ends], [_up(lifted.frame(i)) for i in ends]]
+    captions = [[f"frame {i}" for i in refs], [f"clip {(i - n0) // window}" for i in ends], ["generated"] * len(ends)]
+    labels = ["references (K-means)", "target shading", "lifted frame"]
+    if not refs:
+        rows, captions, labels = rows[1:], captions[1:], labels[1:]
+    return _save_png(labelled_grid(rows, labels, captions), out / f"lifted_s{seed}.png")
+
+
+def results_subject(results: dict[str, Any], seed: int) -> dict[str, Any]:
+    return next((s for s in results["subjects"] if s["seed"] == seed), {})
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0 auto; max-width: 1200px;
+       padding: 1.5em 2em 4em; color: #1d1d1f; background: #fbfbfd; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+h3 { margin-top: 1.5em; }
+.meta { color: #666; font-size: 0.92em; }
+.headline { font-size: 1.12em; background: #eef4ff; border-left: 4px solid #3a6df0; padding: 0.8em 1em; }
+.pass { color: #137333; font-weight: 600; } .fail { color: #b3261e; font-weight: 600; } .na { color: #888; }
+table { border-collapse: collapse; margin: 0.6em 0 1em; font-size: 0.92em; }
+th, td { border: 1px solid #d8d8dc; padding: 0.3em 0.7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f0f0f4; }
+tr.mean td { font-weight: 600; background: #f7f7fa; }
+td.better { color: #137333; } td.worse { color: #b3261e; }
+img { max-width: 100%; height: auto; border: 1px solid #ddd; background: #222; }
+video { max-width: 100%; background: #111; display: block; margin: 0.4em 0 1em; }
+pre { background: #f4f4f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+details { margin: 0.3em 0; } summary { cursor: pointer; color: #3a3a9f; }
+nav a { margin-right: 1em; }
+figure { margin: 0.8em 0 1.4em; } figcaption { color: #555; font-size: 0.9em; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(x: float | None, decimals: int, signed: bool = False) -> str:
+    return "n/a" if x is None else f"{x:{'+' if signed else ''}.{decimals}f}"
+
+
+def _delta_class(delta: float | None, better: str) -> str:
+    if delta is None or delta == 0:
+        return ""
+    good = delta > 0 if better == "higher" else delta < 0
+    return "better" if good else "worse"
+
+
+def _summary_table(results: dict[str, Any], split: str) -> str:
+    k = results["methods"]["lifted"]["lifted_expressions"]
+    rows = ["<table><tr><th>metric</th><th>better</th><th>baseline (capture only)</th>"
+            f"<th>lifted ({k} expressions)</th><th>Δ lifted − baseline</th></tr>"]
+    for key, row in results["tables"][split].items():
+        unit = f" ({_e(row['unit'])})" if row["unit"] else ""
+        if not row["available"]:
+            reason = row.get("reason") or "n/a"
+            short = reason.split(":")[0] if reason.startswith("not available") else reason
+            rows.append(f"<tr><td>{_e(row['label'])}{unit}</td><td>{_e(row['better'])}</td>"
+                        f"<td class='na' colspan='3' title='{_e(reason)}'>{_e(short)}</td></tr>")
+            continue
+        d = METRICS[key][3]
+        cls = _delta_class(row["delta"]["mean"], row["better"])
+        rows.append(f"<tr><td>{_e(row['label'])}{unit}</td><td>{_e(row['better'])}</td>"
+                    f"<td>{fmt(row['baseline'], d)}</td><td>{fmt(row['lifted'], d)}</td>"
+                    f"<td class='{cls}'>{fmt(row['delta'], d, True)}</td></tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def _per_subject_tables(results: dict[str, Any], split: str) -> str:
+    parts = []
+    for key, row in results["tables"][split].items():
+        if not row["available"]:
+            continue
+        d = METRICS[key][3]
+        lines = [f"<details><summary>{_e(row['label'])} per subject</summary><table>"
+                 "<tr><th>subject (seed)</th><th>baseline</th><th>lifted</th><th>Δ</th></tr>"]
+        for s, b, v, dd in zip(results["subjects"], row["baseline"]["per_subject"], row["lifted"]["per_subject"],
+                               row["delta"]["per_subject"]):
+            lines.append(f"<tr><td>{s['seed']}</td><td>{_num(b, d)}</td><td>{_num(v, d)}</td>"
+                         f"<td class='{_delta_class(dd, row['better'])}'>{_num(dd, d, True)}</td></tr>")
+        lines.append(f"<tr class='mean'><td>mean ± std</td><td>{fmt(row['baseline'], d)}</td>"
+                     f"<td>{fmt(row['lifted'], d)}</td><td>{fmt(row['delta'], d, True)}</td></tr></table></details>")
+        parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def _curve_table(results: dict[str, Any]) -> str:
+    curve = results["curve"]
+    head = ("<table><tr><th>lifted expressions</th><th>coverage of held-out extreme expressions</th>"
+            "<th>PSNR extreme (dB)</th><th>SSIM extreme</th><th>AED extreme</th><th>CSIM extreme</th>"
+            "<th>PSNR seen (dB)</th></tr>")
+    rows = [head]
+    for i, k in enumerate(curve["points"]):
+        def cell(split: str, key: str, d: int) -> str:
+            data = curve.get(split, {}).get(key)
+            if not data or data["mean"][i] is None:
+                return "n/a"
+            return f"{data['mean'][i]:.{d}f} ± {data['std'][i]:.{d}f}"
+        cov = curve["coverage"]["mean"][i]
+        rows.append(f"<tr><td>{k}</td><td>{'n/a' if cov is None else f'{cov:.1%}'}</td>"
+                    f"<td>{cell('extreme', 'psnr', 2)}</td><td>{cell('extreme', 'ssim', 4)}</td>"
+                    f"<td>{cell('extreme', 'aed', 4)}</td><td>{cell('extreme', 'csim', 4)}</td>"
+                    f"<td>{cell('seen', 'psnr', 2)}</td></tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def _criteria(results: dict[str, Any]) -> str:
+    h = results["headline"]
+    c = h["criteria"]
+    rows = [("extreme: PSNR gain", f"≥ +{c['extreme_psnr_gain_db']:.1f} dB", _num(h["extreme_psnr_gain_db"], 2, True) + " dB",
+             h["checks"]["extreme_psnr_gain_db"]),
+            ("extreme: AED reduction", f"≥ {c['extreme_aed_reduction']:.0%}",
+             "n/a" if h["extreme_aed_reduction"] is None else f"{h['extreme_aed_reduction']:.1%}",
+             h["checks"]["extreme_aed_reduction"]),
+            ("seen range: PSNR change", f"≥ {c['seen_psnr_change_db']:.1f} dB", _num(h["seen_psnr_change_db"], 2, True) + " dB",
+             h["checks"]["seen_psnr_change_db"])]
+    lines = ["<table><tr><th>criterion</th><th>target</th><th>measured</th><th>met</th></tr>"]
+    for name, target, value, ok in rows:
+        lines.append(f"<tr><td>{name}</td><td>{target}</td><td>{value}</td>"
+                     f"<td class='{'pass' if ok else 'fail'}'>{'yes' if ok else 'no'}</td></tr>")
+    lines.append("</table>")
+    if not h["assessed"]:
+        lines.append(f"<p class='meta'>Acceptance is judged over at least {c['min_subjects']} subjects at "
+                     f"{c['size']}²; this run ({h['subjects']} subject(s), {results['config']['size']}²) only reports "
+                     "the numbers.</p>")
+    return "\n".join(lines)
+
+
+def _protocol(results: dict[str, Any]) -> str:
+    c = results["config"]
+    seeds = ", ".join(str(s["seed"]) for s in results["subjects"])
+    items = [
+        f"Held-out synthetic subjects (seeds {seeds}); the embedded prior never saw them.",
+        f"Recording: a <em>sparse</em> take of {c['train_frames'] + c['seen_frames']} frames (talking-range expressions, "
+        f"yaw within ±15°) and an <em>extreme</em> take of {c['extreme_frames']} frames (strong expressions absent from "
+        f"it, yaw to ±45°), rendered at {c['render_size']}², encoded as one H.264 video and run through the tracker "
+        f"(MediaPipe FaceMesh + rig fit) into {c['size']}² captures.",
+        f"Training capture: the first {c['train_frames']} frames. Seen-range test: the remaining {c['seen_frames']} "
+        f"frames of the sparse take. Extreme test: the extreme take. Test frames never reach reference selection, "
+        f"lifting or avatar training; test frames without a tracked face are left out.",
+        f"Lifting: K = {c['refs']} K-means references, farthest-point targets from the rig's extreme expression library, "
+        f"head poses '{_e(c['lift_poses'])}', {c['lift_steps']} {_e(c['lift_solver'])} steps; the curve's captures are "
+        "prefixes of one lifting run.",
+        f"Avatars: {c['avatar_iters']} iterations each, same seed and settings; with lifting, observed frames are "
+        f"repeated to make about {c['observed_share']:.0%} of the training draws and lifted frames weigh "
+        f"{c['lifted_weight']:g} in the loss.",
+        "Evaluation: each avatar is driven by the test frames' tracked kinematics and camera; its renders over black "
+        "are compared with the test frames times their masks. AED/APD: the tracker on both sides. CSIM: dlib "
+        "face embeddings. LPIPS/FID: only with their standard weights on disk.",
+    ]
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _timings(results: dict[str, Any]) -> str:
+    t = results["timings"]
+    lines = ["<table><tr><th>stage</th><th>seconds</th></tr>"]
+    for name, v in t["stages"].items():
+        note = " (earlier run, resumed)" if v.get("resumed") else ""
+        lines.append(f"<tr><td>{_e(name)}{note}</td><td>{v['seconds']:.1f}</td></tr>")
+    for name, v in t.get("wall_seconds_this_invocation", {}).items():
+        lines.append(f"<tr><td>wall clock: {_e(name)}</td><td>{v:.1f}</td></tr>")
+    total = t.get("wall_seconds_total_this_invocation")
+    if total is not None:
+        lines.append(f"<tr class='mean'><td>wall clock: this invocation</td><td>{total:.1f}</td></tr>")
+    lines.append("</table>")
+    lines.append("<p class='meta'>Stage seconds are summed over subjects (and over avatars for training and "
+                 "evaluation); with several workers they overlap, so the wall clock is shorter.</p>")
+    return "\n".join(lines)
+
+
+def _machine(results: dict[str, Any]) -> str:
+    info = dict(results.get("machine", {}))
+    info["workers"] = results.get("workers", 1)
+    return "<table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in info.items()) + "</table>"
+
+
+def _hero(results: dict[str, Any], assets: dict[str, Any]) -> str:
+    """The first subject's extreme-test grid, next to the headline."""
+    entry = next((e for e in assets["subjects"] if "extreme" in e["grids"]), None)
+    if entry is None:
+        return ""
+    k = results["methods"]["lifted"]["lifted_expressions"]
+    return (f"<figure><img src='{_e(entry['grids']['extreme'])}' alt='extreme test frames'><figcaption>Subject "
+            f"{entry['seed']}, unseen extreme test (evenly spaced frames): ground truth, the baseline avatar, and the "
+            f"avatar trained with {k} lifted expressions, with each frame's PSNR.</figcaption></figure>")
+
+
+def render_html(results: dict[str, Any], assets: dict[str, Any]) -> str:
+    """The report page (a string) from the results and the asset file names of :func:`build_assets`."""
+    n = len(results["subjects"])
+    k = results["methods"]["lifted"]["lifted_expressions"]
+    parts = [
+        "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>LiftAvatar benchmark: {_e(results['name'])}</title>", f"<style>{CSS}</style></head><body>",
+        f"<h1>LiftAvatar benchmark: {_e(results['name'])}</h1>",
+        f"<p class='meta'>{n} held-out subject{'s' if n != 1 else ''} · {results['config']['size']}² · "
+        f"device {_e(results['config']['device'])} · liftavatar {_e(results['liftavatar_version'])} · "
+        f"{_e(results['created'])}</p>",
+        "<nav><a href='#headline'>Headline</a><a href='#tables'>Tables</a><a href='#curve'>Curve</a>"
+        "<a href='#frames'>Frames and videos</a><a href='#protocol'>Protocol</a><a href='#timings'>Timings</a>"
+        "<a href='#config'>Config</a><a href='#machine'>Machine</a></nav>",
+        "<h2 id='headline'>Headline</h2>", f"<p class='headline'>{_e(results['headline']['sentence'])}</p>",
+        _criteria(results),
+        _hero(results, assets),
+        "<h2 id='tables'>Tables</h2>",
+        f"<p>Baseline: the avatar trained on the tracked sparse capture alone. Lifted: trained on the same capture "
+        f"lifted with {k} expressions. Mean ± std over subjects; Δ in green where lifting is better.</p>",
+    ]
+    for split, title in results["splits"].items():
+        parts += [f"<h3>Test: {_e(title)}</h3>", _summary_table(results, split), _per_subject_tables(results, split)]
+    parts += ["<h2 id='curve'>Curve over the number of lifted expressions</h2>",
+              f"<figure><img src='{_e(assets['curve'])}' alt='metrics against the number of lifted expressions'>"
+              "<figcaption>Means over subjects with ± std bars; thin lines are single subjects. Coverage: share of "
+              "held-out extreme expressions within 0.5 (L2, coefficients) of a training frame.</figcaption></figure>",
+              f"<p><strong>Plateau.</strong> {_e(results['plateau'])}</p>", _curve_table(results),
+              "<h2 id='frames'>Frames and videos</h2>",
+              "<p>Test frames evenly spaced over each test capture (not picked), with their PSNR. Columns of the videos: "
+              "ground truth | baseline | lifted.</p>"]
+    for entry in assets["subjects"]:
+        parts.append(f"<h3>Subject {entry['seed']}</h3>")
+        for split in ("extreme", "seen"):
+            title = results["splits"].get(split, split)
+            if split in entry["grids"]:
+                parts.append(f"<figure><img src='{_e(entry['grids'][split])}' alt='ground truth, baseline and lifted "
+                             f"renders on {_e(split)} test frames'><figcaption>{_e(title)}</figcaption></figure>")
+            if split in entry["videos"]:
+                parts.append(f"<video controls muted loop playsinline preload='metadata' "
+                             f"src='{_e(entry['videos'][split])}'></video>")
+        if entry.get("lifted"):
+            parts.append(f"<figure><img src='{_e(entry['lifted'])}' alt='lifted frames'><figcaption>What lifting adds: the "
+                         "reference frames the generator sees, and the last frame of evenly spaced lifted clips with "
+                         "its target shading map.</figcaption></figure>")
+    parts += ["<h2 id='protocol'>Protocol</h2>", _protocol(results),
+              "<h2 id='timings'>Timings</h2>", _timings(results),
+              "<h2 id='config'>Config</h2>", f"<pre>{_e(json.dumps(results['config'], indent=2))}</pre>",
+              "<h2 id='machine'>Machine</h2>", _machine(results),
+              "<p class='meta'>Data: <a href='results.json'>results.json</a> · <a href='results.md'>results.md</a></p>",
+              "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(results: dict[str, Any], run: Path, out: Path) -> Path:
+    """Pictures, videos and ``index.html`` of a run into ``out``; returns the page's path."""
+    out = Path(out)
+    assets = build_assets(results, Path(run), out)
+    page = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(render_html(results, assets), encoding="utf-8")
+    os.replace(tmp, page)
+    return page

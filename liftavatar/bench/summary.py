@@ -1,0 +1,312 @@
+"""Aggregating a benchmark run: per-metric tables (per subject, mean ± std), the curve over the number of
+lifted expressions, the headline against the acceptance criteria, the plateau sentence, markdown.
+
+Everything here is computed from the files the stages wrote (``eval_*.json``, ``lift.json``, …), so a
+finished run can be re-summarised without re-running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import liftavatar
+
+__all__ = ["METRICS", "SPLITS", "summarise", "plateau_sentence", "headline", "write_markdown", "fmt"]
+
+SCHEMA = "liftavatar-bench/1"
+
+# key in the eval report -> (label, better, unit, decimals)
+METRICS: dict[str, tuple[str, str, str, int]] = {
+    "psnr": ("PSNR", "higher", "dB", 2),
+    "psnr_masked": ("PSNR (foreground)", "higher", "dB", 2),
+    "ssim": ("SSIM", "higher", "", 4),
+    "lpips": ("LPIPS", "lower", "", 4),
+    "fid": ("FID", "lower", "", 2),
+    "aed": ("AED", "lower", "", 4),
+    "apd_rotation": ("APD rotation", "lower", "°", 2),
+    "apd_translation": ("APD translation", "lower", "mm", 2),
+    "csim": ("CSIM", "higher", "", 4),
+}
+SPLITS: dict[str, str] = {
+    "extreme": "unseen extreme expressions and wider poses",
+    "seen": "seen range (held-out frames of the sparse take)",
+}
+NOT_AVAILABLE = "not available (weights not present locally)"
+
+# The acceptance criteria of issue 7 (headline): on the extreme test, lifting raises mean PSNR by at least
+# 1 dB and lowers AED by at least 20 %, losing at most 0.2 dB on the seen-range test, over >= 3 subjects at 128².
+CRITERIA = {"extreme_psnr_gain_db": 1.0, "extreme_aed_reduction": 0.20, "seen_psnr_change_db": -0.2,
+            "min_subjects": 3, "size": 128}
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and standard deviation over subjects (sample std, n − 1; 0 for one subject)."""
+    ok = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not ok:
+        return {"per_subject": list(values), "mean": None, "std": None, "n": 0}
+    std = float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0
+    return {"per_subject": list(values), "mean": float(np.mean(ok)), "std": std, "n": len(ok)}
+
+
+def _metric_value(report: dict[str, Any], key: str) -> tuple[float | None, str | None]:
+    entry = report.get("metrics", {}).get(key)
+    if entry is None:
+        base = key.split("_")[0]
+        skipped = report.get("metrics", {}).get(base, {}).get("skipped")
+        return None, skipped or "not computed"
+    if "skipped" in entry:
+        return None, entry["skipped"]
+    return entry.get("value"), None
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]
+              ) -> dict[str, Any]:
+    """The run's results (see the module docstring) from its files."""
+    from liftavatar.bench.protocol import avatar_dir, subject_dir
+
+    seeds = cfg.subject_seeds()
+    points = cfg.points()
+    subjects: list[dict[str, Any]] = []
+    reasons: dict[str, str] = {}
+    for seed in seeds:
+        sdir = subject_dir(run, seed)
+        track = _load(sdir / "track.json") or {}
+        entry: dict[str, Any] = {
+            "seed": seed, "folder": str(sdir),
+            "tracking": {k: track.get(k) for k in ("frames", "valid", "median_reprojection_px", "frames_per_second")},
+            "split": _load(sdir / "split.json"),
+            "lift": {k: v for k, v in (_load(sdir / "lift.json") or {}).items() if k != "source"},
+            "avatars": {}, "metrics": {split: {} for split in SPLITS},
+        }
+        for k in points:
+            adir = avatar_dir(run, seed, k)
+            entry["avatars"][str(k)] = _load(adir / "job.json")
+            for split in SPLITS:
+                report = _load(adir / f"eval_{split}.json") or {}
+                values = {}
+                for key in METRICS:
+                    values[key], why = _metric_value(report, key)
+                    if why:
+                        reasons.setdefault(key, why)
+                values["frames"] = report.get("gt", {}).get("frames")
+                entry["metrics"][split][str(k)] = values
+        subjects.append(entry)
+
+    def per_subject(split: str, k: int, key: str) -> list[float | None]:
+        return [s["metrics"][split][str(k)][key] for s in subjects]
+
+    tables: dict[str, Any] = {}
+    for split in SPLITS:
+        tables[split] = {}
+        for key, (label, better, unit, _) in METRICS.items():
+            base, lifted = per_subject(split, 0, key), per_subject(split, cfg.lifted, key)
+            available = any(v is not None for v in base + lifted)
+            delta = [None if b is None or v is None else v - b for b, v in zip(base, lifted)]
+            tables[split][key] = {"label": label, "better": better, "unit": unit, "available": available,
+                                  "baseline": _stats(base), "lifted": _stats(lifted), "delta": _stats(delta)}
+            if not available:
+                why = reasons.get(key, "")
+                tables[split][key]["reason"] = (NOT_AVAILABLE + f": {why}") if key in ("lpips", "fid") else why
+
+    curve: dict[str, Any] = {"points": points}
+    cov = [[next((c["coverage"] for c in s["lift"].get("curve", []) if c["k"] == k), None) for s in subjects]
+           for k in points]
+    curve["coverage"] = {"mean": [_stats(c)["mean"] for c in cov], "std": [_stats(c)["std"] for c in cov],
+                         "per_subject": cov}
+    for split in SPLITS:
+        curve[split] = {}
+        for key in METRICS:
+            rows = [per_subject(split, k, key) for k in points]
+            if not any(v is not None for row in rows for v in row):
+                continue
+            st = [_stats(r) for r in rows]
+            curve[split][key] = {"mean": [s["mean"] for s in st], "std": [s["std"] for s in st], "per_subject": rows}
+
+    stages: dict[str, dict[str, Any]] = {}
+    for timing in subject_timings:
+        for name, v in timing.items():
+            s = stages.setdefault(name, {"seconds": 0.0, "resumed": False})
+            s["seconds"] = round(s["seconds"] + float(v.get("seconds", 0.0)), 2)
+            s["resumed"] = s["resumed"] or bool(v.get("resumed"))
+    train_s = sum(float(r.get("train_seconds", 0.0)) for r in records if r)
+    eval_s = sum(float(r.get("eval_seconds", 0.0)) for r in records if r)
+    stages["avatar training"] = {"seconds": round(train_s, 2), "resumed": any(r.get("resumed") for r in records)}
+    stages["evaluation"] = {"seconds": round(eval_s, 2), "resumed": any(r.get("resumed") for r in records)}
+
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "name": cfg.name,
+        "liftavatar_version": liftavatar.__version__,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "run": str(run),
+        "config": asdict(cfg),
+        "methods": {"baseline": {"lifted_expressions": 0, "label": "capture only"},
+                    "lifted": {"lifted_expressions": cfg.lifted,
+                               "label": f"capture + {cfg.lifted} lifted expressions"}},
+        "splits": SPLITS,
+        "subjects": subjects,
+        "tables": tables,
+        "curve": curve,
+        "timings": {"stages": stages, "per_subject": {str(s): t for s, t in zip(seeds, subject_timings)},
+                    "avatars": [r for r in records]},
+    }
+    results["headline"] = headline(results, cfg)
+    results["plateau"] = plateau_sentence(curve, "extreme", "psnr")
+    return results
+
+
+def headline(results: dict[str, Any], cfg) -> dict[str, Any]:
+    """The lifted method against the baseline, on the acceptance criteria."""
+    t = results["tables"]
+    n = len(results["subjects"])
+    gain = t["extreme"]["psnr"]["delta"]["mean"]
+    seen = t["seen"]["psnr"]["delta"]["mean"]
+    aed_b, aed_l = t["extreme"]["aed"]["baseline"]["mean"], t["extreme"]["aed"]["lifted"]["mean"]
+    reduction = None if aed_b in (None, 0) or aed_l is None else 1 - aed_l / aed_b
+    checks = {
+        "extreme_psnr_gain_db": gain is not None and gain >= CRITERIA["extreme_psnr_gain_db"],
+        "extreme_aed_reduction": reduction is not None and reduction >= CRITERIA["extreme_aed_reduction"],
+        "seen_psnr_change_db": seen is not None and seen >= CRITERIA["seen_psnr_change_db"],
+    }
+    assessed = n >= CRITERIA["min_subjects"] and cfg.size == CRITERIA["size"]
+    out = {"lifted_expressions": cfg.lifted, "subjects": n,
+           "extreme_psnr_baseline_db": t["extreme"]["psnr"]["baseline"]["mean"],
+           "extreme_psnr_lifted_db": t["extreme"]["psnr"]["lifted"]["mean"],
+           "extreme_psnr_gain_db": gain, "extreme_aed_baseline": aed_b, "extreme_aed_lifted": aed_l,
+           "extreme_aed_reduction": reduction, "seen_psnr_change_db": seen, "criteria": CRITERIA, "checks": checks,
+           "assessed": assessed, "passed": bool(assessed and all(checks.values()))}
+    words = []
+    if gain is not None:
+        words.append(f"on unseen extreme expressions, lifting with {cfg.lifted} expressions changes mean PSNR by "
+                     f"{gain:+.2f} dB ({out['extreme_psnr_baseline_db']:.2f} → {out['extreme_psnr_lifted_db']:.2f} dB)")
+    if reduction is not None:
+        words.append(f"AED by {-reduction:+.1%} ({aed_b:.4f} → {aed_l:.4f})")
+    if seen is not None:
+        words.append(f"and seen-range PSNR by {seen:+.2f} dB")
+    sentence = ", ".join(words) + f", over {n} held-out subject{'s' if n != 1 else ''} at {cfg.size}²."
+    sentence = sentence[0].upper() + sentence[1:]
+    if assessed:
+        sentence += (" The acceptance criteria (≥ +1.0 dB, ≥ 20 % lower AED, ≤ 0.2 dB lost on the seen range) are "
+                     + ("met." if out["passed"] else "not met: " + ", ".join(k for k, ok in checks.items() if not ok) + "."))
+    else:
+        sentence += (f" Acceptance is judged on at least {CRITERIA['min_subjects']} subjects at "
+                     f"{CRITERIA['size']}²; this run is not such a run.")
+    out["sentence"] = sentence
+    return out
+
+
+def plateau_sentence(curve: dict[str, Any], split: str = "extreme", key: str = "psnr") -> str:
+    """Where the curve of ``key`` on ``split`` plateaus, in words, from the measured means."""
+    points = curve["points"]
+    data = curve.get(split, {}).get(key)
+    label, better, unit, decimals = METRICS[key]
+    if data is None or len(points) < 2 or any(m is None for m in data["mean"]):
+        return f"No {label} curve was measured on the {split} test."
+    means = np.array(data["mean"], dtype=float)
+    sign = 1.0 if better == "higher" else -1.0
+    gains = sign * (means - means[0])
+    best = int(np.argmax(gains))
+    u = f" {unit}" if unit else ""
+
+    def v(x: float) -> str:
+        return f"{x:.{decimals}f}{u}"
+
+    if len(points) == 2:
+        return (f"{label} on the {split} test goes from {v(means[0])} with no lifted expressions to {v(means[1])} "
+                f"with {points[1]}; two points cannot show where the curve plateaus.")
+    if gains[best] <= 0:
+        return (f"Lifting did not improve {label} on the {split} test in this run (it goes from {v(means[0])} with no "
+                f"lifted expressions to {v(means[-1])} with {points[-1]}), so there is no plateau to locate.")
+    k90 = int(np.flatnonzero(gains >= 0.9 * gains[best])[0])
+    text = (f"{label} on the {split} test rises from {v(means[0])} with no lifted expressions to {v(means[best])} "
+            f"with {points[best]} (best point); 90% of that gain is reached at {points[k90]} lifted expressions")
+    if k90 == len(points) - 1:
+        text += f", the largest count measured, so the curve has not plateaued by {points[-1]}."
+    else:
+        later = means[k90 + 1:] - means[k90]
+        spread = float(np.max(np.abs(later)))
+        text += (f", and beyond it the curve moves by at most {spread:.{decimals}f}{u} "
+                 f"(up to {points[-1]}): it plateaus at about {points[k90]} lifted expressions.")
+    return text
+
+
+def fmt(stats: dict[str, Any] | None, decimals: int, signed: bool = False) -> str:
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"{stats['mean']:{sign}.{decimals}f} ± {stats['std']:.{decimals}f}"
+
+
+def _value(x: float | None, decimals: int, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:{'+' if signed else ''}.{decimals}f}"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> Path:
+    """The tables, curve and timings as markdown."""
+    lines = [f"# LiftAvatar benchmark: {results['name']}", "", results["headline"]["sentence"], "",
+             f"Baseline: avatar trained on the tracked sparse capture alone. Lifted: the same capture lifted with "
+             f"{results['methods']['lifted']['lifted_expressions']} expressions. Mean ± std over subjects "
+             f"(seeds {', '.join(str(s['seed']) for s in results['subjects'])}).", ""]
+    for split, title in results["splits"].items():
+        lines += [f"## Test: {title}", "", "| metric | better | baseline | lifted | Δ (lifted − baseline) |",
+                  "|---|---|---|---|---|"]
+        notes = []
+        for key, row in results["tables"][split].items():
+            d = METRICS[key][3]
+            unit = f" ({row['unit']})" if row["unit"] else ""
+            if not row["available"]:
+                reason = row.get("reason") or "n/a"
+                short = NOT_AVAILABLE if reason.startswith(NOT_AVAILABLE) else reason
+                lines.append(f"| {row['label']}{unit} | {row['better']} | {short} | | |")
+                if reason != short:
+                    notes.append(f"{row['label']}: {reason[len(NOT_AVAILABLE) + 2:]}")
+                continue
+            lines.append(f"| {row['label']}{unit} | {row['better']} | {fmt(row['baseline'], d)} | "
+                         f"{fmt(row['lifted'], d)} | {fmt(row['delta'], d, True)} |")
+        lines.append("")
+        lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+        for key, row in results["tables"][split].items():
+            if not row["available"]:
+                continue
+            d = METRICS[key][3]
+            lines += [f"<details><summary>{row['label']} per subject ({split})</summary>", "",
+                      "| subject | baseline | lifted | Δ |", "|---|---|---|---|"]
+            for s, b, v, dd in zip(results["subjects"], row["baseline"]["per_subject"], row["lifted"]["per_subject"],
+                                   row["delta"]["per_subject"]):
+                lines.append(f"| {s['seed']} | {_value(b, d)} | {_value(v, d)} | {_value(dd, d, True)} |")
+            lines += [f"| mean ± std | {fmt(row['baseline'], d)} | {fmt(row['lifted'], d)} | "
+                      f"{fmt(row['delta'], d, True)} |", "", "</details>", ""]
+    curve = results["curve"]
+    lines += ["## Curve over the number of lifted expressions", "", results["plateau"], "",
+              "| lifted expressions | coverage | PSNR extreme (dB) | AED extreme | PSNR seen (dB) |", "|---|---|---|---|---|"]
+    ext, seen = curve.get("extreme", {}), curve.get("seen", {})
+    for i, k in enumerate(curve["points"]):
+        def cell(block, key, d):
+            data = block.get(key)
+            if not data or data["mean"][i] is None:
+                return "n/a"
+            return f"{data['mean'][i]:.{d}f} ± {data['std'][i]:.{d}f}"
+        cov = curve["coverage"]["mean"][i]
+        lines.append(f"| {k} | {'n/a' if cov is None else f'{cov:.1%}'} | {cell(ext, 'psnr', 2)} | "
+                     f"{cell(ext, 'aed', 4)} | {cell(seen, 'psnr', 2)} |")
+    lines += ["", "## Timings (seconds)", "", "| stage | seconds |", "|---|---|"]
+    for name, v in results["timings"]["stages"].items():
+        lines.append(f"| {name} | {v['seconds']:.1f}{' (earlier run)' if v.get('resumed') else ''} |")
+    for name, v in results["timings"].get("wall_seconds_this_invocation", {}).items():
+        lines.append(f"| wall: {name} | {v:.1f} |")
+    lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,168 @@
+"""`liftavatar bench`: the protocol's pieces, and `bench --quick` end to end (results complete, report
+self-contained, runs resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from liftavatar.bench.protocol import (BenchConfig, BenchError, demo_config, full_config, lifted_repeats,
+                                       quick_config, run_bench, subset_capture)
+from liftavatar.bench.summary import METRICS, SPLITS, headline, plateau_sentence
+from liftavatar.capture import Capture
+from liftavatar.cli import main
+from liftavatar.errors import ConfigError
+
+
+def test_configs_follow_the_protocol():
+    full = full_config()
+    assert full.subject_seeds() == [5400, 5401, 5402] and full.size == 128
+    assert full.points() == [0, 25, 50, 100, 200] and full.lifted == 100
+    assert all(5400 <= s < 5500 for s in full_config(subjects=100).subject_seeds())
+    demo = demo_config()
+    assert demo.subject_seeds() == [900001] and demo.points()[0] == 0 and len(demo.points()) == 2
+    quick = quick_config()
+    assert quick.subject_seeds() == [5400] and quick.points() == [0, 1, 2]
+    assert BenchConfig(curve=(0, 50), lifted=100).points() == [0, 50, 100]  # the lifted method is always trained
+    with pytest.raises(ConfigError, match="observed_share"):
+        quick_config(observed_share=1.0).check()
+    with pytest.raises(ConfigError, match="--subjects 0"):
+        quick_config(subjects=0).check()
+    # settings that only change where and how fast a run goes may differ on resume
+    assert full_config(device="cuda", workers=4).protocol() == full.protocol()
+    assert full_config(avatar_iters=10).protocol() != full.protocol()
+
+
+def test_lifted_repeats_balance_observed_and_lifted_draws():
+    assert lifted_repeats(300, 0, 0.5) == 1
+    assert lifted_repeats(300, 800, 0.5) == 3  # 900 observed draws : 800 lifted
+    assert lifted_repeats(300, 1600, 0.5) == 5
+    assert lifted_repeats(300, 1600, 0.0) == 1  # plain union
+    assert lifted_repeats(150, 64, 0.5) == 1
+    assert lifted_repeats(300, 800, 0.75) == 8 and lifted_repeats(150, 80, 0.75) == 2
+
+
+def _curve(means):
+    points = [0, 25, 50, 100, 200]
+    return {"points": points, "extreme": {"psnr": {"mean": means, "std": [0.1] * 5, "per_subject": []}}}
+
+
+def test_plateau_sentence_is_written_from_the_data():
+    text = plateau_sentence(_curve([25.0, 26.0, 26.6, 26.95, 27.0]))
+    assert "plateaus at about 100 lifted expressions" in text and "27.00 dB with 200" in text
+    text = plateau_sentence(_curve([25.0, 25.5, 26.0, 26.5, 27.5]))
+    assert "has not plateaued by 200" in text
+    text = plateau_sentence(_curve([25.0, 24.9, 24.8, 24.9, 24.7]))
+    assert "did not improve" in text
+    assert "two points" in plateau_sentence({"points": [0, 12], "extreme": {"psnr": {"mean": [25, 26], "std": [0, 0]}}})
+
+
+def test_headline_checks_the_acceptance_criteria():
+    def table(base, lifted):
+        return {"baseline": {"mean": base}, "lifted": {"mean": lifted}, "delta": {"mean": lifted - base}}
+
+    results = {"subjects": [{}, {}, {}], "tables": {
+        "extreme": {"psnr": table(25.0, 26.2), "aed": table(0.10, 0.07)}, "seen": {"psnr": table(35.0, 34.9)}}}
+    h = headline(results, full_config())
+    assert h["assessed"] and h["passed"] and abs(h["extreme_aed_reduction"] - 0.3) < 1e-9
+    results["tables"]["seen"]["psnr"] = table(35.0, 34.7)
+    h = headline(results, full_config())
+    assert not h["passed"] and not h["checks"]["seen_psnr_change_db"] and "not met" in h["sentence"]
+    results["subjects"] = [{}]
+    assert not headline(results, full_config())["assessed"]
+
+
+def test_subset_capture_links_frames_and_validates(tmp_path):
+    from liftavatar.synth.world import SynthSpec, synthesize
+
+    source = synthesize(SynthSpec(seed=5499, preset="sparse", frames=5, size=32), tmp_path / "src", progress=False)
+    sub = subset_capture(source, tmp_path / "sub", [4, 1, 2], {"why": "test"}, reference_indices=[0])
+    again = Capture.load(sub.path)
+    assert again.num_frames == 3 and again.meta.reference_indices == [0]
+    assert np.array_equal(again.frame(0), source.frame(4)) and np.array_equal(again.mask(1), source.mask(1))
+    assert np.allclose(again.kinematics.expression, source.kinematics.expression[[4, 1, 2]])
+    assert os.stat(sub.path / "frames" / "000000.png").st_ino == os.stat(source.path / "frames" / "000004.png").st_ino
+
+
+def test_a_run_folder_made_with_other_settings_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": {**quick_config().__dict__,
+                                                                        "avatar_iters": 7}}))
+    with pytest.raises(BenchError, match="avatar_iters"):
+        run_bench(quick_config(), tmp_path / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("x")
+    with pytest.raises(BenchError, match="not a benchmark run folder"):
+        run_bench(quick_config(), tmp_path / "other", force=True)
+    assert (tmp_path / "other" / "precious.txt").is_file()
+
+
+@pytest.mark.slow
+def test_quick_bench_end_to_end(tmp_path, capsys):
+    """`bench --quick` (1 subject, 2 lifted expressions, 60 avatar iterations): results JSON complete,
+    markdown, plot, self-contained HTML report with grids and videos; a second run resumes everything."""
+    out = tmp_path / "quick"
+    assert main(["bench", "--quick", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    report = out / "report" / "index.html"
+    assert printed[-1] == f"report: {report.resolve()}"
+    assert any(line.startswith("stage timings") for line in printed)
+
+    results = json.loads((out / "results.json").read_text())
+    for key in ("schema", "config", "machine", "methods", "subjects", "tables", "curve", "headline", "plateau",
+                "timings", "report"):
+        assert key in results, key
+    assert results["config"]["lifted"] == 2 and len(results["subjects"]) == 1
+    subject = results["subjects"][0]
+    assert subject["seed"] == 5400 and subject["split"]["test_extreme"]["frames"] > 0
+    assert [c["k"] for c in subject["lift"]["curve"]] == [0, 1, 2]
+    for split in SPLITS:
+        for key in METRICS:
+            row = results["tables"][split][key]
+            if key in ("lpips", "fid") and not row["available"]:
+                assert row["reason"].startswith("not available (weights not present locally)")
+                continue
+            assert row["available"], (split, key)
+            for method in ("baseline", "lifted", "delta"):
+                assert row[method]["mean"] is not None and row[method]["std"] is not None, (split, key, method)
+                assert len(row[method]["per_subject"]) == 1
+        for key in ("psnr", "ssim", "aed", "csim"):
+            assert None not in results["curve"][split][key]["mean"], (split, key)
+        assert results["curve"]["points"] == [0, 1, 2]
+    assert 10 < results["tables"]["extreme"]["psnr"]["baseline"]["mean"] < 60
+    h = results["headline"]
+    assert h["assessed"] is False and h["extreme_psnr_gain_db"] is not None and h["sentence"]
+    assert "lifted expressions" in results["plateau"] or "did not improve" in results["plateau"]
+    stages = results["timings"]["stages"]
+    for stage in ("synth", "video", "track", "split", "refs", "lift", "avatar training", "evaluation"):
+        assert stage in stages and stages[stage]["seconds"] >= 0, stage
+
+    from tests.test_report_html import check_self_contained
+
+    check_self_contained(report)
+    folder = report.parent
+    for name in ("curve.png", "grid_s5400_extreme.png", "grid_s5400_seen.png", "video_s5400_extreme.mp4",
+                 "video_s5400_seen.mp4", "lifted_s5400.png", "results.json", "results.md"):
+        assert (folder / name).stat().st_size > 0, name
+    assert "| PSNR (dB) |" in (out / "results.md").read_text()
+    from liftavatar.video import probe_video
+
+    assert probe_video(folder / "video_s5400_extreme.mp4").num_frames == subject["split"]["test_extreme"]["frames"]
+
+    # Resume: every stage and avatar is complete, so nothing is recomputed.
+    assert main(["bench", "--quick", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("synth", "track", "lift"):
+        assert f"{stage}: complete, skipped" in printed
+    again = json.loads((out / "results.json").read_text())
+    assert again["tables"]["extreme"]["psnr"] == results["tables"]["extreme"]["psnr"]
+    assert all(r["resumed"] for r in again["timings"]["avatars"])
+
+    from tests.test_report_html import find_chromium, screenshot
+
+    if find_chromium():
+        image, errors = screenshot(report, tmp_path / "shot.png")
+        assert not errors and image.std() > 20
