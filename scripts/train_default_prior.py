@@ -34,10 +34,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=CONFIG["warmup"])
     parser.add_argument("--data-workers", type=int, default=CONFIG["data_workers"],
                         help="processes rendering batches on the GPU (part of the data's definition: keep it on resume)")
+    parser.add_argument("--fast-path", action="store_true", help="the transformer's fast path (same results)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path's blocks")
     args = parser.parse_args()
     config = TrainConfig(out=args.out, resume=args.resume, time_limit_min=args.minutes, init_from=args.init_from,
                          **{**CONFIG, "steps": args.steps, "batch_size": args.batch_size, "warmup": args.warmup,
-                            "data_workers": args.data_workers})
+                            "data_workers": args.data_workers, "fast_path": args.fast_path or args.compile,
+                            "attention": "cudnn" if args.fast_path or args.compile else "default",
+                            "compile": args.compile})
     prior = train(config)
     print(f"prior: {prior}" if prior else "paused; run again with --resume")
 

@@ -67,6 +67,7 @@ from liftavatar.generator.data import (
     collate,
     num_controls,
 )
+from liftavatar.generator.speed import SpeedConfig
 from liftavatar.generator.transformer import (
     LiftAvatarTransformer,
     TransformerConfig,
@@ -128,6 +129,13 @@ class TrainConfig:
     """σ shift (1 = none; Wan uses 3–5 at high resolution)."""
     control_dropout: float = 0.1
     gradient_checkpointing: bool = False
+    fast_path: bool = False
+    """Run the transformer's fast path (liftavatar/generator/speed.py: per-frame timestep modulation,
+    one checkpoint per block, fused LoRA); equal to the plain path up to float rounding."""
+    attention: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
+    """Preferred attention backend on the fast path."""
+    compile: bool = False
+    """torch.compile the fast path's block unit (measured 1.34x over stock diffusers at 10k tokens on an H100)."""
     ema: float | None = None
     """EMA decay (e.g. 0.999); the final prior takes the EMA weights."""
     save_every: int = 500
@@ -326,6 +334,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     codec.to(device)
 
     model = build_distributed_model(accelerator, config, n_controls)
+    if config.fast_path or config.attention != "default" or config.compile:
+        # Every rank, after the model exists and before accelerate wraps it (FSDP shards the blocks it runs).
+        model.set_speed(SpeedConfig(fast_path=config.fast_path, attention=config.attention, compile=config.compile))
     trainable_keys = list(model.trainable_state_dict())
     frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
     # Frozen tensors a prior must hold (a precomputed prompt embedding): never change, kept as they are.

@@ -66,6 +66,17 @@ def test_resume_continues_exactly(tmp_path, tiny_capture):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_fast_path_trains_the_same_weights(tmp_path, tiny_capture):
+    """--fast-path changes how the forward runs, not what it computes (fp32 on CPU: float rounding only)."""
+    plain = train(_config(tmp_path, tiny_capture, "plain", steps=3), progress=False)
+    fast = train(_config(tmp_path, tiny_capture, "fast", steps=3, fast_path=True), progress=False)
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(fast / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    with pytest.raises(ConfigError, match="fast_path"):
+        train(_config(tmp_path, tiny_capture, "bad", steps=1, compile=True), progress=False)
+
+
 def test_existing_run_needs_resume(tmp_path, tiny_capture):
     train(_config(tmp_path, tiny_capture, "run", steps=1), progress=False)
     with pytest.raises(ConfigError, match="--resume"):
