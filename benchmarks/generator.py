@@ -30,7 +30,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from liftavatar.generator.data import generation_inputs
-from liftavatar.generator.pipeline import LiftAvatarPipeline
+from liftavatar.generator.pipeline import LiftAvatarPipeline, video_to_uint8
 from liftavatar.generator.prior import resolve_prior
 from liftavatar.metrics.identity import csim
 from liftavatar.metrics.kinematic import aed, track_frames
@@ -67,10 +67,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 def ssim(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return np.array([structural_similarity(x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy(), channel_axis=2,
                                            data_range=1.0) for x, y in zip(a, b)])
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 def main() -> None:
@@ -118,11 +114,12 @@ def main() -> None:
                 generated += len(video)
                 row = {"seed": seed, "psnr": float(psnr(video, truth).mean()), "ssim": float(ssim(video, truth).mean())}
                 if face_metrics:
-                    tracked = track_frames(to_uint8(video), tuple(extreme.meta.intrinsics))
+                    video8 = video_to_uint8(video)
+                    tracked = track_frames(video8, tuple(extreme.meta.intrinsics))
                     both = tracked.valid & tracked_truth.valid
                     row["aed"] = aed(tracked.expression, tracked_truth.expression, both)
                     row["aed_frames"] = int(both.sum())
-                    similarity = csim(to_uint8(video), truth8)
+                    similarity = csim(video8, truth8)
                     row["csim"] = similarity.mean
                     row["csim_missed"] = len(similarity.missed)
                 per_setting[setting.name].append(row)
@@ -133,7 +130,7 @@ def main() -> None:
                     floor.update(reference_copy_psnr=float(copy[0]),
                                  reference_copy_ssim=float(ssim(best_ref, truth).mean()))
                     if face_metrics:
-                        floor["reference_copy_csim"] = csim(to_uint8(best_ref), truth8).mean
+                        floor["reference_copy_csim"] = csim(video_to_uint8(best_ref), truth8).mean
                     for f in range(0, args.frames, max(1, args.frames // 3))[:3]:
                         refs = torch.cat(list(inputs.ref_frames[:3]), 1)  # a column of 3 references
                         refs = torch.nn.functional.interpolate(refs[None], size=(size, size // 3), mode="area")[0]

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 
 from liftavatar.generator.speed import SpeedConfig, wan_forward_flops
 from liftavatar.generator.transformer import LiftAvatarTransformer, TransformerConfig
-from liftavatar.report import machine_info
+from liftavatar.report import json_safe, machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D = 43  # kinematic controls per frame: 37 expression coefficients + 6 pose
@@ -145,7 +145,7 @@ class Bench:
         out = Path(self.args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(_finite(self.results), indent=2, default=str))
+        tmp.write_text(json.dumps(json_safe(self.results), indent=2, default=str))
         tmp.replace(out)
 
     def sync(self) -> None:
@@ -257,10 +257,7 @@ class Bench:
     # ---- the measured operations ------------------------------------------------------------------------
 
     def train(self, side: str, size: str, shape: Shape, speed: SpeedConfig | None = None) -> dict:
-        base, ours = self.model(size)
-        model = base if side == "stock" else ours
-        if side != "stock":
-            ours.set_speed(speed or SpeedConfig())
+        base, ours, model = self._side(side, size, speed)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -286,22 +283,11 @@ class Bench:
 
             return self.timed(step)
 
-        result = self.measure(model, _static_bytes(model), run)
-        tokens = shape.tokens(base.config.patch_size)
-        flops = 3 * self.flops(base, tokens)
-        result.update(tokens=tokens, tokens_per_s=tokens / result["s"], model_tflop=flops / 1e12,
-                      tflops_per_s=flops / result["s"] / 1e12)
-        self._share(result)
-        if speed is not None:
-            result["speed"] = vars(speed)
-        return result
+        return self._rate(model, base, shape, run, passes=3, speed=speed)
 
     def forward(self, side: str, size: str, shape: Shape, speed: SpeedConfig | None = None,
                 repeats: int | None = None) -> dict:
-        base, ours = self.model(size)
-        model = base if side == "stock" else ours
-        if side != "stock":
-            ours.set_speed(speed or SpeedConfig())
+        base, ours, model = self._side(side, size, speed)
         model.eval()
 
         def run():
@@ -316,9 +302,20 @@ class Bench:
             with torch.no_grad():
                 return self.timed(call, repeats)
 
+        return self._rate(model, base, shape, run, passes=1, speed=speed)
+
+    def _side(self, side: str, size: str, speed: SpeedConfig | None):
+        """(stock base, ours, the model of ``side``), ours set to ``speed`` (default: the plain path)."""
+        base, ours = self.model(size)
+        if side != "stock":
+            ours.set_speed(speed or SpeedConfig())
+        return base, ours, base if side == "stock" else ours
+
+    def _rate(self, model, base, shape: Shape, run, passes: int, speed: SpeedConfig | None) -> dict:
+        """Time ``run``, then tokens/s and model FLOP/s (``passes`` × the forward FLOPs: 3 for a training step)."""
         result = self.measure(model, _static_bytes(model), run)
         tokens = shape.tokens(base.config.patch_size)
-        flops = self.flops(base, tokens)
+        flops = passes * self.flops(base, tokens)
         result.update(tokens=tokens, tokens_per_s=tokens / result["s"], model_tflop=flops / 1e12,
                       tflops_per_s=flops / result["s"] / 1e12)
         self._share(result)
@@ -949,17 +946,6 @@ def _count(module) -> int:
 
 def _static_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-def _finite(value):
-    """JSON-safe: non-finite floats → null, tuples → lists."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def main() -> None:

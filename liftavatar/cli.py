@@ -354,9 +354,9 @@ def run_generate(cfg: Generate) -> None:
 
 def _write_frames(video, out: Path, fps: float) -> Path:
     """(N, 3, H, W) float frames → an .mp4 or a folder of PNGs (written under a temporary name, then renamed)."""
-    import numpy as np
+    from liftavatar.generator.pipeline import video_to_uint8
 
-    frames = (video.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    frames = video_to_uint8(video)
     if out.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi"):
         from liftavatar.video import write_video
 

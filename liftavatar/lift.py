@@ -122,7 +122,7 @@ def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = N
     """Lift ``capture_path`` into ``out`` (see the module docstring). Returns the new capture and a report."""
     from liftavatar.face.rig import FaceRig
     from liftavatar.generator.data import _images, kinematic_controls, reference_indices, reference_inputs
-    from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline
+    from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, video_to_uint8
     from liftavatar.generator.prior import resolve_prior
     from liftavatar.synth.kinematics import expression_keyframes
 
@@ -175,7 +175,7 @@ def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = N
                                                                                    translation[sl])))
             video = pipe(inputs, steps=config.steps, guidance=config.guidance, seed=config.seed + c,
                          solver=config.solver)
-            rgb = (video.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+            rgb = video_to_uint8(video)
             for j in range(frames):
                 writer.add_frame(n0 + c * frames + j, rgb[j], masks[j], shading[j])
             bar.update(1)

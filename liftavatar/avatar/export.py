@@ -24,12 +24,13 @@ avatar was trained with (``sh_frame``; "local" means the bound triangle's frame)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from liftavatar.avatar.model import Avatar, gaussians_world, triangle_frames
+from liftavatar.avatar.model import Avatar, gaussians_world, render_avatar, triangle_frames
 
 __all__ = ["VIDEO_SUFFIXES", "export_ply", "read_ply", "render_kinematics"]
 
@@ -94,6 +95,29 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
+def render_frames(avatar: Avatar, kinematics, intrinsics, size: tuple[int, int],
+                  background: tuple[float, float, float] = (0.0, 0.0, 0.0), batch: int = 8,
+                  backend: str = "auto") -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 frames of ``avatar`` (on its device) driven by ``kinematics`` (a Capture's) and seen
+    through ``intrinsics`` (fx, fy, cx, cy) at ``size`` (H, W), rendered in batches; frames marked
+    invalid are plain background."""
+    from liftavatar.face.rig import FaceRig
+
+    rig = FaceRig.load()
+    device = avatar.device
+    k = torch.tensor(intrinsics, dtype=torch.float32, device=device)
+    bg = torch.tensor(background, dtype=torch.float32, device=device)
+    n = len(kinematics.expression)
+    for start in range(0, n, batch):
+        sl = slice(start, min(n, start + batch))
+        verts = avatar.vertices(torch.from_numpy(kinematics.expression[sl]), torch.from_numpy(kinematics.rotation[sl]),
+                                torch.from_numpy(kinematics.translation[sl]), rig)
+        rgb, _, _ = render_avatar(avatar, verts, k, size, background=bg, backend=backend)
+        rgb[torch.from_numpy(~kinematics.valid[sl]).to(device)] = bg
+        yield from (rgb.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
+
+
+@torch.no_grad()
 def render_kinematics(
     avatar: Avatar,
     capture_path: str | Path,
@@ -122,9 +146,8 @@ def render_kinematics(
     """
     from tqdm import tqdm
 
-    from liftavatar.avatar.model import AvatarError, render_avatar
+    from liftavatar.avatar.model import AvatarError
     from liftavatar.capture import Capture
-    from liftavatar.face.rig import FaceRig
 
     capture = Capture.load(capture_path)
     names = list(capture.meta.expression_names)
@@ -134,29 +157,15 @@ def render_kinematics(
             f"rig has {len(avatar.meta.expression_names)} ({avatar.meta.rig.get('name')}); use a capture tracked "
             f"or synthesised with the same rig."
         )
-    rig = FaceRig.load()
-    avatar = avatar.to(device)
     h0, w0 = capture.size
     height = int(size) if size else h0
     width = max(1, round(height * w0 / h0))
     fx, fy, cx, cy = capture.meta.intrinsics
-    k = torch.tensor([fx * width / w0, fy * height / h0, cx * width / w0, cy * height / h0], device=device)
-    kin = capture.kinematics
-    bg = torch.tensor(background, dtype=torch.float32, device=device)
+    k = (fx * width / w0, fy * height / h0, cx * width / w0, cy * height / h0)
     n = capture.num_frames
-
-    def frames():
-        for start in range(0, n, batch):
-            sl = slice(start, min(n, start + batch))
-            verts = avatar.vertices(torch.from_numpy(kin.expression[sl]), torch.from_numpy(kin.rotation[sl]),
-                                    torch.from_numpy(kin.translation[sl]), rig)
-            rgb, _, _ = render_avatar(avatar, verts, k, (height, width), background=bg, backend=backend)
-            rgb[torch.from_numpy(~kin.valid[sl]).to(device)] = bg
-            for image in (rgb.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy():
-                yield image
-
+    frames = render_frames(avatar.to(device), capture.kinematics, k, (height, width), background, batch, backend)
     out = Path(out)
-    stream = tqdm(frames(), total=n, desc="render", unit="frame", disable=not progress)
+    stream = tqdm(frames, total=n, desc="render", unit="frame", disable=not progress)
     if out.suffix.lower() in VIDEO_SUFFIXES:
         from liftavatar.video import write_video
 

@@ -40,7 +40,6 @@ Then the run's results are aggregated (:mod:`liftavatar.bench.summary`) into ``r
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -55,6 +54,7 @@ import numpy as np
 import liftavatar
 from liftavatar.capture import IMAGE_DIRS, PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter
 from liftavatar.errors import ConfigError, LiftAvatarError
+from liftavatar.report import json_safe
 
 __all__ = ["BenchConfig", "DEMO_SEED", "SEED_BASE", "quick_config", "demo_config", "full_config", "run_bench",
            "subject_dir", "prepare_subject", "avatar_job", "subset_capture", "lifted_repeats"]
@@ -154,7 +154,7 @@ class BenchConfig:
 
     def protocol(self) -> dict[str, Any]:
         """The fields that decide the numbers (what a resumed run must share with the first one)."""
-        return {k: v for k, v in _jsonable(asdict(self)).items() if k not in self.RUNTIME_FIELDS}
+        return {k: v for k, v in json_safe(asdict(self)).items() if k not in self.RUNTIME_FIELDS}
 
 
 def full_config(**overrides: Any) -> BenchConfig:
@@ -176,20 +176,6 @@ def demo_config(**overrides: Any) -> BenchConfig:
     base = BenchConfig(name="demo", seeds=(DEMO_SEED,), subjects=1, train_frames=150, seen_frames=30,
                        extreme_frames=40, curve=(0, 10), lifted=10, avatar_iters=1200, grid_frames=6)
     return replace(base, **overrides)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    return value
 
 
 def config_from_json(data: dict[str, Any]) -> BenchConfig:
@@ -220,7 +206,7 @@ def _write_json(path: Path, data: Any) -> Path:
     """Atomically (temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -288,7 +274,7 @@ def subset_capture(source: Capture, out: Path, indices: Sequence[int], note: dic
     indices = [int(i) for i in indices]
     meta = CaptureMeta(**{**asdict(source.meta), "num_frames": len(indices), "reference_indices": None,
                           "creator": {"verb": "bench", "version": liftavatar.__version__,
-                                      "config": {"source": str(source.path), **_jsonable(note)}}})
+                                      "config": {"source": str(source.path), **json_safe(note)}}})
     writer = CaptureWriter(out, meta, overwrite=True)
     for new, old in enumerate(indices):
         for folder in IMAGE_DIRS:
@@ -489,23 +475,11 @@ def _gt_frames(capture: Capture) -> tuple[np.ndarray, np.ndarray]:
 
 def render_capture(avatar, capture: Capture, device: str, batch: int = 8) -> np.ndarray:
     """(N, H, W, 3) uint8 renders (over black) of ``avatar`` driven by ``capture``'s kinematics and camera."""
-    import torch
+    from liftavatar.avatar.export import render_frames
 
-    from liftavatar.avatar.model import render_avatar
-    from liftavatar.face.rig import FaceRig
-
-    rig = FaceRig.load()
-    kin = capture.kinematics
-    k = torch.tensor(capture.meta.intrinsics, dtype=torch.float32, device=device)
-    out = []
-    with torch.no_grad():
-        for start in range(0, capture.num_frames, batch):
-            sl = slice(start, min(capture.num_frames, start + batch))
-            verts = avatar.vertices(torch.from_numpy(kin.expression[sl]), torch.from_numpy(kin.rotation[sl]),
-                                    torch.from_numpy(kin.translation[sl]), rig)
-            rgb, _, _ = render_avatar(avatar, verts, k, tuple(capture.size))
-            out.append((rgb.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy())
-    return np.concatenate(out)
+    frames = render_frames(avatar.to(device), capture.kinematics, tuple(capture.meta.intrinsics),
+                           tuple(capture.size), batch=batch)
+    return np.stack(list(frames))
 
 
 def evaluate_avatar(avatar, test_path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], np.ndarray]:

@@ -50,6 +50,11 @@ class GenerationInputs:
     controls: torch.Tensor  # (N, D) target kinematic controls
 
 
+def video_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """The pipeline's (N, 3, H, W) float frames in [0, 1] → (N, H, W, 3) uint8, rounded, as captures store them."""
+    return (video.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
 def window_starts(num_frames: int, window: int, overlap: int) -> list[int]:
     """Starts of overlapping windows covering ``num_frames`` (the last one flush with the end)."""
     if num_frames <= window:

@@ -28,7 +28,6 @@ selective checkpointing, torch.compile); the default is the plain path.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from liftavatar.errors import ConfigError
+from liftavatar.report import json_safe
 from liftavatar.generator import speed as fast
 from liftavatar.generator.speed import SpeedConfig
 
@@ -554,16 +554,3 @@ def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], source: Path, 
         raise ConfigError(f"{source}: {len(missing)} weights missing (first: {missing[0]}); the prior is incomplete.")
     model.load_state_dict(state, strict=False)
 
-
-def json_safe(value: Any) -> Any:
-    """JSON-safe copy: tuples → lists, FrozenDict → dict, Path → str, non-finite floats → null, private
-    (``_``-prefixed) diffusers config keys dropped."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
