@@ -142,6 +142,11 @@ def worker(args: argparse.Namespace) -> None:
             "trainable_parameters": n_trainable, "final_loss": loss,
         }
         args.worker.write_text(json.dumps(result, indent=2))
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        # Gloo's threads still running at interpreter exit sometimes abort a rank ("terminate called
+        # without an active exception", SIGABRT; seen once in a fresh-clone CI run): tear down first.
+        torch.distributed.destroy_process_group()
 
 
 # ---- the driver: one launch per GPU count ----------------------------------------------------------------
