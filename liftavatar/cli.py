@@ -138,6 +138,9 @@ class Bench:
     """Lifted clips keep the capture's head poses or also turn toward wider ones (default wide)."""
     prior: Path | None = None
     """Prior directory (default: the embedded prior)."""
+    until: Literal["synth", "video", "track", "split", "refs", "lift", "avatars", "eval"] | None = None
+    """Stop after this stage, to go on elsewhere with the run folder copied there (for example: data stages up
+    to refs where the tracker is installed, lift and avatars on a GPU, then evaluation and report back here)."""
     force: bool = False
     """Start the run over instead of resuming it."""
 
@@ -220,7 +223,11 @@ def run_bench(cfg: Bench) -> None:
     make = quick_config if cfg.quick else full_config
     config = make(**overrides, device=cfg.device, workers=_workers(cfg.workers, cfg.device))
     started = time.perf_counter()
-    _finish(bench(config, cfg.out, force=cfg.force), started)
+    results = bench(config, cfg.out, force=cfg.force, until=cfg.until)
+    if "stopped_after" in results:
+        print(f"finished in {time.perf_counter() - started:.0f} s; run folder: {Path(cfg.out).resolve()}")
+        return
+    _finish(results, started)
 
 
 def run_demo(cfg: Demo) -> None:

@@ -133,31 +133,28 @@ def build_assets(results: dict[str, Any], run: Path, out: Path) -> dict[str, Any
             write_video(video, (labelled_row([_up(gt[i]), _up(base[i]), _up(lifted[i])], labels) for i in range(n)),
                         test.meta.fps)
             entry["videos"][split] = video.name
-        entry["lifted"] = _lifted_samples(results, sdir, out, seed)
+        entry["lifted"] = _lifted_samples(sdir, out, seed)
         assets["subjects"].append(entry)
     return assets
 
 
-def _lifted_samples(results: dict[str, Any], sdir: Path, out: Path, seed: int, count: int = 8) -> str | None:
-    """References, then target shading maps and generated frames at the end of evenly spaced lifted clips."""
-    from liftavatar.capture import Capture
+def _lifted_samples(sdir: Path, out: Path, seed: int) -> str | None:
+    """References, then target shading maps and generated frames at the end of evenly spaced lifted clips
+    (the arrays the lift stage saved)."""
+    from liftavatar.bench.protocol import LIFT_SAMPLES
 
-    path = sdir / "lifted"
-    lift = results_subject(results, seed).get("lift", {})
-    if not (path / "capture.json").is_file() or "window" not in lift:
+    path = sdir / LIFT_SAMPLES
+    if not path.is_file():
         return None
-    lifted = Capture.load(path)
-    train = Capture.load(sdir / "train")
-    n0, window = train.num_frames, int(lift["window"])
-    clips = (lifted.num_frames - n0) // window
-    if clips < 1:
+    with np.load(path) as data:
+        refs, ref_idx = data["references"], data["reference_indices"].tolist()
+        shading, generated, clips = data["shading"], data["generated"], data["clips"].tolist()
+    if not clips:
         return None
-    ends = [n0 + (c + 1) * window - 1 for c in np.unique(np.linspace(0, clips - 1, min(count, clips)).round().astype(int))]
-    refs = lifted.meta.reference_indices or []
-    rows = [[_up(lifted.frame(i)) for i in refs], [_up(lifted.shading(i)) for i in ends], [_up(lifted.frame(i)) for i in ends]]
-    captions = [[f"frame {i}" for i in refs], [f"clip {(i - n0) // window}" for i in ends], ["generated"] * len(ends)]
+    rows = [[_up(f) for f in refs], [_up(f) for f in shading], [_up(f) for f in generated]]
+    captions = [[f"frame {i}" for i in ref_idx], [f"clip {c}" for c in clips], ["generated"] * len(clips)]
     labels = ["references (K-means)", "target shading", "lifted frame"]
-    if not refs:
+    if not ref_idx:
         rows, captions, labels = rows[1:], captions[1:], labels[1:]
     return _save_png(labelled_grid(rows, labels, captions), out / f"lifted_s{seed}.png")
 
@@ -334,6 +331,8 @@ def _timings(results: dict[str, Any]) -> str:
 def _machine(results: dict[str, Any]) -> str:
     info = dict(results.get("machine", {}))
     info["workers"] = results.get("workers", 1)
+    for stage, names in results.get("stage_machines", {}).items():
+        info[f"{stage} ran on"] = ", ".join(names)
     return "<table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in info.items()) + "</table>"
 
 

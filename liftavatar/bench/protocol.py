@@ -29,9 +29,14 @@ was trained on 100000–101999). Per subject, each stage writes into its own fol
    that share of the draws (lifted frames would otherwise outnumber them up to 5 to 1), and lifted
    frames weigh ``lifted_weight`` in the loss (generated frames are less exact than filmed ones).
    Every avatar gets the same iterations, initial seed and settings.
-8. **eval** — each avatar drives through the test captures' tracked kinematics and camera; renders
-   over black are compared with the test frames times their masks: PSNR, SSIM, AED, APD, CSIM
-   (LPIPS and FID when their weights are on disk), with :func:`liftavatar.metrics.evaluate.evaluate`.
+   Each avatar then drives through the test captures' tracked kinematics and camera, rendering over
+   black (``renders_{split}.npz``).
+8. **eval** — the renders are compared with the test frames times their masks: PSNR, SSIM, AED, APD,
+   CSIM (LPIPS and FID when their weights are on disk), with :func:`liftavatar.metrics.evaluate.evaluate`.
+   It reads only the files of stage 7, so renders made on a GPU machine evaluate on another.
+
+A stage is skipped when its record is complete or a later stage's is, so a run folder may travel between
+machines without the earlier stages' bulky outputs (``run_bench(until=...)``, ``bench --until``).
 
 Then the run's results are aggregated (:mod:`liftavatar.bench.summary`) into ``results.json``,
 ``results.md``, plots, and the HTML report (:mod:`liftavatar.bench.html`) in ``RUN/report/``.
@@ -57,13 +62,18 @@ from liftavatar.errors import ConfigError, LiftAvatarError
 from liftavatar.report import json_safe
 
 __all__ = ["BenchConfig", "DEMO_SEED", "SEED_BASE", "quick_config", "demo_config", "full_config", "run_bench",
-           "subject_dir", "prepare_subject", "avatar_job", "subset_capture", "lifted_repeats"]
+           "subject_dir", "prepare_subject", "avatar_job", "eval_job", "subset_capture", "lifted_repeats", "STAGES"]
 
 SEED_BASE = 5400
 """Benchmark subjects are 5400, 5401, …: held out from the prior's training seeds (100000–101999)."""
 DEMO_SEED = 900001
 """The demo's held-out subject."""
 METRICS = ("psnr", "ssim", "lpips", "fid", "aed", "apd", "csim")
+SPLITS = ("extreme", "seen")
+LIFT_SAMPLES = "lift_samples.npz"
+SUBJECT_STAGES = ("synth", "video", "track", "split", "refs", "lift")
+STAGES = (*SUBJECT_STAGES, "avatars", "eval")
+"""Every stage in order; ``run_bench(until=...)`` stops after one of them (a run split across machines)."""
 
 
 class BenchError(LiftAvatarError):
@@ -257,6 +267,14 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def machine_name(device: str) -> str:
+    """Where a stage ran, in words (a run's stages may run on different machines)."""
+    from liftavatar.report import machine_info
+
+    info = machine_info(device)
+    return str(info["gpu"]) if "gpu" in info else f"{info['cpu']} ({info['cpu_count']} cores)"
+
+
 def _cpu(device: str) -> bool:
     return not str(device).startswith("cuda")
 
@@ -420,35 +438,63 @@ def lift_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
         new = lifted.kinematics.expression[n0:n0 + k * window]
         curve.append({"k": k, "lifted_frames": k * window,
                       "coverage": coverage(held_out, np.concatenate([observed, new]), config.coverage_radius)})
-    summary = {**report, "window": window, "observed_frames": int(len(observed)), "curve": curve}
+    _save_lift_samples(lifted, n0, window, sdir / LIFT_SAMPLES)
+    summary = {**report, "window": window, "observed_frames": int(len(observed)), "curve": curve,
+               "machine": machine_name(cfg.device)}
     _write_json(sdir / "lift.json", summary)
     return summary
 
 
-def prepare_subject(cfg: BenchConfig, run: Path, seed: int, progress: bool = True) -> dict[str, Any]:
-    """Stages 1–6 for one subject (each skipped when its output is complete); returns its timings."""
+def _save_lift_samples(lifted: Capture, n0: int, window: int, path: Path, count: int = 8) -> None:
+    """The references, and the target shading and generated frame at the end of ``count`` evenly spaced lifted
+    clips, for the report (a few hundred kB, so the report needs no lifted capture on disk)."""
+    clips = (lifted.num_frames - n0) // window
+    chosen = np.unique(np.linspace(0, max(clips - 1, 0), min(count, clips)).round().astype(int)) if clips else []
+    ends = [n0 + (int(c) + 1) * window - 1 for c in chosen]
+    refs = [int(i) for i in lifted.meta.reference_indices or []]
+    empty = np.zeros((0, *lifted.size, 3), np.uint8)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, references=lifted.frames(refs) if refs else empty, reference_indices=np.array(refs, int),
+                        shading=lifted.shadings(ends) if ends else empty, generated=lifted.frames(ends) if ends else empty,
+                        clips=np.asarray(chosen, int))
+    os.replace(tmp, path)
+
+
+def subject_stages_done(cfg: BenchConfig, sdir: Path) -> dict[str, bool]:
+    """Per data stage, whether it need not run: its own output is complete, or a later stage's is (an earlier
+    stage's outputs are only inputs to later ones, so a run folder copied to another machine without them —
+    the recording, the synthetic takes — resumes where it stopped)."""
+    own = {
+        "synth": _is_capture(sdir / "synth" / "sparse") and _is_capture(sdir / "synth" / "extreme"),
+        "video": (sdir / "recording" / "recording.json").is_file(),
+        "track": _is_capture(sdir / "tracked") and (sdir / "track.json").is_file(),
+        "split": (sdir / "split.json").is_file() and all(_is_capture(sdir / n)
+                                                          for n in ("train", "test_seen", "test_extreme")),
+        "refs": _refs_done(cfg, sdir),
+        # lift.json is written last, after the lifted captures and samples: it is the stage's record.
+        "lift": (sdir / "lift.json").is_file() and (sdir / LIFT_SAMPLES).is_file(),
+    }
+    done, later = {}, False
+    for name in reversed(SUBJECT_STAGES):
+        later = later or own[name]
+        done[name] = later
+    return {name: done[name] for name in SUBJECT_STAGES}
+
+
+def prepare_subject(cfg: BenchConfig, run: Path, seed: int, progress: bool = True,
+                    until: str = "lift") -> dict[str, Any]:
+    """Stages 1–6 for one subject, up to and including ``until`` (each skipped when complete); returns its timings."""
     sdir = subject_dir(run, seed)
     sdir.mkdir(parents=True, exist_ok=True)
     log = _Log(sdir, f"s{seed}")
-    with log.stage("synth", _is_capture(sdir / "synth" / "sparse") and _is_capture(sdir / "synth" / "extreme")) as go:
-        if go:
-            synth_stage(cfg, sdir, seed, progress)
-    with log.stage("video", (sdir / "recording" / "recording.json").is_file()) as go:
-        if go:
-            video_stage(cfg, sdir, seed)
-    with log.stage("track", _is_capture(sdir / "tracked") and (sdir / "track.json").is_file()) as go:
-        if go:
-            track_stage(cfg, sdir, progress)
-    with log.stage("split", (sdir / "split.json").is_file() and all(
-            _is_capture(sdir / n) for n in ("train", "test_seen", "test_extreme"))) as go:
-        if go:
-            split_stage(cfg, sdir)
-    with log.stage("refs", _refs_done(cfg, sdir)) as go:
-        if go:
-            refs_stage(cfg, sdir)
-    with log.stage("lift", (sdir / "lift.json").is_file() and _is_capture(sdir / "lifted")) as go:
-        if go:
-            lift_stage(cfg, sdir, progress)
+    done = subject_stages_done(cfg, sdir)
+    steps = {"synth": lambda: synth_stage(cfg, sdir, seed, progress), "video": lambda: video_stage(cfg, sdir, seed),
+             "track": lambda: track_stage(cfg, sdir, progress), "split": lambda: split_stage(cfg, sdir),
+             "refs": lambda: refs_stage(cfg, sdir), "lift": lambda: lift_stage(cfg, sdir, progress)}
+    for name in SUBJECT_STAGES[:SUBJECT_STAGES.index(until) + 1]:
+        with log.stage(name, done[name]) as go:
+            if go:
+                steps[name]()
     return log.timings
 
 
@@ -482,24 +528,23 @@ def render_capture(avatar, capture: Capture, device: str, batch: int = 8) -> np.
     return np.stack(list(frames))
 
 
-def evaluate_avatar(avatar, test_path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], np.ndarray]:
-    """The metrics report of ``avatar`` on one test capture, and its renders."""
+def evaluate_renders(renders: np.ndarray, test_path: Path, cfg: BenchConfig) -> dict[str, Any]:
+    """The metrics report of an avatar's ``renders`` of one test capture."""
     from liftavatar.metrics.evaluate import EvalConfig, evaluate
     from liftavatar.metrics.sources import FrameSet
 
     test = Capture.load(test_path)
-    renders = render_capture(avatar, test, cfg.device)
     gt, masks = _gt_frames(test)
     intrinsics = tuple(float(v) for v in test.meta.intrinsics)
     pred = FrameSet(None, "array", renders, intrinsics=intrinsics)
     truth = FrameSet(test.path, "capture", gt, masks, test.kinematics, intrinsics)
     config = EvalConfig(metrics=tuple(cfg.metrics), kinematics="tracked", masked=True, device=cfg.device)
-    return evaluate(pred, truth, config), renders
+    return evaluate(pred, truth, config)
 
 
 def avatar_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = True) -> dict[str, Any]:
-    """Train the avatar with ``k`` lifted expressions (resuming its checkpoint) and evaluate it on both
-    test captures. Skipped when its ``job.json`` exists. Returns the job record."""
+    """Train the avatar with ``k`` lifted expressions (resuming its checkpoint) and render it through both test
+    captures' kinematics (``renders_{split}.npz``). Skipped when its ``job.json`` exists. Returns the job record."""
     from liftavatar.avatar.model import load_avatar
     from liftavatar.avatar.train import TrainConfig, train_avatar
 
@@ -525,15 +570,37 @@ def avatar_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = 
         start = time.perf_counter()
         avatar = load_avatar(out, device=cfg.device)
         record["gaussians"] = avatar.num_gaussians
-        for split in ("extreme", "seen"):
-            report, renders = evaluate_avatar(avatar, sdir / f"test_{split}", cfg)
-            _write_json(out / f"eval_{split}.json", report)
+        for split in SPLITS:
+            renders = render_capture(avatar, Capture.load(sdir / f"test_{split}"), cfg.device)
             tmp = out / f".renders_{split}.tmp.npz"
             np.savez_compressed(tmp, renders=renders)
             os.replace(tmp, out / f"renders_{split}.npz")
-        record["eval_seconds"] = round(time.perf_counter() - start, 2)
+        record["render_seconds"] = round(time.perf_counter() - start, 2)
+    record["machine"] = machine_name(cfg.device)
     _write_json(done, record)
     return {**record, "resumed": False}
+
+
+def eval_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = True) -> dict[str, Any]:
+    """Metrics of the avatar's renders on both test captures (``eval_{split}.json``), from the files
+    :func:`avatar_job` wrote: no avatar is loaded, so renders made on another machine evaluate here.
+    Skipped when both reports exist. Returns ``{"eval_seconds", "resumed"}``."""
+    out = avatar_dir(run, seed, k)
+    if all((out / f"eval_{split}.json").is_file() for split in SPLITS):
+        return {"eval_seconds": json.loads((out / "job.json").read_text()).get("eval_seconds", 0.0), "resumed": True}
+    start = time.perf_counter()
+    for split in SPLITS:
+        path = out / f"renders_{split}.npz"
+        if not path.is_file():
+            raise BenchError(f"{path}: missing; the avatar stage writes it (run the bench without --until, or copy "
+                             f"the avatars folder back from the machine that trained them).")
+        with np.load(path) as data:
+            renders = data["renders"]
+        _write_json(out / f"eval_{split}.json", evaluate_renders(renders, subject_dir(run, seed) / f"test_{split}", cfg))
+    seconds = round(time.perf_counter() - start, 2)
+    record = json.loads((out / "job.json").read_text())
+    _write_json(out / "job.json", {**record, "eval_seconds": seconds})
+    return {"eval_seconds": seconds, "resumed": False}
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -610,19 +677,28 @@ def _check_run_dir(run: Path, cfg: BenchConfig, force: bool) -> None:
     _write_json(path, {"liftavatar_version": liftavatar.__version__, "config": asdict(cfg)})
 
 
-def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the benchmark into ``out``: stages per subject, avatars, aggregation, report.
+def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: bool = True,
+              until: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the benchmark into ``out``: stages per subject, avatars, evaluation, aggregation, report.
 
-    Returns the results (also in ``out/results.json``); ``results["report"]`` is the HTML report's path.
+    ``until`` (one of :data:`STAGES`) stops after that stage for every subject, without results: a run split
+    across machines makes its data stages on one (say ``until="refs"`` where the tracker is installed), lifts
+    and trains avatars on a GPU (``until="avatars"``), and evaluates and reports back on the first; each part
+    resumes from the files the other left. Returns the results (also in ``out/results.json``;
+    ``results["report"]`` is the HTML report's path), or ``{"stopped_after": until}``.
     """
+    from functools import partial
+
     from liftavatar.bench.html import write_report
     from liftavatar.bench.summary import summarise, write_markdown
     from liftavatar.report import machine_info
 
     cfg.check()
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until {until}: use one of {', '.join(STAGES)}.")
     run = Path(out)
     _check_run_dir(run, cfg, force)
-    if cfg.prior is None:
+    if cfg.prior is None and until not in ("synth", "video", "track", "split", "refs"):
         from liftavatar.generator.prior import resolve_prior
 
         resolve_prior(None)  # fail now, not after synthesis, when no prior is installed
@@ -632,19 +708,34 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
     clock: dict[str, float] = {}
 
     start = time.perf_counter()
-    subject_timings = _run_many(prepare_subject, [(cfg, run, s) for s in seeds], workers, "subjects")
+    last = until if until in SUBJECT_STAGES else SUBJECT_STAGES[-1]
+    subject_timings = _run_many(partial(prepare_subject, until=last), [(cfg, run, s) for s in seeds], workers,
+                                "subjects")
     clock["subjects (synth → lift)"] = time.perf_counter() - start
+    if until in SUBJECT_STAGES:
+        return _stopped(run, until)
 
-    if not _cpu(cfg.device):
+    jobs = [(cfg, run, s, k) for s in seeds for k in cfg.points()]
+    pending = [job for job in jobs if not (avatar_dir(run, job[2], job[3]) / "job.json").is_file()]
+    if pending and not _cpu(cfg.device):
         start = time.perf_counter()
         _warm_up_cuda(cfg.device)
         clock["gsplat warm-up"] = time.perf_counter() - start
-    jobs = [(cfg, run, s, k) for s in seeds for k in cfg.points()]
     print(f"[bench] {len(jobs)} avatars ({len(seeds)} subjects × curve {cfg.points()}), "
           f"{cfg.avatar_iters} iterations each, on {cfg.device} with {workers} worker(s)", flush=True)
     start = time.perf_counter()
     records = _run_many(avatar_job, jobs, workers, "avatars")
-    clock["avatars (train + eval)"] = time.perf_counter() - start
+    clock["avatars (train + render)"] = time.perf_counter() - start
+    if until == "avatars":
+        return _stopped(run, until)
+
+    start = time.perf_counter()
+    # Metrics run the tracker (AED) and dlib (CSIM) on the CPU: one process unless asked for more.
+    evals = _run_many(eval_job, jobs, workers if _cpu(cfg.device) else 1, "evaluation")
+    records = [{**r, **e, "resumed": r["resumed"] and e["resumed"]} for r, e in zip(records, evals)]
+    clock["evaluation"] = time.perf_counter() - start
+    if until == "eval":
+        return _stopped(run, until)
 
     start = time.perf_counter()
     results = summarise(cfg, run, subject_timings, records)
@@ -664,6 +755,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
     shutil.copyfile(run / "results.md", run / "report" / "results.md")
     _print_timings(results)
     return results
+
+
+def _stopped(run: Path, until: str) -> dict[str, Any]:
+    print(f"[bench] stopped after the {until} stage, as asked; run the same command without --until (on any "
+          f"machine, with {run} copied there) to go on.", flush=True)
+    return {"stopped_after": until, "run": str(run)}
 
 
 def _print_timings(results: dict[str, Any]) -> None:

@@ -161,6 +161,11 @@ def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records
         "timings": {"stages": stages, "per_subject": {str(s): t for s, t in zip(seeds, subject_timings)},
                     "avatars": [r for r in records]},
     }
+    # A run split across machines (bench --until) lifts and trains on one, evaluates on another.
+    results["stage_machines"] = {
+        "lift": sorted({str(s["lift"]["machine"]) for s in subjects if s["lift"].get("machine")}),
+        "avatars": sorted({str(r["machine"]) for r in records if r and r.get("machine")}),
+    }
     results["headline"] = headline(results, cfg)
     results["plateau"] = plateau_sentence(curve, "extreme", "psnr")
     return results
@@ -307,6 +312,11 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         lines.append(f"| {name} | {v['seconds']:.1f}{' (earlier run)' if v.get('resumed') else ''} |")
     for name, v in results["timings"].get("wall_seconds_this_invocation", {}).items():
         lines.append(f"| wall: {name} | {v:.1f} |")
+    machines = results.get("stage_machines", {})
+    where = "; ".join(f"{stage} on {', '.join(names)}" for stage, names in machines.items() if names)
+    info = results.get("machine", {})
+    here = info.get("gpu") or f"{info.get('cpu', '?')} ({info.get('cpu_count', '?')} cores)"
+    lines += ["", f"Machines: {where + '; ' if where else ''}evaluation and report on {here}."]
     lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -105,6 +105,12 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     """`bench --quick` (1 subject, 2 lifted expressions, 60 avatar iterations): results JSON complete,
     markdown, plot, self-contained HTML report with grids and videos; a second run resumes everything."""
     out = tmp_path / "quick"
+    assert main(["bench", "--quick", "-o", str(out), "--until", "refs"]) == 0
+    printed = capsys.readouterr().out
+    sdir = out / "subjects" / "s5400"
+    assert "stopped after the refs stage" in printed and "lift" not in printed.split("refs")[-1]
+    assert (sdir / "train" / "capture.json").is_file() and not (sdir / "lift.json").exists()
+    assert not (out / "results.json").exists()
     assert main(["bench", "--quick", "-o", str(out)]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     report = out / "report" / "index.html"
@@ -160,6 +166,23 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())
     assert again["tables"]["extreme"]["psnr"] == results["tables"]["extreme"]["psnr"]
     assert all(r["resumed"] for r in again["timings"]["avatars"])
+
+    # A run folder that travelled without the earlier stages' bulky outputs (the synthetic takes, the
+    # recording, the tracked and lifted captures) resumes: evaluation recomputes from the renders alone.
+    import shutil
+
+    for name in ("synth", "recording", "tracked", "lifted", "lifted_k001"):
+        shutil.rmtree(sdir / name)
+    for split in ("extreme", "seen"):
+        (sdir / "avatars" / "k002" / f"eval_{split}.json").unlink()
+    assert main(["bench", "--quick", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("synth", "video", "track", "lift"):
+        assert f"{stage}: complete, skipped" in printed
+    travelled = json.loads((out / "results.json").read_text())
+    assert travelled["tables"]["extreme"]["psnr"] == results["tables"]["extreme"]["psnr"]
+    assert travelled["tables"]["seen"]["aed"] == results["tables"]["seen"]["aed"]
+    assert (out / "report" / "lifted_s5400.png").stat().st_size > 0
 
     from tests.test_report_html import find_chromium, screenshot
 
