@@ -143,10 +143,9 @@ def worker(args: argparse.Namespace) -> None:
         }
         args.worker.write_text(json.dumps(result, indent=2))
     accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        # Gloo's threads still running at interpreter exit sometimes abort a rank ("terminate called
-        # without an active exception", SIGABRT; seen once in a fresh-clone CI run): tear down first.
-        torch.distributed.destroy_process_group()
+    from liftavatar.generator.train import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which can abort a gloo rank after the work is done
 
 
 # ---- the driver: one launch per GPU count ----------------------------------------------------------------

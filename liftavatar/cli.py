@@ -579,7 +579,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        from liftavatar.generator.train import exit_process
+
+        exit_process(code)  # one process of a launched run: skip the teardown that can abort it
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -698,7 +698,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
         raise ConfigError(f"--until {until}: use one of {', '.join(STAGES)}.")
     run = Path(out)
     _check_run_dir(run, cfg, force)
-    if cfg.prior is None and until not in ("synth", "video", "track", "split", "refs"):
+    if cfg.prior is None and until not in SUBJECT_STAGES[:-1]:  # the stages before lift need no prior
         from liftavatar.generator.prior import resolve_prior
 
         resolve_prior(None)  # fail now, not after synthesis, when no prior is installed
