@@ -132,6 +132,8 @@ class Bench:
     """First subject seed (default 5400; the bench's held-out range is 5400–5499)."""
     lifted_weight: float | None = None
     """Loss weight of lifted frames in avatar training (default 0.5)."""
+    observed_finish: float | None = None
+    """The last share of avatar iterations draws observed frames only (default 0.25)."""
     observed_share: float | None = None
     """Observed frames are repeated to make about this share of the training draws (default 0.75; 0: plain union)."""
     lift_poses: Literal["observed", "wide"] | None = None
@@ -217,6 +219,7 @@ def run_bench(cfg: Bench) -> None:
     overrides = {"subjects": cfg.subjects, "curve": cfg.curve, "lifted": cfg.lifted, "avatar_iters": cfg.iters,
                  "lift_steps": cfg.steps, "train_frames": cfg.train_frames, "extreme_frames": cfg.extreme_frames,
                  "seen_frames": cfg.seen_frames, "seed_base": cfg.seed_base, "lifted_weight": cfg.lifted_weight,
+                 "observed_finish": cfg.observed_finish,
                  "observed_share": cfg.observed_share, "lift_poses": cfg.lift_poses,
                  "prior": str(cfg.prior) if cfg.prior else None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -447,6 +450,8 @@ class AvatarTrain:
     """Train at this image height in pixels (default: the captures' size)."""
     lifted_weight: float = 1.0
     """Loss weight of lifted frames (provenance 1)."""
+    observed_finish: float = 0.0
+    """The last share of the iterations draws observed frames only (a polish on the filmed frames)."""
     refine_kinematics: bool = False
     """Also optimise a per-frame correction of the tracked kinematics."""
     holdout_every: int = 0
@@ -522,7 +527,7 @@ def run_avatar(cfg: AvatarCommand) -> None:
         from liftavatar.avatar.train import TrainConfig, train_avatar
 
         config = TrainConfig(iters=cmd.iters, size=cmd.size, lifted_weight=cmd.lifted_weight,
-                             refine_kinematics=cmd.refine_kinematics, holdout_every=cmd.holdout_every,
+                             observed_finish=cmd.observed_finish, refine_kinematics=cmd.refine_kinematics, holdout_every=cmd.holdout_every,
                              val_every=cmd.val_every, checkpoint_every=cmd.checkpoint_every, seed=cmd.seed,
                              device=cmd.device, avatar=AvatarConfig(sh_degree=cmd.sh_degree))
         result = train_avatar(cmd.captures, cmd.out, config, resume=cmd.resume, force=cmd.force)

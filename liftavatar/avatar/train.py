@@ -78,6 +78,10 @@ class TrainConfig:
     """Train at this image height in pixels (width keeps the aspect); None: the captures' size."""
     lifted_weight: float = 1.0
     """Loss weight of lifted frames (provenance 1) relative to observed ones."""
+    observed_finish: float = 0.0
+    """The last share of the iterations draws observed (filmed) frames only: lifted frames teach the avatar
+    the expressions and poses the capture lacks, then a polish on the filmed frames takes back the detail
+    that generated frames blur (see ``liftavatar.bench.protocol.BenchConfig.observed_finish``)."""
     ssim_weight: float = 0.2
     """λ of the D-SSIM term (3DGS's 0.2)."""
     mask_weight: float = 0.1
@@ -145,6 +149,12 @@ class FrameSet:
     rig: dict[str, Any]
     expression_names: list[str]
     fps: float
+    lifted: Tensor | None = None
+    """(N,) bool: the frame is lifted (provenance 1); None: none is."""
+
+    def __post_init__(self) -> None:
+        if self.lifted is None:
+            self.lifted = torch.zeros(len(self.names), dtype=torch.bool)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -160,7 +170,7 @@ class FrameSet:
             pick(self.images), pick(self.masks), pick(self.expression), pick(self.rotation),
             pick(self.translation), pick(self.intrinsics), pick(self.weight),
             [self.names[k] for k in i.tolist()], self.identity, self.subject, self.rig,
-            self.expression_names, self.fps,
+            self.expression_names, self.fps, pick(self.lifted),
         )
 
     def targets(self, idx: Tensor | int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -219,7 +229,7 @@ def load_frames(paths: Sequence[str | Path], size: int | None = None, lifted_wei
     target = (h0, w0) if size is None else (int(size), max(1, round(size * w0 / h0)))
     if target[0] < 8:
         raise ConfigError(f"--size {size}: use at least 8 pixels.")
-    images, masks, kin, intr, weight, names = [], [], [], [], [], []
+    images, masks, kin, intr, weight, names, lifted = [], [], [], [], [], [], []
     for cap in captures:
         valid = np.flatnonzero(cap.kinematics.valid)
         k = cap.kinematics.select(valid)
@@ -231,6 +241,7 @@ def load_frames(paths: Sequence[str | Path], size: int | None = None, lifted_wei
         sx, sy = target[1] / w, target[0] / h
         intr.append(np.tile([fx * sx, fy * sy, cx * sx, cy * sy], (len(valid), 1)))
         weight.append(np.where(k.provenance == PROVENANCE_LIFTED, lifted_weight, 1.0))
+        lifted.append(k.provenance == PROVENANCE_LIFTED)
         names += [f"{cap.path.name}:{i}" for i in valid]
     cat = lambda key: torch.from_numpy(np.concatenate([getattr(k, key) for k in kin])).float()  # noqa: E731
     return FrameSet(
@@ -241,6 +252,7 @@ def load_frames(paths: Sequence[str | Path], size: int | None = None, lifted_wei
         weight=torch.from_numpy(np.concatenate(weight)).float(),
         names=names, identity=first.kinematics.identity.copy(), subject=first.meta.subject,
         rig=dict(first.meta.rig), expression_names=list(first.meta.expression_names), fps=first.meta.fps,
+        lifted=torch.from_numpy(np.concatenate(lifted)),
     )
 
 
@@ -490,6 +502,8 @@ def train_avatar(
                           f"its training.")
     if cfg.iters < 1:
         raise ConfigError(f"--iters {cfg.iters}: use 1 or more.")
+    if not 0 <= cfg.observed_finish < 1:
+        raise ConfigError(f"--observed-finish {cfg.observed_finish}: use a share of the iterations in [0, 1).")
     device = torch.device(cfg.device)
     rig = FaceRig.load()
     frames = load_frames(captures, cfg.size, cfg.lifted_weight)
@@ -575,10 +589,13 @@ def train_avatar(
     if start_step == 0 and cfg.val_every:
         validate(0)  # the initial avatar, for comparison
     train_tensor = torch.as_tensor(train_idx)
+    observed_tensor = torch.as_tensor([i for i in train_idx if not bool(frames.lifted[i])], dtype=torch.long)
+    finish_from = cfg.iters - round(cfg.observed_finish * cfg.iters) if cfg.observed_finish > 0 else cfg.iters
 
     def train_step(step: int) -> dict[str, float]:
         torch.manual_seed(_step_seed(cfg.seed, step))
-        i = int(train_tensor[torch.randint(len(train_idx), ())])
+        pool = observed_tensor if step >= finish_from and len(observed_tensor) else train_tensor
+        i = int(pool[torch.randint(len(pool), ())])
         expr, rot, trans = expr_all[i:i + 1], rot_all[i:i + 1], trans_all[i:i + 1]
         if kin_delta is not None:
             d = kin_delta[i:i + 1]
@@ -609,7 +626,8 @@ def train_avatar(
         strategy.step_post_backward(params, optimizers, strategy_state, step, info, packed=False)
         with torch.no_grad():
             p = float(psnr(rgb.detach().clamp(0, 1), gt)[0])
-        return {"step": step + 1, "loss": float(loss.detach()), "psnr": p, "gaussians": int(params["means"].shape[0])}
+        return {"step": step + 1, "loss": float(loss.detach()), "psnr": p, "gaussians": int(params["means"].shape[0]),
+                "frame": i}
 
     end = cfg.iters if max_steps is None else min(cfg.iters, start_step + max(max_steps, 0))
     bar = tqdm(total=cfg.iters, initial=start_step, desc="avatar", disable=not cfg.progress, unit="it")

@@ -302,8 +302,9 @@ def _protocol(results: dict[str, Any]) -> str:
         f"head poses '{_e(c['lift_poses'])}', {c['lift_steps']} {_e(c['lift_solver'])} steps; the curve's captures are "
         "prefixes of one lifting run.",
         f"Avatars: {c['avatar_iters']} iterations each, same seed and settings; with lifting, observed frames are "
-        f"repeated to make about {c['observed_share']:.0%} of the training draws and lifted frames weigh "
-        f"{c['lifted_weight']:g} in the loss.",
+        f"repeated to make about {c['observed_share']:.0%} of the training draws, lifted frames weigh "
+        f"{c['lifted_weight']:g} in the loss, and the last {c.get('observed_finish', 0.0):.0%} of the iterations "
+        "draw observed frames only.",
         "Evaluation: each avatar is driven by the test frames' tracked kinematics and camera; its renders over black "
         "are compared with the test frames times their masks. AED/APD: the tracker on both sides. CSIM: dlib "
         "face embeddings. LPIPS/FID: only with their standard weights on disk.",

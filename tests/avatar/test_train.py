@@ -11,6 +11,8 @@ import torch
 
 from liftavatar.avatar.model import AvatarError, load_avatar
 from liftavatar.avatar.train import TrainConfig, load_frames, ssim, train_avatar
+from liftavatar.capture import PROVENANCE_LIFTED
+from liftavatar.errors import ConfigError
 
 
 def _val_log(path):
@@ -80,6 +82,23 @@ def test_lifted_frames_get_the_lifted_weight(capture, tmp_path):
     np.testing.assert_allclose(frames.weight.numpy(), np.where(arrays["provenance"] == 1, 0.25, 1.0))
     # Intrinsics follow the resize.
     np.testing.assert_allclose(frames.intrinsics[0, 2:].numpy(), [16.0, 16.0])
+
+
+def test_observed_finish_draws_only_filmed_frames_at_the_end(capture, tmp_path):
+    lifted = tmp_path / "lifted"
+    shutil.copytree(capture, lifted)
+    with np.load(lifted / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["provenance"] = np.where(np.arange(len(arrays["provenance"])) % 2, PROVENANCE_LIFTED, 0).astype(np.uint8)
+    np.savez(lifted / "kinematics.npz", **arrays)
+    frames = load_frames([lifted], size=32)
+    assert frames.lifted.tolist() == [bool(i % 2) for i in range(len(frames))]
+    cfg = TrainConfig(iters=40, size=32, observed_finish=0.5, val_every=0, checkpoint_every=0, progress=False)
+    history = train_avatar([lifted], tmp_path / "avatar", cfg).history
+    drawn = [bool(frames.lifted[r["frame"]]) for r in history]
+    assert not any(drawn[20:]) and any(drawn[:20])  # the first half draws lifted frames too
+    with pytest.raises(ConfigError, match="observed-finish"):
+        train_avatar([lifted], tmp_path / "bad", TrainConfig(iters=4, observed_finish=1.0, progress=False))
 
 
 def test_ssim_matches_scikit_image():
