@@ -528,8 +528,9 @@ def run_avatar(cfg: AvatarCommand) -> None:
 
         config = TrainConfig(iters=cmd.iters, size=cmd.size, lifted_weight=cmd.lifted_weight,
                              observed_finish=cmd.observed_finish, refine_kinematics=cmd.refine_kinematics,
-                             holdout_every=cmd.holdout_every, val_every=cmd.val_every, checkpoint_every=cmd.checkpoint_every, seed=cmd.seed,
-                             device=cmd.device, avatar=AvatarConfig(sh_degree=cmd.sh_degree))
+                             holdout_every=cmd.holdout_every, val_every=cmd.val_every,
+                             checkpoint_every=cmd.checkpoint_every, seed=cmd.seed, device=cmd.device,
+                             avatar=AvatarConfig(sh_degree=cmd.sh_degree))
         result = train_avatar(cmd.captures, cmd.out, config, resume=cmd.resume, force=cmd.force)
         print(f"trained {result.step} iterations ({result.iters_per_second:.1f} it/s), {result.num_gaussians} "
               f"Gaussians, validation PSNR {result.val_psnr:.2f} dB; avatar: {result.out_dir}")
