@@ -589,7 +589,7 @@ def train_avatar(
     if start_step == 0 and cfg.val_every:
         validate(0)  # the initial avatar, for comparison
     train_tensor = torch.as_tensor(train_idx)
-    observed_tensor = torch.as_tensor([i for i in train_idx if not bool(frames.lifted[i])], dtype=torch.long)
+    observed_tensor = train_tensor[~frames.lifted[train_tensor]]
     finish_from = cfg.iters - round(cfg.observed_finish * cfg.iters) if cfg.observed_finish > 0 else cfg.iters
 
     def train_step(step: int) -> dict[str, float]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -225,6 +225,15 @@ class LiftAvatarTransformer(nn.Module):
     @property
     def uses_lora(self) -> bool:
         return self.config.lora is not None
+
+    def zero_initialised_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters that start at exactly zero so that a new model computes the base's function: LoRA B,
+        the shading embedding, the control projection and the adapters' output projections (in
+        ``named_parameters`` order). Tests and benchmarks move them so that every path carries signal."""
+        for name, param in self.named_parameters():
+            if "lora_B" in name or name.startswith(("shading_embedding", "control_to_tokens")) or (
+                    "control_xattn" in name and "to_out" in name):
+                yield name, param
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold: everything with LoRA off; LoRA + LiftAvatar modules with it on."""

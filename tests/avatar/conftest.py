@@ -26,6 +26,13 @@ def _synth(out: Path, seed: int, frames: int, size: int = 64, preset: str = "ful
 
 
 @pytest.fixture(scope="session")
+def rig():
+    from liftavatar.face.rig import FaceRig
+
+    return FaceRig.load()
+
+
+@pytest.fixture(scope="session")
 def capture(tmp_path_factory) -> Path:
     """Subject 6001, 12 frames of the `full` preset at 64²."""
     return _synth(tmp_path_factory.mktemp("avatar") / "cap6001", 6001, 12)

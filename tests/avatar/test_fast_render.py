@@ -23,12 +23,7 @@ from liftavatar.avatar.model import (
     pose_gaussians,
     render_avatar,
 )
-from liftavatar.face.rig import FaceRig
 
-
-@pytest.fixture(scope="module")
-def rig() -> FaceRig:
-    return FaceRig.load()
 
 
 def _avatar(rig, size: int = 64, seed: int = 6004):

@@ -18,12 +18,8 @@ from liftavatar.avatar.model import (
     save_avatar,
     triangle_frames,
 )
-from liftavatar.face.rig import FaceRig, axis_angle_to_matrix
+from liftavatar.face.rig import axis_angle_to_matrix
 
-
-@pytest.fixture(scope="module")
-def rig() -> FaceRig:
-    return FaceRig.load()
 
 
 @pytest.fixture(scope="module")

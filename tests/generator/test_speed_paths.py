@@ -26,10 +26,8 @@ def _model(injection="both", lora=True, moved=True):
     if moved:
         g = torch.Generator().manual_seed(11)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name or name.startswith(("shading_embedding", "control_to_tokens")) or (
-                        "control_xattn" in name and "to_out" in name):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            for _, p in model.zero_initialised_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
 
