@@ -81,7 +81,7 @@ ALL_CASES = ("peak", "attention", "train-10k", "forward-33k", "sample", "train-3
              "14b", "profile", "compile", "forward-10k", "sample-extra")
 # Rough H100 seconds per case (including building what it needs), for the budget check.
 ESTIMATE_S = {"peak": 5, "attention": 10, "train-10k": 30, "forward-33k": 20, "sample": 50, "train-33k": 45,
-              "numerics": 25, "steps-quality": 50, "14b": 80, "compile": 150, "profile": 20, "forward-10k": 10,
+              "numerics": 40, "steps-quality": 50, "14b": 80, "compile": 240, "profile": 20, "forward-10k": 10,
               "sample-extra": 45}
 
 
@@ -664,6 +664,10 @@ def case_numerics(b: Bench) -> dict:
         options[f"fast+{name}"] = SpeedConfig(fast_path=True, attention=name)
     options["fast+save_all"] = SpeedConfig(fast_path=True, save_attention=config.base["num_layers"],
                                            attention=b.best_attention(shape, training=True))
+    layers = config.base["num_layers"]
+    options["fast+compile+save_all+offload_all"] = SpeedConfig(
+        fast_path=True, attention=b.best_attention(shape, training=True), compile="aot_eager" if b.quick else True,
+        save_attention=layers, offload_activations=layers)
     for name, speed in options.items():
         try:
             o, _ = run(model16, speed, b.dtype, False)
@@ -813,21 +817,35 @@ def case_profile(b: Bench) -> dict:
 
 
 def case_compile(b: Bench) -> dict:
-    """torch.compile of the fast path's block unit (first call = compile): training at 10k, forward at 33k,
-    then training at 33k if the budget allows. One compiled graph serves every block."""
+    """torch.compile of the fast path's checkpointed block unit (first call = compile): training at 10k,
+    forward at 33k, then training at 33k if the budget allows. One compiled graph serves every block.
+
+    Training runs twice per length: ``save0`` (recompute everything) and ``save_all+offload_all`` (every
+    block keeps its self-attention output, and what blocks keep waits in pinned host memory: less
+    recomputation at a peak memory no higher than save0's); the summary takes the faster one whose peak
+    stays within stock's."""
     import torch._dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    backend = "eager" if b.quick else True
+    backend = "aot_eager" if b.quick else True
     out = b.partial
     shape10, shape33 = b.shapes["10k"], b.shapes["33k"]
-    speed = lambda shape, training: SpeedConfig(fast_path=True, attention=b.best_attention(shape, training),  # noqa
-                                                compile=backend)
-    out["train-10k"] = b.train("ours", "1.3b", shape10, speed(shape10, True))
-    b.write()
-    b.log(f"compile train 10k: {out['train-10k']['s']:.3f} s/step (first call {out['train-10k']['first_call_s']:.1f} s)")
+    layers = b.model("1.3b")[0].config.num_layers
+
+    def speed(shape, training, keep=0):
+        return SpeedConfig(fast_path=True, attention=b.best_attention(shape, training), compile=backend,
+                           save_attention=keep, offload_activations=keep)
+
+    def train(key, shape, keep):
+        out[key] = b.train("ours", "1.3b", shape, speed(shape, True, keep))
+        b.write()
+        b.log(f"compile {key}: {out[key]['s']:.3f} s/step, {out[key]['peak_gib']:.2f} GiB "
+              f"(first call {out[key]['first_call_s']:.1f} s)")
+
+    train("train-10k", shape10, 0)
+    train(f"train-10k+save{layers}+offload{layers}", shape10, layers)
     out["forward-33k"] = b.forward("ours", "1.3b", shape33, speed(shape33, False))
     b.write()
     b.log(f"compile forward 33k: {out['forward-33k']['s']:.3f} s (first call {out['forward-33k']['first_call_s']:.1f} s)")
@@ -843,9 +861,9 @@ def case_compile(b: Bench) -> dict:
         eager = ours(x, t, **inputs).float()
     out["output_vs_eager_fast_33k"] = _errors(compiled, eager)
     del compiled, eager, inputs, x
-    if not b.quick and b.elapsed() + 90 < b.args.budget_s:
-        out["train-33k"] = b.train("ours", "1.3b", shape33, speed(shape33, True))
-        b.log(f"compile train 33k: {out['train-33k']['s']:.3f} s/step (first call {out['train-33k']['first_call_s']:.1f} s)")
+    if b.quick or b.elapsed() + 120 < b.args.budget_s:
+        train("train-33k", shape33, 0)
+        train(f"train-33k+save{layers}+offload{layers}", shape33, layers)
     try:
         from torch._dynamo.utils import counters
 
@@ -864,13 +882,19 @@ CASES = {"peak": case_peak, "attention": case_attention, "train-10k": case_train
 
 # ---- summary -----------------------------------------------------------------------------------------------
 
+def _gib(row: dict) -> float:
+    """A row's peak memory; NaN where it was not measured (CPU; null once the JSON is read back)."""
+    value = row.get("peak_gib")
+    return float("nan") if value is None else float(value)
+
+
 def _best_within_memory(rows: dict) -> tuple[str, dict] | None:
     stock = rows.get("stock")
     ours = {k: v for k, v in rows.items() if k.startswith("ours_fast") and isinstance(v, dict) and "s" in v}
     if not stock or not ours:
         return None
-    limit = stock.get("peak_gib", float("nan"))
-    fits = {k: v for k, v in ours.items() if not math.isfinite(limit) or v["peak_gib"] <= limit}
+    limit = _gib(stock)
+    fits = {k: v for k, v in ours.items() if not math.isfinite(limit) or _gib(v) <= limit}
     pool = fits or ours
     name = min(pool, key=lambda k: pool[k]["s"])
     return name, pool[name]
@@ -881,15 +905,15 @@ def summarise(results: dict) -> dict:
     out: dict = {}
     for key, target in (("train-10k", 1.5), ("train-33k", 1.3)):
         rows = dict(cases.get(key) or {})
-        compiled = cases.get("compile", {}).get(key)
-        if rows and isinstance(compiled, dict) and "s" in compiled:
-            rows["ours_fast_compiled"] = compiled
+        for name, compiled in cases.get("compile", {}).items():
+            if rows and name.split("+")[0] == key and isinstance(compiled, dict) and "s" in compiled:
+                rows["ours_fast_compiled" + name[len(key):]] = compiled
         best = _best_within_memory(rows) if rows else None
         if best:
             name, row = best
             stock = rows["stock"]
             speedup = stock["s"] / row["s"]
-            memory_ok = not math.isfinite(stock["peak_gib"]) or row["peak_gib"] <= stock["peak_gib"]
+            memory_ok = not math.isfinite(_gib(stock)) or _gib(row) <= _gib(stock)
             out[key] = {"best_ours": name, "ours_s": row["s"], "stock_s": stock["s"], "speedup": speedup,
                         "ours_peak_gib": row["peak_gib"], "stock_peak_gib": stock["peak_gib"], "target": target,
                         "met": bool(speedup >= target and memory_ok)}
@@ -946,6 +970,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="skip a case whose estimated cost would end the run past this many seconds")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the cases of an existing --out JSON that this run does not repeat (a run longer "
+                             "than one sitting, split by --cases); the JSON lists each run's machine and cases")
     args = parser.parse_args()
     args.device = args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     if args.out is None:
@@ -955,12 +982,22 @@ def main() -> None:
     unknown = [c for c in wanted if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(ALL_CASES)}")
+    earlier = {}
+    if args.merge and args.out.is_file():
+        earlier = json.loads(args.out.read_text())
     if set(wanted) - {"peak", "attention"}:  # the others need the peak (shares) and the attention choice
-        wanted = ["peak", "attention", *wanted]
+        wanted = [c for c in ("peak", "attention") if c not in earlier.get("cases", {})] + wanted
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here; use --quick (CPU smoke test) or run on a GPU machine.")
     torch.backends.cuda.matmul.allow_tf32 = False
     bench = Bench(args)
+    if earlier:
+        kept = {k: v for k, v in earlier.get("cases", {}).items() if k not in wanted}
+        bench.results["cases"].update(kept)
+        bench.results["runs"] = [*earlier.get("runs", [{"machine": earlier.get("machine"),
+                                                         "cases": list(earlier.get("cases", {}))}])]
+        bench.results["runs"] = [{**r, "cases": [c for c in r["cases"] if c in kept]} for r in bench.results["runs"]]
+    bench.results.setdefault("runs", []).append({"machine": bench.results["machine"], "cases": wanted})
     bench.log(f"device {bench.results['machine'].get('gpu', args.device)}; cases: {', '.join(wanted)}")
     for name in [c for c in ALL_CASES if c in wanted]:
         estimate = 0 if args.quick else ESTIMATE_S[name]

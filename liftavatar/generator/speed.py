@@ -28,7 +28,15 @@ tests/generator/test_speed_paths.py):
 - **Saved attention** (``save_attention``): under gradient checkpointing, the first N blocks keep
   their self-attention output and log-sum-exp (selective activation checkpointing), so the backward
   pass recomputes everything of those blocks but the attention: B·L·dim·2 bytes more per block.
-- **Compile** (``compile``): ``torch.compile`` of the block unit (one graph serves every block).
+- **Compile** (``compile``): ``torch.compile`` of the block unit (one graph serves every block). With
+  gradient checkpointing the checkpointed unit is compiled whole (``compile_scope="checkpoint"``), so
+  the compiler plans the recomputation and applies ``save_attention`` inside the graph (eagerly,
+  selective checkpointing intercepts every op in Python and costs more than it saves); traced, the
+  fused LoRA's in-place accumulate is written out of place (a traced in-place op adds a copy).
+- **Offloaded activations** (``offload_activations``): what the compiled checkpointed units keep for
+  the backward pass (their inputs, saved attention outputs) waits in pinned host memory, copied on a
+  side stream (:class:`ActivationOffload`): with ``save_attention``, the attention is not recomputed
+  and the peak memory stays below stock's.
 
 All of it computes the same function: differences are rounding (bf16 order of operations, attention
 kernels' accumulation order), measured at real shapes by benchmarks/generator_speed.py.
@@ -37,6 +45,7 @@ kernels' accumulation order), measured at real shapes by benchmarks/generator_sp
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -44,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from liftavatar.errors import ConfigError
 
@@ -63,17 +73,33 @@ class SpeedConfig:
     """With gradient checkpointing: the first N blocks keep their self-attention outputs."""
     compile: bool | str = False
     """torch.compile the block unit (True: inductor; a string names another backend)."""
+    offload_activations: int = 0
+    """With compile (scope ``checkpoint``) and gradient checkpointing: what the first N blocks keep for
+    the backward pass (their inputs, saved attention outputs) waits in pinned host memory instead of on
+    the GPU, copied out on a side stream during the forward pass and back one block ahead during the
+    backward pass (:class:`ActivationOffload`). Bit-identical results; GPU memory for more saving. The
+    last blocks are the first the backward pass needs: keeping them avoids waiting for their copies."""
+    compile_scope: str = "checkpoint"
+    """With compile and gradient checkpointing: ``checkpoint`` compiles the checkpointed unit, so the
+    compiler plans the recomputation (and ``save_attention`` is applied inside the graph); ``unit``
+    compiles the block unit alone and checkpoints around the compiled call."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
             raise ConfigError(f"attention={self.attention!r}: use one of {', '.join(ATTENTION_CHOICES)}.")
-        if self.save_attention < 0:
-            raise ConfigError(f"save_attention={self.save_attention}: use a number of blocks, 0 or more.")
+        if self.save_attention < 0 or self.offload_activations < 0:
+            raise ConfigError(f"save_attention={self.save_attention}, offload_activations={self.offload_activations}: "
+                              "use a number of blocks, 0 or more.")
         if not self.fast_path and (self.attention != "default" or self.save_attention or self.compile):
             raise ConfigError("attention, save_attention and compile act on the fast path: "
                               "set fast_path=True as well.")
-        if self.compile and self.save_attention:
-            raise ConfigError("save_attention and compile together are not supported; pick one.")
+        if self.compile_scope not in ("checkpoint", "unit"):
+            raise ConfigError(f"compile_scope={self.compile_scope!r}: use checkpoint or unit.")
+        if self.offload_activations and not (self.compile and self.compile_scope == "checkpoint"):
+            raise ConfigError("offload_activations needs compile=True with compile_scope='checkpoint' "
+                              "(only the compiled checkpoint hands its saved tensors to the offload hooks).")
+        if self.compile and self.save_attention and self.compile_scope == "unit":
+            raise ConfigError("save_attention with compile needs compile_scope='checkpoint'.")
 
     @classmethod
     def fast(cls, **overrides: Any) -> SpeedConfig:
@@ -112,6 +138,7 @@ def _sdpa_ops() -> set:
     return ops
 
 
+@functools.lru_cache(maxsize=None)
 def save_attention_context(min_keys: int):
     """``context_fn`` for ``torch.utils.checkpoint``: keep the outputs of fused attention calls with at
     least ``min_keys`` keys (the block's self-attention, not the small cross-attentions); recompute the rest."""
@@ -125,6 +152,106 @@ def save_attention_context(min_keys: int):
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     return partial(create_selective_checkpoint_contexts, policy)
+
+
+# ---- activation offload --------------------------------------------------------------------------
+
+def _dense(t: torch.Tensor) -> bool:
+    try:
+        from torch._prims_common import is_non_overlapping_and_dense
+
+        return is_non_overlapping_and_dense(t)
+    except ImportError:  # pragma: no cover - older torch
+        return t.is_contiguous()
+
+
+class _Offloaded:
+    __slots__ = ("host", "device", "device_copy", "ready", "unit", "nbytes")
+
+    def __init__(self, host: torch.Tensor, device: torch.device, unit: int):
+        self.host, self.device, self.device_copy, self.ready, self.unit = host, device, None, None, unit
+        self.nbytes = host.numel() * host.element_size()
+
+
+class ActivationOffload:
+    """Saved-tensor hooks that park large activations in pinned host memory during the forward pass.
+
+    Written by hand: torch's ``save_on_cpu`` copies synchronously and brings every tensor back only when
+    the backward pass asks for it, stalling the GPU on each copy. Here copies run on a side stream: out as
+    soon as a tensor is saved (the caching allocator keeps its GPU memory until the copy has finished),
+    and back for unit ``u - 1`` as soon as the backward pass unpacks unit ``u``, so each copy overlaps
+    a block's compute. Parameters, shared inputs, tensors under ``min_bytes``, views at an offset and
+    whatever is saved while ``unit`` is None stay where they are. Strides are kept (compiled backward
+    graphs assume them). On a CPU model the "host" copy is a plain clone, so the
+    bookkeeping can be tested without a GPU.
+
+    Use: ``with offload.hooks(kept): ...`` around the forward pass, ``offload.unit = i`` before unit ``i``
+    (None: keep what it saves).
+    """
+
+    def __init__(self, min_bytes: int = 1 << 20):
+        self.min_bytes = min_bytes
+        self.kept_storages: set[int] = set()
+        self.unit = 0
+        self.pending: dict[int, list[_Offloaded]] = {}
+        self.stream = None
+        self.offloaded_bytes = 0
+
+    def hooks(self, kept):
+        """The saved-tensor hooks for one forward pass. ``kept``: tensors never offloaded (the model's
+        parameters, inputs every block shares), so each lives on the GPU once and crosses no bus."""
+        self.kept_storages = {t.untyped_storage().data_ptr() for t in kept if isinstance(t, torch.Tensor)}
+        self.pending.clear()
+        self.unit = 0
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def pack(self, t: torch.Tensor):
+        if (t.numel() * t.element_size() < self.min_bytes or not _dense(t) or t.storage_offset()
+                or t.untyped_storage().data_ptr() in self.kept_storages or self.unit is None):
+            return t
+        if t.device.type == "cuda":
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(t.device)
+            host = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=True)
+            self.stream.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(self.stream):
+                host.copy_(t, non_blocking=True)
+            t.record_stream(self.stream)  # its memory is reused only after the copy
+        else:
+            host = t.detach().clone()
+        item = _Offloaded(host, t.device, self.unit)
+        self.pending.setdefault(self.unit, []).append(item)
+        self.offloaded_bytes += item.nbytes
+        return item
+
+    def _fetch(self, item: _Offloaded) -> None:
+        device = item.device
+        if device.type != "cuda":
+            item.device_copy = item.host
+            return
+        with torch.cuda.stream(self.stream):
+            copy = torch.empty_strided(item.host.size(), item.host.stride(), dtype=item.host.dtype, device=device)
+            copy.copy_(item.host, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        item.device_copy, item.ready = copy, event
+
+    def unpack(self, item):
+        if not isinstance(item, _Offloaded):
+            return item
+        if item.device_copy is None:
+            self._fetch(item)
+        # The rest of this unit, then the unit the backward pass reaches next.
+        for waiting in self.pending.pop(item.unit, []) + self.pending.pop(item.unit - 1, []):
+            if waiting.device_copy is None and waiting is not item:
+                self._fetch(waiting)
+        out, event = item.device_copy, item.ready
+        if isinstance(event, torch.cuda.Event):
+            stream = torch.cuda.current_stream(out.device)
+            stream.wait_event(event)
+            out.record_stream(stream)
+        item.device_copy, item.ready = None, None
+        return out
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------
@@ -161,7 +288,10 @@ def lora_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = F.linear(x, base.weight, base.bias)
     xa = F.linear(x, a)
     out = y.view(-1, y.shape[-1])
-    out.addmm_(xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.t().to(y.dtype), alpha=module.scaling[name])
+    xa, bt = xa.reshape(-1, xa.shape[-1]).to(y.dtype), b.t().to(y.dtype)
+    if torch.compiler.is_compiling():  # a traced in-place update becomes an out-of-place one plus a copy
+        return torch.addmm(out, xa, bt, alpha=module.scaling[name]).view(y.shape)
+    out.addmm_(xa, bt, alpha=module.scaling[name])
     return y
 
 
@@ -274,6 +404,22 @@ def block_unit(block: nn.Module, adapter: nn.Module | None, hidden: torch.Tensor
     if adapter is not None:
         hidden = adapter_forward(adapter, hidden, controls, frames)
     return hidden
+
+
+@functools.lru_cache(maxsize=None)
+def checkpointed_unit(save_attention_keys: int = 0):
+    """:func:`block_unit` under non-reentrant activation checkpointing, keeping self-attention outputs
+    with at least ``save_attention_keys`` keys (0: keep nothing). Compiled whole, the compiler sees the
+    recomputation and the saving policy instead of a black box. One function per setting, so that
+    torch.compile sees the policy as a constant (it cannot trace a policy passed as an argument)."""
+    if not save_attention_keys:
+        return functools.partial(checkpoint, block_unit, use_reentrant=False)
+    context_fn = save_attention_context(save_attention_keys)
+
+    def unit(*args):
+        return checkpoint(block_unit, *args, use_reentrant=False, context_fn=context_fn)
+
+    return unit
 
 
 def run_unit(unit, attention_backend: str, *args) -> torch.Tensor:

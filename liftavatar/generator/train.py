@@ -135,7 +135,12 @@ class TrainConfig:
     attention: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
     """Preferred attention backend on the fast path."""
     compile: bool = False
-    """torch.compile the fast path's block unit (measured 1.34x over stock diffusers at 10k tokens on an H100)."""
+    """torch.compile the fast path's checkpointed block unit (benchmarks/results/generator_speed.json)."""
+    save_attention: int = 0
+    """With gradient checkpointing on the fast path: the first N blocks keep their self-attention output."""
+    offload_activations: int = 0
+    """With --compile and gradient checkpointing: what the first N blocks keep for the backward pass waits
+    in pinned host memory (with --save-attention, less recomputation at no more GPU memory)."""
     ema: float | None = None
     """EMA decay (e.g. 0.999); the final prior takes the EMA weights."""
     save_every: int = 500
@@ -334,9 +339,12 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     codec.to(device)
 
     model = build_distributed_model(accelerator, config, n_controls)
-    if config.fast_path or config.attention != "default" or config.compile:
+    if (config.fast_path or config.attention != "default" or config.compile or config.save_attention
+            or config.offload_activations):
         # Every rank, after the model exists and before accelerate wraps it (FSDP shards the blocks it runs).
-        model.set_speed(SpeedConfig(fast_path=config.fast_path, attention=config.attention, compile=config.compile))
+        model.set_speed(SpeedConfig(fast_path=config.fast_path, attention=config.attention, compile=config.compile,
+                                    save_attention=config.save_attention,
+                                    offload_activations=config.offload_activations))
     trainable_keys = list(model.trainable_state_dict())
     frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
     # Frozen tensors a prior must hold (a precomputed prompt embedding): never change, kept as they are.

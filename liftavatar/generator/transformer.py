@@ -27,6 +27,7 @@ selective checkpointing, torch.compile); the default is the plain path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -159,7 +160,8 @@ class LiftAvatarTransformer(nn.Module):
         self.prompt_embedding = nn.Parameter(torch.randn(config.prompt_tokens, bc.text_dim))
         self.gradient_checkpointing = False
         self.speed = SpeedConfig()
-        self._compiled_unit = None
+        self._compiled: dict = {}
+        self._offload: fast.ActivationOffload | None = None
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -311,17 +313,19 @@ class LiftAvatarTransformer(nn.Module):
         ``set_speed(fast_path=True, attention="cudnn", save_attention=10)`` pick the fast one.
         """
         self.speed = replace(config or SpeedConfig(), **fields)
-        self._compiled_unit = None
+        self._compiled = {}
+        self._offload = None
         return self.speed
 
-    def _block_unit(self):
+    def _compiled_fn(self, fn):
+        """``fn`` itself, or compiled once per speed setting when ``speed.compile`` asks for it."""
         if not self.speed.compile:
-            return fast.block_unit
-        if self._compiled_unit is None:
+            return fn
+        if fn not in self._compiled:
             backend = self.speed.compile if isinstance(self.speed.compile, str) else "inductor"
             # Static shapes: one specialised graph per token count (training runs one shape).
-            self._compiled_unit = torch.compile(fast.block_unit, backend=backend, dynamic=False)
-        return self._compiled_unit
+            self._compiled[fn] = torch.compile(fn, backend=backend, dynamic=False)
+        return self._compiled[fn]
 
     def embed_controls(self, controls: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """controls (B, T, G, num_controls) → (B, T, G, control_width); rows with drop[b] use the null embedding."""
@@ -469,18 +473,14 @@ class LiftAvatarTransformer(nn.Module):
         controls = None
         if self.control_xattn is not None:
             controls = frame_controls.reshape(b * frames, -1, frame_controls.shape[-1])
-        unit, speed = self._block_unit(), self.speed
+        speed = self.speed
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
-        for i, block in enumerate(base.blocks):
-            adapter = self.control_xattn[i] if self.control_xattn is not None else None
-            args = (block, adapter, hidden, context, modulation, rotary_emb, frames, controls)
-            if checkpointing:
-                context_fn = (fast.save_attention_context(hidden.shape[1]) if i < speed.save_attention
-                              else noop_context_fn)
-                hidden = checkpoint(fast.run_unit, unit, speed.attention, *args, use_reentrant=False,
-                                    context_fn=context_fn)
-            else:
-                hidden = fast.run_unit(unit, speed.attention, *args)
+        offload = None
+        if checkpointing and speed.offload_activations:
+            offload = self._offload = self._offload or fast.ActivationOffload()
+        shared = (context, modulation, controls, *rotary_emb)
+        with offload.hooks([*self.parameters(), *shared]) if offload else contextlib.nullcontext():
+            hidden = self._blocks(hidden, context, modulation, rotary_emb, frames, controls, checkpointing, offload)
 
         # Output head on the target tokens only.
         hidden = hidden[:, k * tokens_per_frame:]
@@ -493,6 +493,27 @@ class LiftAvatarTransformer(nn.Module):
         hidden = base.proj_out(hidden)
         hidden = hidden.reshape(b, t, h // p_h, w // p_w, 1, p_h, p_w, -1)
         return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _blocks(self, hidden, context, modulation, rotary_emb, frames: int, controls, checkpointing: bool,
+                offload: fast.ActivationOffload | None) -> torch.Tensor:
+        """The transformer blocks (each with its control adapter) on the fast path."""
+        speed = self.speed
+        for i, block in enumerate(self.base.blocks):
+            adapter = self.control_xattn[i] if self.control_xattn is not None else None
+            args = (block, adapter, hidden, context, modulation, rotary_emb, frames, controls)
+            if not checkpointing:
+                hidden = fast.run_unit(self._compiled_fn(fast.block_unit), speed.attention, *args)
+                continue
+            if offload is not None:
+                offload.unit = i if i < speed.offload_activations else None
+            save_keys = hidden.shape[1] if i < speed.save_attention else 0
+            if speed.compile and speed.compile_scope == "checkpoint":
+                hidden = fast.run_unit(self._compiled_fn(fast.checkpointed_unit(save_keys)), speed.attention, *args)
+            else:
+                context_fn = fast.save_attention_context(save_keys) if save_keys else noop_context_fn
+                hidden = checkpoint(fast.run_unit, self._compiled_fn(fast.block_unit), speed.attention, *args,
+                                    use_reentrant=False, context_fn=context_fn)
+        return hidden
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

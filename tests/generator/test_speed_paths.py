@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from liftavatar.errors import ConfigError
 from liftavatar.generator.codec import PixelCodec
 from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline
-from liftavatar.generator.speed import SpeedConfig, lora_linear, wan_forward_flops
+from liftavatar.generator.speed import ActivationOffload, SpeedConfig, lora_linear, wan_forward_flops
 from liftavatar.generator.transformer import LiftAvatarTransformer
 
 D = 43
@@ -118,11 +118,15 @@ def test_saved_attention_is_not_recomputed_in_the_backward_pass():
     assert counts[blocks] == 2 * blocks
 
 
-def test_compiled_block_unit_matches_eager():
+@pytest.mark.parametrize("speed", [SpeedConfig(fast_path=True, compile="aot_eager", compile_scope="unit"),
+                                   SpeedConfig(fast_path=True, compile="aot_eager"),
+                                   SpeedConfig(fast_path=True, compile="aot_eager", save_attention=1)],
+                         ids=["unit", "checkpoint", "checkpoint+save1"])
+def test_compiled_block_unit_matches_eager(speed):
     model = _model()
     model.enable_gradient_checkpointing()
     out_plain, grads_plain = _step(model, SpeedConfig())
-    out_compiled, grads_compiled = _step(model, SpeedConfig(fast_path=True, compile="aot_eager"))
+    out_compiled, grads_compiled = _step(model, speed)
     torch.testing.assert_close(out_compiled, out_plain, rtol=0, atol=1e-5)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -152,7 +156,9 @@ def test_speed_config_rejects_what_it_cannot_do():
     with pytest.raises(ConfigError):
         SpeedConfig(fast_path=True, attention="triton")
     with pytest.raises(ConfigError):
-        SpeedConfig(fast_path=True, compile=True, save_attention=2)
+        SpeedConfig(fast_path=True, compile=True, compile_scope="unit", save_attention=2)
+    with pytest.raises(ConfigError):
+        SpeedConfig(fast_path=True, compile=True, compile_scope="graph")
     assert SpeedConfig.fast().attention == "cudnn"
     model = _model(lora=False, moved=False)
     assert model.speed == SpeedConfig()
@@ -202,3 +208,44 @@ def test_fast_path_under_autocast_stays_within_bf16_rounding_of_the_plain_path()
     bf16_error = (plain - reference).norm() / reference.norm()
     assert (fast - plain).norm() / reference.norm() <= 2 * bf16_error
     assert (fast - reference).norm() / reference.norm() <= 2 * bf16_error
+
+
+def test_offloaded_activations_give_the_same_gradients():
+    model = _model()
+    model.enable_gradient_checkpointing()
+    out_plain, grads_plain = _step(model, SpeedConfig())
+    speed = SpeedConfig(fast_path=True, compile="aot_eager", save_attention=1, offload_activations=1)
+    model.set_speed(speed)
+    model._offload = ActivationOffload(min_bytes=0)  # the tiny preset's activations are small: offload all
+    model.zero_grad(set_to_none=True)
+    x, t, shading, controls, refs = _inputs()
+    out = model(x, t, shading, controls, *refs)
+    offload = model._offload
+    assert len(model.base.blocks) > 1
+    assert list(offload.pending) == [0] and offload.offloaded_bytes > 0  # only the first block offloads
+    out.square().mean().backward()
+    assert not any(offload.pending.values())  # every unit was brought back by the backward pass
+    torch.testing.assert_close(out.detach(), out_plain, rtol=0, atol=1e-5)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ConfigError):
+        SpeedConfig(fast_path=True, offload_activations=1)  # needs the compiled checkpoint
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offloaded_activations_on_the_gpu_give_the_same_gradients():
+    model = _model().cuda()
+    model.enable_gradient_checkpointing()
+    x, t, shading, controls, refs = (v.cuda() if torch.is_tensor(v) else [r.cuda() for r in v] for v in _inputs())
+    grads = {}
+    for offload in (0, len(model.base.blocks)):
+        model.set_speed(fast_path=True, compile="aot_eager", save_attention=1, offload_activations=offload)
+        if offload:
+            model._offload = ActivationOffload(min_bytes=0)
+        model.zero_grad(set_to_none=True)
+        model(x, t, shading, controls, *refs).square().mean().backward()
+        grads[offload] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert model._offload.offloaded_bytes > 0
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[len(model.base.blocks)][name], grad, rtol=1e-5, atol=1e-6, msg=name)
