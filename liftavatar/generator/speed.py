@@ -36,7 +36,7 @@ tests/generator/test_speed_paths.py):
 - **Offloaded activations** (``offload_activations``): what the compiled checkpointed units keep for
   the backward pass (their inputs, saved attention outputs) waits in pinned host memory, copied on a
   side stream (:class:`ActivationOffload`): with ``save_attention``, the attention is not recomputed
-  and the peak memory stays below stock's.
+  and the peak memory stays below that of recomputing everything on the GPU.
 
 All of it computes the same function: differences are rounding (bf16 order of operations, attention
 kernels' accumulation order), measured at real shapes by benchmarks/generator_speed.py.
@@ -45,9 +45,8 @@ kernels' accumulation order), measured at real shapes by benchmarks/generator_sp
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -138,7 +137,7 @@ def _sdpa_ops() -> set:
     return ops
 
 
-@functools.lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def save_attention_context(min_keys: int):
     """``context_fn`` for ``torch.utils.checkpoint``: keep the outputs of fused attention calls with at
     least ``min_keys`` keys (the block's self-attention, not the small cross-attentions); recompute the rest."""
@@ -406,14 +405,14 @@ def block_unit(block: nn.Module, adapter: nn.Module | None, hidden: torch.Tensor
     return hidden
 
 
-@functools.lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def checkpointed_unit(save_attention_keys: int = 0):
     """:func:`block_unit` under non-reentrant activation checkpointing, keeping self-attention outputs
     with at least ``save_attention_keys`` keys (0: keep nothing). Compiled whole, the compiler sees the
     recomputation and the saving policy instead of a black box. One function per setting, so that
     torch.compile sees the policy as a constant (it cannot trace a policy passed as an argument)."""
     if not save_attention_keys:
-        return functools.partial(checkpoint, block_unit, use_reentrant=False)
+        return partial(checkpoint, block_unit, use_reentrant=False)
     context_fn = save_attention_context(save_attention_keys)
 
     def unit(*args):
