@@ -72,6 +72,9 @@ class Track:
     """Replace an existing capture at OUT."""
     resume: bool = False
     """Continue an interrupted run: keep its landmarks and written frames."""
+    appearance: bool = True
+    """Read the expression from the face's pixels too (the packaged appearance network, a prior in the
+    fit); --no-appearance fits the landmarks alone."""
     device: str = "cpu"
     """Torch device for fitting and rendering."""
 
@@ -175,7 +178,8 @@ def _extras(capture, video: bool, preview: bool) -> None:
 def run_track(cfg: Track) -> None:
     from liftavatar.face.track import TrackConfig, track
 
-    config = TrackConfig(size=cfg.size, fps=cfg.fps, max_frames=cfg.max_frames, fov=cfg.fov, device=cfg.device)
+    config = TrackConfig(size=cfg.size, fps=cfg.fps, max_frames=cfg.max_frames, fov=cfg.fov, device=cfg.device,
+                         appearance=cfg.appearance)
     capture, report = track(cfg.input, cfg.out, config, overwrite=cfg.force, resume=cfg.resume)
     print(report.summary())
     print(f"wrote {capture.path}")

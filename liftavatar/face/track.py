@@ -5,6 +5,8 @@ Stages (each timed, see :class:`TrackReport`):
 1. **decode** the input (PyAV for video files; Pillow for a folder of same-sized images);
 2. **landmarks**: MediaPipe FaceMesh with iris refinement on every full frame; when several faces
    are found, the most prominent one is followed (nearest to where it was, largest at the start);
+   and, per face found, a pose-normalised face crop read by the appearance network
+   (:mod:`liftavatar.face.appearance`, batched), whose expression estimate enters the fit as a prior;
 3. **crop**: one square crop for the whole capture, from the robust centre and extent of the face
    over all frames, so the crop's intrinsics are constant; the head fills about half of it, as in
    the synthetic world;
@@ -39,6 +41,7 @@ from tqdm import tqdm
 import liftavatar
 from liftavatar.capture import PROVENANCE_OBSERVED, Capture, CaptureMeta, CaptureWriter, Kinematics
 from liftavatar.errors import LiftAvatarError
+from liftavatar.face.appearance import AppearanceModel
 from liftavatar.face.landmarks import FaceMeshDetector
 from liftavatar.face.render import render_mesh
 from liftavatar.face.rig import FaceRig
@@ -73,6 +76,9 @@ class TrackConfig:
     ~45 ms a frame on a 2-core CPU, more than everything else together)."""
     device: str = "cpu"
     """Torch device for fitting and rendering."""
+    appearance: bool = True
+    """Use the packaged appearance network's expression estimate as a prior in the fit (it reads some
+    blendshapes that barely move the landmarks: wide eyes, brow raise, upper-lip raise)."""
 
 
 @dataclass
@@ -181,27 +187,50 @@ class _LandmarkState:
     valid: np.ndarray  # (N,) bool
     multi: np.ndarray  # (N,) bool: several faces were found
     frame_shape: tuple[int, int]  # (H, W) of the input frames
+    appearance: np.ndarray | None = None  # (N, E) the appearance network's estimate (NaN rows: no face)
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.tmp.npz")
+        extra = {} if self.appearance is None else {"appearance": self.appearance}
         np.savez(tmp, landmarks=self.landmarks, valid=self.valid, multi=self.multi,
-                 frame_shape=np.array(self.frame_shape))
+                 frame_shape=np.array(self.frame_shape), **extra)
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> "_LandmarkState | None":
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(z["landmarks"], z["valid"], z["multi"], tuple(int(x) for x in z["frame_shape"]))
+                return cls(z["landmarks"], z["valid"], z["multi"], tuple(int(x) for x in z["frame_shape"]),
+                           z["appearance"] if "appearance" in z.files else None)
         except (OSError, KeyError, ValueError):
             return None
 
 
 def detect_landmarks(source: Path, config: TrackConfig, report: TrackReport, state_path: Path | None,
-                     progress: bool) -> _LandmarkState:
-    """FaceMesh on every frame (resuming from ``state_path`` when it holds earlier frames)."""
+                     progress: bool, appearance: AppearanceModel | None = None,
+                     batch_size: int = 32) -> _LandmarkState:
+    """FaceMesh on every frame (resuming from ``state_path`` when it holds earlier frames), and the
+    ``appearance`` network's estimate of each found face's expression (batched over frames)."""
     done = _LandmarkState.load(state_path) if state_path is not None and state_path.exists() else None
+    if done is not None and appearance is not None and done.appearance is None:
+        done = None  # made without the appearance network: start over
     landmarks, valid, multi = ([], [], []) if done is None else (list(done.landmarks), list(done.valid), list(done.multi))
+    num_e = 0 if appearance is None else len(appearance.expression_names)
+    estimates = [] if done is None or appearance is None else list(done.appearance)
+    pending: list[tuple[int, np.ndarray]] = []  # (frame index, crop) awaiting the network
+
+    def flush() -> None:
+        if pending:
+            with _Timer(report, "appearance"):
+                predicted = appearance.predict(np.stack([c for _, c in pending]))
+            for (i, _), row in zip(pending, predicted):
+                estimates[i] = row
+            pending.clear()
+
+    def state() -> _LandmarkState:
+        flush()
+        return _LandmarkState(np.array(landmarks, np.float32), np.array(valid, bool), np.array(multi, bool),
+                              frame_shape, None if appearance is None else np.array(estimates, np.float32).reshape(-1, num_e))
     frame_shape = None if done is None else done.frame_shape
     previous = next((lm for lm, ok in zip(reversed(landmarks), reversed(valid)) if ok), None)
     frames = iter_frames(source, config)
@@ -225,16 +254,23 @@ def detect_landmarks(source: Path, config: TrackConfig, report: TrackReport, sta
             landmarks.append(chosen if faces else np.zeros((478, 2), np.float32))
             valid.append(bool(faces))
             multi.append(len(faces) > 1)
+            if appearance is not None:
+                estimates.append(np.full(num_e, np.nan, np.float32))
+                if faces:
+                    with _Timer(report, "appearance"):
+                        pending.append((index, appearance.crop(frame, chosen)))
+                    if len(pending) == batch_size:
+                        flush()
             index += 1
             bar.update()
             if state_path is not None and index % 100 == 0:
-                _LandmarkState(np.array(landmarks), np.array(valid), np.array(multi), frame_shape).save(state_path)
+                state().save(state_path)
     if not landmarks:
         raise TrackError(f"{source}: no frames could be read; pass a video or folder with at least one frame.")
-    state = _LandmarkState(np.array(landmarks, np.float32), np.array(valid, bool), np.array(multi, bool), frame_shape)
+    result = state()
     if state_path is not None:
-        state.save(state_path)
-    return state
+        result.save(state_path)
+    return result
 
 
 # ----------------------------------------------------------------------------- crop
@@ -361,8 +397,9 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
     )
     writer = CaptureWriter(out_dir, meta, overwrite=overwrite, resume=resume, workers=2)
     state_path = writer.staging / STATE_FILE
+    appearance = AppearanceModel.default(rig) if config.appearance else None
     try:
-        state = detect_landmarks(source, config, report, state_path, progress)
+        state = detect_landmarks(source, config, report, state_path, progress, appearance)
         _check_faces(source, state, config)
     except LiftAvatarError:
         if not resume:  # nothing worth resuming: leave no staging directory behind
@@ -381,7 +418,9 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
     from liftavatar.face.fit import fit_rig
 
     with _Timer(report, "fitting"):  # fit_rig runs torch and BLAS single-threaded (see single_threaded_math)
-        fit = fit_rig(crop_landmarks, state.valid, intrinsics, rig=rig, device=config.device)
+        prior = {} if appearance is None or state.appearance is None else {"prior_mean": state.appearance,
+                                                     "prior_weight": appearance.precision}
+        fit = fit_rig(crop_landmarks, state.valid, intrinsics, rig=rig, device=config.device, **prior)
     report.median_reprojection_px = float(np.nanmedian(fit.reprojection_px))
 
     fps = _source_fps(source, config)

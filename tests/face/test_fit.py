@@ -13,7 +13,8 @@ from scipy.spatial.transform import Rotation
 
 from liftavatar.errors import LiftAvatarError
 from liftavatar.face import fit as fitmod
-from liftavatar.face.fit import FitConfig, LandmarkModel, calibrate_landmark_model, fit_rig
+from liftavatar.face.fit import (FitConfig, LandmarkModel, calibrate_landmark_model, fit_rig, mirrored_expressions,
+                                 symmetrise_landmark_model)
 from liftavatar.face.render import project
 from liftavatar.face.rig import FaceRig
 from liftavatar.synth.kinematics import KinematicsSequence, sample_kinematics
@@ -354,6 +355,49 @@ def test_calibration_learns_a_detector_bias(rig, exact_model, tmp_path):
     jaw_error = lambda r: np.abs(r.expression[:, jaw] - kin.expression[:, jaw]).mean()  # noqa: E731
     assert jaw_error(calibrated) < 0.05 and jaw_error(naive) > 0.1, (jaw_error(naive), jaw_error(calibrated))
     assert np.median(rotation_error_deg(calibrated.rotation, kin.rotation)) < 0.5
+
+
+def test_mirrored_expressions_swap_sides(rig):
+    mirror = mirrored_expressions(rig.expression_names)
+    names = rig.expression_names
+    assert names[mirror[names.index("eyeWideLeft")]] == "eyeWideRight"
+    assert names[mirror[names.index("jawRight")]] == "jawLeft"
+    assert names[mirror[names.index("jawOpen")]] == "jawOpen"
+    np.testing.assert_array_equal(mirror[mirror], np.arange(len(names)))
+
+
+def test_symmetrising_averages_a_one_sided_correction(rig, exact_model):
+    """A correction on one eye only (a lid landmark 2 mm lower, eyeWideLeft moving it 1 mm more)
+    becomes half of it on both eyes, mirrored; the rig itself is left as it is."""
+    np.testing.assert_allclose(symmetrise_landmark_model(exact_model, rig).expression_basis,
+                               exact_model.expression_basis, atol=1e-6)
+    lid = int(rig.eye_loops[0, 4])
+    mirror_lid = int(rig.mirror_pairs[lid])
+    assert mirror_lid != lid
+    wide_l, wide_r = rig.expression_index("eyeWideLeft"), rig.expression_index("eyeWideRight")
+    template = exact_model.template.copy()
+    basis = exact_model.expression_basis.copy()
+    template[lid] += [0.001, 0.002, 0.0]
+    basis[wide_l, lid] += [0.0, -0.001, 0.0]
+    model = symmetrise_landmark_model(LandmarkModel(template, exact_model.identity_basis, basis, "test"), rig)
+    np.testing.assert_allclose(model.template[lid] - exact_model.template[lid], [0.0005, 0.001, 0.0], atol=1e-7)
+    np.testing.assert_allclose(model.template[mirror_lid] - exact_model.template[mirror_lid], [-0.0005, 0.001, 0.0],
+                               atol=1e-7)
+    np.testing.assert_allclose(model.expression_basis[wide_l, lid] - exact_model.expression_basis[wide_l, lid],
+                               [0.0, -0.0005, 0.0], atol=1e-7)
+    np.testing.assert_allclose(model.expression_basis[wide_r, mirror_lid]
+                               - exact_model.expression_basis[wide_r, mirror_lid], [0.0, -0.0005, 0.0], atol=1e-7)
+    assert model.source == "test, mirror-symmetrised"
+    assert symmetrise_landmark_model(model, rig).source == model.source  # idempotent, named once
+
+
+@pytest.mark.skipif(not (fitmod.DATA / fitmod.LANDMARK_MODEL_FILE).is_file(),
+                    reason="no MediaPipe landmark calibration is packaged (face/data/landmark_model.npz)")
+def test_packaged_calibration_is_mirror_symmetric(rig):
+    model = LandmarkModel.default(rig)
+    assert "mirror-symmetrised" in model.source
+    np.testing.assert_allclose(symmetrise_landmark_model(model, rig).expression_basis, model.expression_basis,
+                               atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
