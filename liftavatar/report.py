@@ -109,6 +109,11 @@ def machine_info(device: str = "cpu") -> dict[str, object]:
     return info
 
 
+def machine_name(info: dict[str, object]) -> str:
+    """A :func:`machine_info` in words: the GPU, else the CPU model and its cores."""
+    return str(info["gpu"]) if info.get("gpu") else f"{info.get('cpu', '?')} ({info.get('cpu_count', '?')} cores)"
+
+
 def wireframe_overlay(frame: np.ndarray, points: np.ndarray, faces: np.ndarray, colour=(80, 255, 120)) -> np.ndarray:
     """The frame with the edges of ``faces`` drawn between projected ``points`` (V, 2) pixels."""
     image = Image.fromarray(frame.copy())

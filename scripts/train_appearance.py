@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from liftavatar.face.appearance import (APPEARANCE_FILE, CROP, MARGIN, AppearanceModel, AppearanceNet,
-                                        alignment_frame, face_crop, mirror_permutation)
+                                        alignment_frame, face_crop)
+from liftavatar.face.fit import mirrored_expressions
 from liftavatar.face.landmarks import FaceMeshDetector
 from liftavatar.face.rig import DATA, FaceRig
 from liftavatar.synth.kinematics import sample_kinematics
@@ -161,7 +162,7 @@ def train(cache: Path, epochs: int, out: Path, batch_size: int = 64, lr: float =
     crops, expr = load_split(cache, "train")
     vcrops, vexpr = load_split(cache, "val")
     print(f"train {len(crops)} crops, validation {len(vcrops)}", flush=True)
-    perm = mirror_permutation(names)
+    perm = mirrored_expressions(names)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     net = AppearanceNet(len(names))

@@ -590,7 +590,7 @@ def train_avatar(
         validate(0)  # the initial avatar, for comparison
     train_tensor = torch.as_tensor(train_idx)
     observed_tensor = train_tensor[~frames.lifted[train_tensor]]
-    finish_from = cfg.iters - round(cfg.observed_finish * cfg.iters) if cfg.observed_finish > 0 else cfg.iters
+    finish_from = cfg.iters - round(cfg.observed_finish * cfg.iters)
 
     def train_step(step: int) -> dict[str, float]:
         torch.manual_seed(_step_seed(cfg.seed, step))

@@ -60,7 +60,7 @@ import numpy as np
 import liftavatar
 from liftavatar.capture import IMAGE_DIRS, PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter
 from liftavatar.errors import ConfigError, LiftAvatarError
-from liftavatar.report import json_safe
+from liftavatar.report import json_safe, machine_info, machine_name
 
 __all__ = ["BenchConfig", "DEMO_SEED", "SEED_BASE", "quick_config", "demo_config", "full_config", "run_bench",
            "subject_dir", "prepare_subject", "avatar_job", "eval_job", "subset_capture", "lifted_repeats", "STAGES"]
@@ -275,14 +275,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def machine_name(device: str) -> str:
-    """Where a stage ran, in words (a run's stages may run on different machines)."""
-    from liftavatar.report import machine_info
-
-    info = machine_info(device)
-    return str(info["gpu"]) if "gpu" in info else f"{info['cpu']} ({info['cpu_count']} cores)"
-
-
 def _cpu(device: str) -> bool:
     return not str(device).startswith("cuda")
 
@@ -448,7 +440,7 @@ def lift_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
                       "coverage": coverage(held_out, np.concatenate([observed, new]), config.coverage_radius)})
     _save_lift_samples(lifted, n0, window, sdir / LIFT_SAMPLES)
     summary = {**report, "window": window, "observed_frames": int(len(observed)), "curve": curve,
-               "machine": machine_name(cfg.device)}
+               "machine": machine_name(machine_info(cfg.device))}
     _write_json(sdir / "lift.json", summary)
     return summary
 
@@ -585,7 +577,7 @@ def avatar_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = 
             np.savez_compressed(tmp, renders=renders)
             os.replace(tmp, out / f"renders_{split}.npz")
         record["render_seconds"] = round(time.perf_counter() - start, 2)
-    record["machine"] = machine_name(cfg.device)
+    record["machine"] = machine_name(machine_info(cfg.device))
     _write_json(done, record)
     return {**record, "resumed": False}
 
@@ -700,7 +692,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
 
     from liftavatar.bench.html import write_report
     from liftavatar.bench.summary import summarise, write_markdown
-    from liftavatar.report import machine_info
 
     cfg.check()
     if until is not None and until not in STAGES:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import liftavatar
+from liftavatar.report import machine_name
 
 __all__ = ["METRICS", "SPLITS", "summarise", "plateau_sentence", "headline", "write_markdown", "fmt"]
 
@@ -314,8 +315,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         lines.append(f"| wall: {name} | {v:.1f} |")
     machines = results.get("stage_machines", {})
     where = "; ".join(f"{stage} on {', '.join(names)}" for stage, names in machines.items() if names)
-    info = results.get("machine", {})
-    here = info.get("gpu") or f"{info.get('cpu', '?')} ({info.get('cpu_count', '?')} cores)"
+    here = machine_name(results.get("machine", {}))
     lines += ["", f"Machines: {where + '; ' if where else ''}evaluation and report on {here}."]
     lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")

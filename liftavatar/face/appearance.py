@@ -129,16 +129,14 @@ class AppearanceModel:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "AppearanceModel":
         """Load ``path`` (default: the packaged ``face/data/appearance.safetensors``)."""
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         path = Path(path) if path is not None else Path(str(DATA / APPEARANCE_FILE))
         if not path.is_file():
             raise LiftAvatarError(f"{path}: no appearance weights there; run scripts/train_appearance.py to make them.")
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             names = (f.metadata() or {}).get("expression_names", "").split(",")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
         num = int(tensors["precision"].shape[0])
         width = int(tensors["net.features.0.weight"].shape[0])
         net = AppearanceNet(num, width)
@@ -184,17 +182,3 @@ class AppearanceModel:
             x = torch.from_numpy(crops[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255.0
             out[start:start + batch_size] = self.net(x).numpy()
         return out
-
-
-def mirror_permutation(names: list[str]) -> np.ndarray:
-    """Index array p with coefficient k of a mirrored face = coefficient p[k] of the original."""
-    swaps = {"Left": "Right", "Right": "Left"}
-    perm = []
-    for name in names:
-        other = name
-        for a, b in swaps.items():
-            if name.endswith(a):
-                other = name[: -len(a)] + b
-                break
-        perm.append(names.index(other) if other in names else names.index(name))
-    return np.array(perm)

@@ -339,12 +339,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     codec.to(device)
 
     model = build_distributed_model(accelerator, config, n_controls)
-    if (config.fast_path or config.attention != "default" or config.compile or config.save_attention
-            or config.offload_activations):
-        # Every rank, after the model exists and before accelerate wraps it (FSDP shards the blocks it runs).
-        model.set_speed(SpeedConfig(fast_path=config.fast_path, attention=config.attention, compile=config.compile,
-                                    save_attention=config.save_attention,
-                                    offload_activations=config.offload_activations))
+    # Every rank, after the model exists and before accelerate wraps it (FSDP shards the blocks it runs);
+    # the defaults are the plain path.
+    model.set_speed(SpeedConfig(fast_path=config.fast_path, attention=config.attention, compile=config.compile,
+                                save_attention=config.save_attention, offload_activations=config.offload_activations))
     trainable_keys = list(model.trainable_state_dict())
     frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
     # Frozen tensors a prior must hold (a precomputed prompt embedding): never change, kept as they are.

@@ -11,7 +11,7 @@ import torch
 from liftavatar.errors import LiftAvatarError
 from liftavatar.face import fit as fitmod
 from liftavatar.face.appearance import (APPEARANCE_FILE, CROP, AppearanceModel, AppearanceNet, alignment_frame,
-                                        face_crop, mirror_permutation, similarity)
+                                        face_crop, similarity)
 from liftavatar.face.fit import FitConfig, LandmarkModel, fit_rig
 from liftavatar.face.render import project
 from liftavatar.face.rig import DATA, FaceRig
@@ -54,14 +54,6 @@ def test_crop_puts_the_alignment_landmarks_at_their_canonical_places(rig):
     centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5])  # corner-origin pixel centres
     expected = (np.array([int(u) + 0.5, int(v) + 0.5]) - shift) @ rot / scale
     np.testing.assert_allclose(centre, expected, atol=0.5)
-
-
-def test_mirror_permutation_swaps_sides(rig):
-    names = list(rig.expression_names)
-    perm = mirror_permutation(names)
-    assert (perm[perm] == np.arange(len(names))).all()
-    assert names[perm[names.index("eyeWideLeft")]] == "eyeWideRight"
-    assert names[perm[names.index("jawOpen")]] == "jawOpen"
 
 
 def test_packaged_weights_load_and_predict(rig):
