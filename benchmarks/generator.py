@@ -80,9 +80,13 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true", help="also run the reference and control studies")
     parser.add_argument("--no-face-metrics", action="store_true", help="skip AED and CSIM (no MediaPipe/dlib)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS / "generator.json")
-    parser.add_argument("--grid", type=Path, default=ROOT / "docs" / "generator_grid.png")
+    parser.add_argument("--out", type=Path, default=RESULTS / "generator.json",
+                        help="results JSON (the markdown table is written next to it)")
+    parser.add_argument("--grid", type=Path, default=ROOT / "docs" / "generator_grid.png", help="image grid PNG")
     args = parser.parse_args()
+    for flag, path in (("--out", args.out), ("--grid", args.grid)):
+        if path.is_dir():  # found after 10 minutes of generation otherwise
+            parser.error(f"{flag} {path}: is a folder; pass a file path ({flag} names the file to write).")
 
     prior = resolve_prior(args.prior)
     pipe = LiftAvatarPipeline.from_pretrained(prior, device=args.device)

@@ -146,6 +146,9 @@ class Bench:
     until: Literal["synth", "video", "track", "split", "refs", "lift", "avatars", "eval"] | None = None
     """Stop after this stage, to go on elsewhere with the run folder copied there (for example: data stages up
     to refs where the tracker is installed, lift and avatars on a GPU, then evaluation and report back here)."""
+    only: tuple[int, ...] | None = None
+    """Run only these subject seeds, with --until avatars or earlier (to carry one subject at a time to a GPU
+    machine whose calls carry little); the last run, without --only, evaluates and reports them all."""
     force: bool = False
     """Start the run over instead of resuming it."""
 
@@ -230,7 +233,7 @@ def run_bench(cfg: Bench) -> None:
     make = quick_config if cfg.quick else full_config
     config = make(**overrides, device=cfg.device, workers=_workers(cfg.workers, cfg.device))
     started = time.perf_counter()
-    results = bench(config, cfg.out, force=cfg.force, until=cfg.until)
+    results = bench(config, cfg.out, force=cfg.force, until=cfg.until, only=cfg.only)
     if "stopped_after" in results:
         print(f"finished in {time.perf_counter() - started:.0f} s; run folder: {Path(cfg.out).resolve()}")
         return

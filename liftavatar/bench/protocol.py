@@ -679,13 +679,15 @@ def _check_run_dir(run: Path, cfg: BenchConfig, force: bool) -> None:
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: bool = True,
-              until: str | None = None) -> dict[str, Any]:
+              until: str | None = None, only: Sequence[int] | None = None) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out``: stages per subject, avatars, evaluation, aggregation, report.
 
     ``until`` (one of :data:`STAGES`) stops after that stage for every subject, without results: a run split
     across machines makes its data stages on one (say ``until="refs"`` where the tracker is installed), lifts
     and trains avatars on a GPU (``until="avatars"``), and evaluates and reports back on the first; each part
-    resumes from the files the other left. Returns the results (also in ``out/results.json``;
+    resumes from the files the other left. ``only`` (subject seeds of the run, with ``until`` at most
+    ``"avatars"``) runs those subjects alone, so a run can travel one subject at a time where a machine call
+    carries little. Returns the results (also in ``out/results.json``;
     ``results["report"]`` is the HTML report's path), or ``{"stopped_after": until}``.
     """
     from functools import partial
@@ -696,6 +698,16 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
     cfg.check()
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: use one of {', '.join(STAGES)}.")
+    seeds = cfg.subject_seeds()
+    if only is not None:
+        if until is None or STAGES.index(until) > STAGES.index("avatars"):
+            raise ConfigError("--only runs part of the subjects, so it needs --until avatars or an earlier stage "
+                              "(the evaluation and report need every subject).")
+        unknown = sorted(set(only) - set(seeds))
+        if unknown:
+            raise ConfigError(f"--only {' '.join(map(str, unknown))}: not a subject of this run "
+                              f"(its seeds: {', '.join(map(str, seeds))}).")
+        seeds = [s for s in seeds if s in set(only)]
     run = Path(out)
     _check_run_dir(run, cfg, force)
     if cfg.prior is None and until not in SUBJECT_STAGES[:-1]:  # the stages before lift need no prior
@@ -703,7 +715,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
 
         resolve_prior(None)  # fail now, not after synthesis, when no prior is installed
     workers = _resolve_workers(cfg)
-    seeds = cfg.subject_seeds()
     wall = time.perf_counter()
     clock: dict[str, float] = {}
 

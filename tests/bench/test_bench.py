@@ -100,6 +100,20 @@ def test_a_run_folder_made_with_other_settings_is_refused(tmp_path):
     assert (tmp_path / "other" / "precious.txt").is_file()
 
 
+def test_only_runs_the_named_subjects_up_to_a_stage(tmp_path, capsys):
+    cfg = quick_config(subjects=2)
+    with pytest.raises(ConfigError, match="needs --until"):
+        run_bench(cfg, tmp_path / "run", only=[5401])
+    with pytest.raises(ConfigError, match="5499: not a subject of this run"):
+        run_bench(cfg, tmp_path / "run", until="synth", only=[5499])
+    assert main(["bench", "--quick", "--subjects", "2", "-o", str(tmp_path / "run"), "--only", "5401"]) == 2
+    assert "--only runs part of the subjects" in capsys.readouterr().err
+    assert run_bench(cfg, tmp_path / "run", until="synth", only=[5401]) == {"stopped_after": "synth",
+                                                                          "run": str(tmp_path / "run")}
+    subjects = sorted(p.name for p in (tmp_path / "run" / "subjects").iterdir())
+    assert subjects == ["s5401"] and (tmp_path / "run" / "subjects" / "s5401" / "synth" / "sparse").is_dir()
+
+
 @pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path, capsys):
     """`bench --quick` (1 subject, 2 lifted expressions, 60 avatar iterations): results JSON complete,
