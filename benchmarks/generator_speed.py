@@ -42,7 +42,8 @@ predicted to end past ``--budget-s`` is skipped and the JSON says so):
   small prior's benchmark clips, and bf16 fast vs fp32 plain sampling); 14b (the 14B preset at 10k
   tokens); profile (top CUDA kernels of one 33k forward); compile (``torch.compile`` of the block
   unit); forward-10k; sample-extra (ours at 50 Euler steps; the stock recipe without references in
-  context, 5,120 tokens).
+  context, 5,120 tokens); recompute-bound (a 10k training step with no checkpointing at all, beside
+  stock and ours under the memory bound: what recomputation costs).
 
 Writes benchmarks/results/generator_speed.json after every measurement (device named); ``--quick``
 runs every case at toy sizes on the CPU (a smoke test of this script: numbers meaningless, written
@@ -78,11 +79,11 @@ D = 43  # kinematic controls per frame: 37 expression coefficients + 6 pose
 REFS = 5
 GIB = 2 ** 30
 ALL_CASES = ("peak", "attention", "train-10k", "forward-33k", "sample", "train-33k", "numerics", "steps-quality",
-             "14b", "profile", "compile", "forward-10k", "sample-extra")
+             "14b", "profile", "compile", "forward-10k", "sample-extra", "recompute-bound")
 # Rough H100 seconds per case (including building what it needs), for the budget check.
 ESTIMATE_S = {"peak": 5, "attention": 10, "train-10k": 30, "forward-33k": 20, "sample": 50, "train-33k": 45,
               "numerics": 40, "steps-quality": 50, "14b": 80, "compile": 240, "profile": 20, "forward-10k": 10,
-              "sample-extra": 45}
+              "sample-extra": 45, "recompute-bound": 120}
 
 
 @dataclass(frozen=True)
@@ -874,10 +875,48 @@ def case_compile(b: Bench) -> dict:
     return out
 
 
+def case_recompute_bound(b: Bench) -> dict:
+    """What recomputation costs at 10k tokens, side by side: stock, ours compiled under the memory bound
+    (every block checkpointed, its self-attention output kept and offloaded), and ours compiled with no
+    checkpointing at all — the time a step would take if memory were free, which bounds what any
+    save/offload policy at stock's memory can reach."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    backend = "aot_eager" if b.quick else True
+    shape = b.shapes["10k"]
+    layers = b.model("1.3b")[0].config.num_layers
+    attention = b.best_attention(shape, True)
+    out = b.partial
+    out["stock"] = b.train("stock", "1.3b", shape)
+    b.write()
+    out[f"ours_compile_save{layers}_offload{layers}"] = b.train(
+        "ours", "1.3b", shape, SpeedConfig(fast_path=True, attention=attention, compile=backend,
+                                           save_attention=layers, offload_activations=layers))
+    b.write()
+    ours = b.model("1.3b")[1]
+    ours.gradient_checkpointing = False
+    try:
+        out["ours_compile_no_checkpointing"] = b.train(
+            "ours", "1.3b", shape, SpeedConfig(fast_path=True, attention=attention, compile=backend,
+                                               compile_scope="unit"))
+    finally:
+        ours.gradient_checkpointing = True
+    b.write()
+    for key, row in out.items():
+        if isinstance(row, dict) and "s" in row:
+            b.log(f"recompute-bound {key}: {row['s']:.3f} s/step, {row['peak_gib']:.2f} GiB")
+    ours.set_speed()
+    return out
+
+
 CASES = {"peak": case_peak, "attention": case_attention, "train-10k": case_train_10k,
          "forward-33k": case_forward_33k, "sample": case_sample, "train-33k": case_train_33k,
          "forward-10k": case_forward_10k, "numerics": case_numerics, "steps-quality": case_steps_quality,
-         "14b": case_14b, "profile": case_profile, "compile": case_compile, "sample-extra": case_sample_extra}
+         "14b": case_14b, "profile": case_profile, "compile": case_compile, "sample-extra": case_sample_extra,
+         "recompute-bound": case_recompute_bound}
 
 
 # ---- summary -----------------------------------------------------------------------------------------------
