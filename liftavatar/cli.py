@@ -141,6 +141,8 @@ class Bench:
     """Observed frames are repeated to make about this share of the training draws (default 0.75; 0: plain union)."""
     lift_poses: Literal["observed", "wide"] | None = None
     """Lifted clips keep the capture's head poses or also turn toward wider ones (default wide)."""
+    track_appearance: bool = True
+    """Track with the appearance network as well as the landmarks (as `track` does by default)."""
     prior: Path | None = None
     """Prior directory (default: the embedded prior)."""
     until: Literal["synth", "video", "track", "split", "refs", "lift", "avatars", "eval"] | None = None
@@ -228,6 +230,7 @@ def run_bench(cfg: Bench) -> None:
                  "seen_frames": cfg.seen_frames, "seed_base": cfg.seed_base, "lifted_weight": cfg.lifted_weight,
                  "observed_finish": cfg.observed_finish,
                  "observed_share": cfg.observed_share, "lift_poses": cfg.lift_poses,
+                 "track_appearance": cfg.track_appearance,
                  "prior": str(cfg.prior) if cfg.prior else None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     make = quick_config if cfg.quick else full_config

@@ -118,6 +118,9 @@ class BenchConfig:
     lift_seed: int = 0
     observed_share: float = 0.75
     """Repeat observed frames so they make about this share of an avatar's training draws (0: plain union)."""
+    track_appearance: bool = True
+    """The tracker reads expressions from the face's pixels too (its appearance network, the default of
+    `liftavatar track`); False tracks from the landmarks alone, as before that network existed."""
     avatar_iters: int = 2000
     lifted_weight: float = 0.5
     """Loss weight of lifted frames in avatar training. Measured on the demo subject (12 lifted expressions,
@@ -360,7 +363,7 @@ def track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
     from liftavatar.synth.world import DEFAULT_FOV_DEG
 
     info = json.loads((sdir / "recording" / "recording.json").read_text())
-    config = TrackConfig(size=cfg.size, fov=DEFAULT_FOV_DEG, device=cfg.device)
+    config = TrackConfig(size=cfg.size, fov=DEFAULT_FOV_DEG, device=cfg.device, appearance=cfg.track_appearance)
     capture, report = track(sdir / "recording" / info["video"], sdir / "tracked", config, overwrite=True,
                             resume=True, progress=progress)
     summary = {"frames": report.frames, "valid": report.valid, "median_reprojection_px": report.median_reprojection_px,

@@ -34,6 +34,26 @@ def test_configs_follow_the_protocol():
     # settings that only change where and how fast a run goes may differ on resume
     assert full_config(device="cuda", workers=4).protocol() == full.protocol()
     assert full_config(avatar_iters=10).protocol() != full.protocol()
+    assert full.track_appearance and full_config(track_appearance=False).protocol() != full.protocol()
+
+
+def test_track_stage_passes_the_appearance_setting(tmp_path, monkeypatch):
+    import liftavatar.face.track as track_module
+    from liftavatar.bench.protocol import track_stage
+
+    seen = []
+
+    def fake_track(video, out, config, **kwargs):
+        seen.append(config.appearance)
+        raise RuntimeError("stop before tracking")
+
+    monkeypatch.setattr(track_module, "track", fake_track)
+    (tmp_path / "recording").mkdir()
+    (tmp_path / "recording" / "recording.json").write_text(json.dumps({"video": "recording.mp4"}))
+    for value in (True, False):
+        with pytest.raises(RuntimeError, match="stop before tracking"):
+            track_stage(quick_config(track_appearance=value), tmp_path, progress=False)
+    assert seen == [True, False]
 
 
 def test_lifted_repeats_balance_observed_and_lifted_draws():
