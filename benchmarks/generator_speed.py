@@ -817,6 +817,17 @@ def case_profile(b: Bench) -> dict:
     return out
 
 
+def _compile_backend(b: Bench) -> bool | str:
+    """The torch.compile backend of the compiled cases (inductor; aot_eager for the CPU smoke test), with
+    dynamo's recompile limits raised: every compiled variant of a case is its own graph."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    return "aot_eager" if b.quick else True
+
+
 def case_compile(b: Bench) -> dict:
     """torch.compile of the fast path's checkpointed block unit (first call = compile): training at 10k,
     forward at 33k, then training at 33k if the budget allows. One compiled graph serves every block.
@@ -825,12 +836,7 @@ def case_compile(b: Bench) -> dict:
     block keeps its self-attention output, and what blocks keep waits in pinned host memory: less
     recomputation at a peak memory no higher than save0's); the summary takes the faster one whose peak
     stays within stock's."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    backend = "aot_eager" if b.quick else True
+    backend = _compile_backend(b)
     out = b.partial
     shape10, shape33 = b.shapes["10k"], b.shapes["33k"]
     layers = b.model("1.3b")[0].config.num_layers
@@ -880,12 +886,7 @@ def case_recompute_bound(b: Bench) -> dict:
     (every block checkpointed, its self-attention output kept and offloaded), and ours compiled with no
     checkpointing at all — the time a step would take if memory were free, which bounds what any
     save/offload policy at stock's memory can reach."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    backend = "aot_eager" if b.quick else True
+    backend = _compile_backend(b)
     shape = b.shapes["10k"]
     layers = b.model("1.3b")[0].config.num_layers
     attention = b.best_attention(shape, True)

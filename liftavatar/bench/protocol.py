@@ -710,7 +710,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
         if unknown:
             raise ConfigError(f"--only {' '.join(map(str, unknown))}: not a subject of this run "
                               f"(its seeds: {', '.join(map(str, seeds))}).")
-        seeds = [s for s in seeds if s in set(only)]
+        seeds = [s for s in seeds if s in only]
     run = Path(out)
     _check_run_dir(run, cfg, force)
     if cfg.prior is None and until not in SUBJECT_STAGES[:-1]:  # the stages before lift need no prior

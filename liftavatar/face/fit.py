@@ -560,10 +560,11 @@ def _normal_equations(p: _Problem, s: _State, vis: torch.Tensor):
     identity = s.identity.double().cpu().numpy()
     g_b = g_b + cfg.identity_prior * identity
     h_bb = h_bb + cfg.identity_prior * np.eye(len(identity))
-    g_f[:, 6:] += cfg.expression_l1 + cfg.expression_l2 * s.frame[:, 6:].double().cpu().numpy()
+    psi = s.frame[:, 6:].double().cpu().numpy()
+    g_f[:, 6:] += cfg.expression_l1 + cfg.expression_l2 * psi
     h_ff[:, 6:, 6:] += cfg.expression_l2 * np.eye(e)
     if p.prior_mean is not None:  # appearance prior: ½ w (ψ − μ)²
-        g_f[:, 6:] += p.prior_weight * (s.frame[:, 6:].double().cpu().numpy() - p.prior_mean)
+        g_f[:, 6:] += p.prior_weight * (psi - p.prior_mean)
         h_ff[:, 6 + np.arange(e), 6 + np.arange(e)] += p.prior_weight
     return h_ff, h_fb, h_bb, g_f, g_b
 
