@@ -79,11 +79,11 @@ D = 43  # kinematic controls per frame: 37 expression coefficients + 6 pose
 REFS = 5
 GIB = 2 ** 30
 ALL_CASES = ("peak", "attention", "train-10k", "forward-33k", "sample", "train-33k", "numerics", "steps-quality",
-             "14b", "profile", "compile", "forward-10k", "sample-extra", "recompute-bound")
+             "14b", "profile", "compile", "forward-10k", "sample-extra", "recompute-bound", "train-profile")
 # Rough H100 seconds per case (including building what it needs), for the budget check.
 ESTIMATE_S = {"peak": 5, "attention": 10, "train-10k": 30, "forward-33k": 20, "sample": 50, "train-33k": 45,
               "numerics": 40, "steps-quality": 50, "14b": 80, "compile": 240, "profile": 20, "forward-10k": 10,
-              "sample-extra": 45, "recompute-bound": 120}
+              "sample-extra": 45, "recompute-bound": 120, "train-profile": 150}
 
 
 @dataclass(frozen=True)
@@ -257,34 +257,36 @@ class Bench:
 
     # ---- the measured operations ------------------------------------------------------------------------
 
-    def train(self, side: str, size: str, shape: Shape, speed: SpeedConfig | None = None) -> dict:
+    def train_step(self, side: str, size: str, shape: Shape, speed: SpeedConfig | None = None):
+        """``step()``: one LoRA training step of ``side`` (flow-matching loss, backward, AdamW), with its inputs
+        and optimizer built; the model is set to ``speed`` and to training mode."""
         base, ours, model = self._side(side, size, speed)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        if side == "stock":
+            x0, prompt = self.stock_inputs(base, shape)
+            forward = lambda xt, t: base(xt, t, prompt, return_dict=False)[0]  # noqa: E731
+        else:
+            inputs = self.ours_inputs(base, shape)
+            x0 = inputs.pop("latents")
+            forward = lambda xt, t: ours(xt, t, **inputs)  # noqa: E731
+        noise = torch.randn_like(x0)
+        sigma = torch.full((1,), 0.6, device=self.device)
+        xt = ((1 - sigma) * x0.float() + sigma * noise.float()).to(self.dtype)
+        target = (noise.float() - x0.float())
 
-        def run():
-            optimizer = torch.optim.AdamW(params, lr=1e-5)
-            if side == "stock":
-                x0, prompt = self.stock_inputs(base, shape)
-                forward = lambda xt, t: base(xt, t, prompt, return_dict=False)[0]  # noqa: E731
-            else:
-                inputs = self.ours_inputs(base, shape)
-                x0 = inputs.pop("latents")
-                forward = lambda xt, t: ours(xt, t, **inputs)  # noqa: E731
-            noise = torch.randn_like(x0)
-            sigma = torch.full((1,), 0.6, device=self.device)
-            xt = ((1 - sigma) * x0.float() + sigma * noise.float()).to(self.dtype)
-            target = (noise.float() - x0.float())
+        def step():
+            loss = F.mse_loss(forward(xt, sigma * 1000).float(), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-            def step():
-                loss = F.mse_loss(forward(xt, sigma * 1000).float(), target)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        return step
 
-            return self.timed(step)
-
-        return self._rate(model, base, shape, run, passes=3, speed=speed)
+    def train(self, side: str, size: str, shape: Shape, speed: SpeedConfig | None = None) -> dict:
+        base, ours, model = self._side(side, size, speed)
+        return self._rate(model, base, shape, lambda: self.timed(self.train_step(side, size, shape, speed)),
+                          passes=3, speed=speed)
 
     def forward(self, side: str, size: str, shape: Shape, speed: SpeedConfig | None = None,
                 repeats: int | None = None) -> dict:
@@ -913,11 +915,123 @@ def case_recompute_bound(b: Bench) -> dict:
     return out
 
 
+KERNEL_KINDS = (("attention backward", ("bprop", "flash_bwd", "fmha_bwd", "attention_backward", "dq_dk_dv")),
+                ("attention forward", ("sdpa", "fprop", "flash_fwd", "fmha", "attention")),
+                ("copy host<->device", ("memcpy dtoh", "memcpy htod", "memcpy")),
+                ("optimizer", ("multi_tensor_apply", "adam")),
+                ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "cublas", "splitk")),
+                ("compiled (triton)", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    """The category of a CUDA kernel, from its name (first match in :data:`KERNEL_KINDS`, else elementwise/other)."""
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "elementwise/other"
+
+
+def _union_ms(intervals: list[tuple[float, float, str]]) -> float:
+    """Length of the union of (start, end, name) microsecond intervals, in ms."""
+    total, end = 0.0, -math.inf
+    for a, b, _ in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+def _idle_gaps(intervals: list[tuple[float, float, str]], top: int = 8) -> dict:
+    """The GPU's idle time between compute kernels (gaps over 50 µs): total, and the longest gaps with the
+    kernels on either side (what the GPU waited between)."""
+    gaps, end, last = [], -math.inf, ""
+    for a, b, name in sorted(intervals):
+        if a - end > 50 and end > -math.inf:
+            gaps.append(((a - end) / 1e3, last[:70], name[:70]))
+        if b > end:
+            end, last = b, name
+    gaps.sort(reverse=True)
+    return {"total_ms": sum(g[0] for g in gaps), "count": len(gaps),
+            "longest": [{"ms": ms, "after": before, "before": after} for ms, before, after in gaps[:top]]}
+
+
+def case_train_profile(b: Bench) -> dict:
+    """Where a 10k training step's time goes, side by side: CUDA kernel time by kind (attention forward and
+    backward, matmuls, compiled kernels, copies, optimizer), the time the compute kernels keep the GPU busy,
+    and the step's wall time, for stock, ours compiled recomputing everything, ours compiled under the memory
+    bound (attention saved and offloaded), and ours compiled with no checkpointing."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    backend = _compile_backend(b)
+    shape = b.shapes["10k"]
+    layers = b.model("1.3b")[0].config.num_layers
+    attention = b.best_attention(shape, True)
+    ours = b.model("1.3b")[1]
+    variants = {"stock": None,
+                "ours_compile_save0": SpeedConfig(fast_path=True, attention=attention, compile=backend),
+                f"ours_compile_save{layers}_offload{layers}": SpeedConfig(
+                    fast_path=True, attention=attention, compile=backend, save_attention=layers,
+                    offload_activations=layers),
+                "ours_compile_no_checkpointing": SpeedConfig(fast_path=True, attention=attention, compile=backend,
+                                                             compile_scope="unit")}
+    out = b.partial
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
+    for name, speed in variants.items():
+        ours.gradient_checkpointing = name != "ours_compile_no_checkpointing"
+        try:
+            step = b.train_step("stock" if speed is None else "ours", "1.3b", shape, speed)
+            for _ in range(3):  # compile, then warm the allocator and the offload buffers
+                step()
+            b.sync()
+            start = time.perf_counter()
+            step()
+            b.sync()
+            unprofiled = time.perf_counter() - start
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                step()
+                b.sync()
+                wall = time.perf_counter() - start
+        finally:
+            ours.gradient_checkpointing = True
+        kinds: dict[str, float] = {}
+        busy = []
+        runtime: dict[str, list[float]] = {}  # host-side CUDA runtime calls: where the CPU waits or allocates
+        for event in prof.events():
+            if getattr(event, "device_type", None) != DeviceType.CUDA:
+                if event.name.startswith("cuda") and not event.name.startswith("cudaLaunch"):
+                    row = runtime.setdefault(event.name, [0.0, 0])
+                    row[0] += (event.time_range.end - event.time_range.start) / 1e3
+                    row[1] += 1
+                continue
+            us = float(getattr(event, "device_time", 0.0) or 0.0) or (event.time_range.end - event.time_range.start)
+            kind = kernel_kind(event.name)
+            kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+            if kind != "copy host<->device":
+                busy.append((event.time_range.start, event.time_range.end, event.name))
+        top_runtime = sorted(runtime.items(), key=lambda kv: -kv[1][0])[:8]
+        out[name] = {"wall_ms_unprofiled": unprofiled * 1e3, "wall_ms_profiled": wall * 1e3,
+                     "compute_busy_ms": _union_ms(busy), "kernel_ms_by_kind": dict(sorted(kinds.items())),
+                     "idle_gaps": _idle_gaps(busy),
+                     "host_runtime_calls": {k: {"ms": v[0], "calls": v[1]} for k, v in top_runtime}}
+        b.write()
+        b.log(f"train-profile {name}: {unprofiled * 1e3:.0f} ms/step, busy {out[name]['compute_busy_ms']:.0f} ms, "
+              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items()))
+              + f"; idle gaps {out[name]['idle_gaps']['total_ms']:.0f} ms; host calls "
+              + ", ".join(f"{k} {v[0]:.0f} ms/{v[1]}" for k, v in top_runtime[:4]))
+        del step, prof
+        b.clean()
+    ours.set_speed()
+    return out
+
+
 CASES = {"peak": case_peak, "attention": case_attention, "train-10k": case_train_10k,
          "forward-33k": case_forward_33k, "sample": case_sample, "train-33k": case_train_33k,
          "forward-10k": case_forward_10k, "numerics": case_numerics, "steps-quality": case_steps_quality,
          "14b": case_14b, "profile": case_profile, "compile": case_compile, "sample-extra": case_sample_extra,
-         "recompute-bound": case_recompute_bound}
+         "recompute-bound": case_recompute_bound, "train-profile": case_train_profile}
 
 
 # ---- summary -----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from liftavatar.bench.summary import METRICS, fmt
+from liftavatar.bench.summary import METRICS, ORACLE_LABEL, fmt
 
 __all__ = ["write_report", "render_html", "build_assets"]
 
@@ -79,20 +79,21 @@ def _save_png(image: np.ndarray, path: Path) -> str:
     return path.name
 
 
-def _renders(run: Path, seed: int, k: int, split: str) -> np.ndarray | None:
-    from liftavatar.bench.protocol import avatar_dir
+def _renders(run: Path, seed: int, k: int | None, split: str) -> np.ndarray | None:
+    """An avatar's renders of a test capture (``k`` lifted expressions), or the oracle appearance's (``k`` None)."""
+    from liftavatar.bench.protocol import avatar_dir, oracle_dir
 
-    path = avatar_dir(run, seed, k) / f"renders_{split}.npz"
+    path = (oracle_dir(run, seed) if k is None else avatar_dir(run, seed, k)) / f"renders_{split}.npz"
     if not path.is_file():
         return None
     with np.load(path) as data:
         return data["renders"]
 
 
-def _per_frame_psnr(run: Path, seed: int, k: int, split: str) -> list[float | None]:
-    from liftavatar.bench.protocol import avatar_dir
+def _per_frame_psnr(run: Path, seed: int, k: int | None, split: str) -> list[float | None]:
+    from liftavatar.bench.protocol import avatar_dir, oracle_dir
 
-    path = avatar_dir(run, seed, k) / f"eval_{split}.json"
+    path = (oracle_dir(run, seed) if k is None else avatar_dir(run, seed, k)) / f"eval_{split}.json"
     if not path.is_file():
         return []
     return json.loads(path.read_text())["metrics"].get("psnr", {}).get("per_frame", [])
@@ -126,7 +127,14 @@ def build_assets(results: dict[str, Any], run: Path, out: Path) -> dict[str, Any
             db = lambda values, i: f"{values[i]:.1f} dB" if i < len(values) and values[i] is not None else ""  # noqa: E731
             rows = [[_up(gt[i]) for i in pick], [_up(base[i]) for i in pick], [_up(lifted[i]) for i in pick]]
             captions = [[f"frame {i}" for i in pick], [db(psnr_b, i) for i in pick], [db(psnr_l, i) for i in pick]]
-            sheet = labelled_grid(rows, ["ground truth", "baseline", f"lifted ({lifted_k})"], captions)
+            row_labels = ["ground truth", "baseline", f"lifted ({lifted_k})"]
+            oracle = _renders(run, seed, None, split)
+            if oracle is not None and len(oracle) == n:
+                psnr_o = _per_frame_psnr(run, seed, None, split)
+                rows.append([_up(oracle[i]) for i in pick])
+                captions.append([db(psnr_o, i) for i in pick])
+                row_labels.append("oracle appearance")
+            sheet = labelled_grid(rows, row_labels, captions)
             entry["grids"][split] = _save_png(sheet, out / f"grid_s{seed}_{split}.png")
             video = out / f"video_s{seed}_{split}.mp4"
             labels = ["ground truth", "baseline (capture only)", f"lifted ({lifted_k} expressions)"]
@@ -207,21 +215,23 @@ def _delta_class(delta: float | None, better: str) -> str:
 def _summary_table(results: dict[str, Any], split: str) -> str:
     k = results["methods"]["lifted"]["lifted_expressions"]
     rows = ["<table><tr><th>metric</th><th>better</th><th>baseline (capture only)</th>"
-            f"<th>lifted ({k} expressions)</th><th>Δ lifted − baseline</th></tr>"]
+            f"<th>lifted ({k} expressions)</th><th>Δ lifted − baseline</th><th>{ORACLE_LABEL}</th></tr>"]
     for key, row in results["tables"][split].items():
         unit = f" ({_e(row['unit'])})" if row["unit"] else ""
         if not row["available"]:
             reason = row.get("reason") or "n/a"
             short = reason.split(":")[0] if reason.startswith("not available") else reason
             rows.append(f"<tr><td>{_e(row['label'])}{unit}</td><td>{_e(row['better'])}</td>"
-                        f"<td class='na' colspan='3' title='{_e(reason)}'>{_e(short)}</td></tr>")
+                        f"<td class='na' colspan='4' title='{_e(reason)}'>{_e(short)}</td></tr>")
             continue
         d = METRICS[key][3]
         cls = _delta_class(row["delta"]["mean"], row["better"])
         rows.append(f"<tr><td>{_e(row['label'])}{unit}</td><td>{_e(row['better'])}</td>"
                     f"<td>{fmt(row['baseline'], d)}</td><td>{fmt(row['lifted'], d)}</td>"
-                    f"<td class='{cls}'>{fmt(row['delta'], d, True)}</td></tr>")
+                    f"<td class='{cls}'>{fmt(row['delta'], d, True)}</td><td>{fmt(row.get('oracle'), d)}</td></tr>")
     rows.append("</table>")
+    if "oracle" in results["methods"]:
+        rows.append(f"<p class='meta'>{_e(ORACLE_LABEL.capitalize())}: {_e(results['methods']['oracle']['description'])}</p>")
     return "\n".join(rows)
 
 
@@ -232,13 +242,15 @@ def _per_subject_tables(results: dict[str, Any], split: str) -> str:
             continue
         d = METRICS[key][3]
         lines = [f"<details><summary>{_e(row['label'])} per subject</summary><table>"
-                 "<tr><th>subject (seed)</th><th>baseline</th><th>lifted</th><th>Δ</th></tr>"]
-        for s, b, v, dd in zip(results["subjects"], row["baseline"]["per_subject"], row["lifted"]["per_subject"],
-                               row["delta"]["per_subject"]):
+                 f"<tr><th>subject (seed)</th><th>baseline</th><th>lifted</th><th>Δ</th><th>{ORACLE_LABEL}</th></tr>"]
+        oracle = (row.get("oracle") or {}).get("per_subject") or [None] * len(results["subjects"])
+        for s, b, v, dd, o in zip(results["subjects"], row["baseline"]["per_subject"], row["lifted"]["per_subject"],
+                                  row["delta"]["per_subject"], oracle):
             lines.append(f"<tr><td>{s['seed']}</td><td>{_num(b, d)}</td><td>{_num(v, d)}</td>"
-                         f"<td class='{_delta_class(dd, row['better'])}'>{_num(dd, d, True)}</td></tr>")
+                         f"<td class='{_delta_class(dd, row['better'])}'>{_num(dd, d, True)}</td><td>{_num(o, d)}</td></tr>")
         lines.append(f"<tr class='mean'><td>mean ± std</td><td>{fmt(row['baseline'], d)}</td>"
-                     f"<td>{fmt(row['lifted'], d)}</td><td>{fmt(row['delta'], d, True)}</td></tr></table></details>")
+                     f"<td>{fmt(row['lifted'], d)}</td><td>{fmt(row['delta'], d, True)}</td>"
+                     f"<td>{fmt(row.get('oracle'), d)}</td></tr></table></details>")
         parts.append("\n".join(lines))
     return "\n".join(parts)
 
@@ -308,6 +320,9 @@ def _protocol(results: dict[str, Any]) -> str:
         "Evaluation: each avatar is driven by the test frames' tracked kinematics and camera; its renders over black "
         "are compared with the test frames times their masks. AED/APD: the tracker on both sides. CSIM: dlib "
         "face embeddings. LPIPS/FID: only with their standard weights on disk.",
+        "Oracle appearance: the synthetic world's renderer with the subject's true texture, on the rig driven exactly "
+        "as the avatars are (tracked test kinematics, identity and camera), measured the same way: how much of each "
+        "metric the tracked test kinematics account for.",
     ]
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 

@@ -34,7 +34,13 @@ was trained on 100000–101999). Per subject, each stage writes into its own fol
    black (``renders_{split}.npz``).
 8. **eval** — the renders are compared with the test frames times their masks: PSNR, SSIM, AED, APD,
    CSIM (LPIPS and FID when their weights are on disk), with :func:`liftavatar.metrics.evaluate.evaluate`.
-   It reads only the files of stage 7, so renders made on a GPU machine evaluate on another.
+   It reads only the files of stage 7, so renders made on a GPU machine evaluate on another. The same
+   metrics are taken of the **oracle appearance** (``oracle/``): the synthetic world's own renderer, with
+   the subject's true texture, on the rig driven exactly as the avatars are (the test captures' tracked
+   kinematics, tracked identity and camera). It is what an avatar that had learned the subject's appearance
+   perfectly would show, so its AED is the share of the avatars' AED that comes from the tracked test
+   kinematics rather than from the avatar (a reference level, not a strict floor: an avatar fitted to frames
+   tracked with the same biases can land slightly below it).
 
 A stage is skipped when its record is complete or a later stage's is, so a run folder may travel between
 machines without the earlier stages' bulky outputs (``run_bench(until=...)``, ``bench --until``).
@@ -63,7 +69,8 @@ from liftavatar.errors import ConfigError, LiftAvatarError
 from liftavatar.report import json_safe, machine_info, machine_name
 
 __all__ = ["BenchConfig", "DEMO_SEED", "SEED_BASE", "quick_config", "demo_config", "full_config", "run_bench",
-           "subject_dir", "prepare_subject", "avatar_job", "eval_job", "subset_capture", "lifted_repeats", "STAGES"]
+           "subject_dir", "prepare_subject", "avatar_job", "eval_job", "oracle_job", "oracle_renders", "subset_capture",
+           "lifted_repeats", "STAGES"]
 
 SEED_BASE = 5400
 """Benchmark subjects are 5400, 5401, …: held out from the prior's training seeds (100000–101999)."""
@@ -214,6 +221,10 @@ def subject_dir(run: Path, seed: int) -> Path:
 
 def avatar_dir(run: Path, seed: int, k: int) -> Path:
     return subject_dir(run, seed) / "avatars" / f"k{k:03d}"
+
+
+def oracle_dir(run: Path, seed: int) -> Path:
+    return subject_dir(run, seed) / "oracle"
 
 
 def lifted_capture_dir(run: Path, seed: int, k: int, cfg: BenchConfig) -> Path:
@@ -607,6 +618,47 @@ def eval_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = Tr
     return {"eval_seconds": seconds, "resumed": False}
 
 
+def oracle_renders(seed: int, capture: Capture, batch: int = 16) -> np.ndarray:
+    """(N, H, W, 3) uint8 renders over black of synthetic subject ``seed``'s true texture on the rig, driven by
+    ``capture``'s kinematics with its identity and camera (the synthetic world's renderer, as
+    :func:`liftavatar.synth.world.synthesize` uses it): the oracle appearance of the module docstring."""
+    from liftavatar.synth.subject import make_subject
+    from liftavatar.synth.world import render_subject
+
+    h, w = capture.size
+    if h != w:
+        raise BenchError(f"{capture.path}: the oracle appearance renders square frames; this capture is {w}×{h}.")
+    kin = capture.kinematics
+    subject = replace(make_subject(seed), identity=np.asarray(kin.identity, np.float32))
+    intrinsics = tuple(float(v) for v in capture.meta.intrinsics)
+    out = []
+    for lo in range(0, capture.num_frames, batch):
+        sl = slice(lo, lo + batch)
+        rendered = render_subject(subject, kin.expression[sl], kin.rotation[sl], kin.translation[sl], h, intrinsics)
+        alpha = rendered.mask[..., None].astype(np.float32) / 255.0
+        out.append((rendered.rgb.astype(np.float32) * alpha + 0.5).astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.uint8)
+
+
+def oracle_job(cfg: BenchConfig, run: Path, seed: int, progress: bool = True) -> dict[str, Any]:
+    """Render and evaluate the oracle appearance on both test captures (``oracle/renders_{split}.npz`` and
+    ``oracle/eval_{split}.json``); skipped when both reports exist. Needs only the seed and the test captures'
+    kinematics and camera, so it runs wherever the evaluation does. Returns ``{"oracle_seconds", "resumed"}``."""
+    out = oracle_dir(run, seed)
+    if all((out / f"eval_{split}.json").is_file() for split in SPLITS):
+        return {"oracle_seconds": 0.0, "resumed": True}
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        test_path = subject_dir(run, seed) / f"test_{split}"
+        renders = oracle_renders(seed, Capture.load(test_path))
+        tmp = out / f".renders_{split}.tmp.npz"
+        np.savez_compressed(tmp, renders=renders)
+        os.replace(tmp, out / f"renders_{split}.npz")
+        _write_json(out / f"eval_{split}.json", evaluate_renders(renders, test_path, cfg))
+    return {"oracle_seconds": round(time.perf_counter() - start, 2), "resumed": False}
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 
@@ -747,12 +799,13 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
     # Metrics run the tracker (AED) and dlib (CSIM) on the CPU: one process unless asked for more.
     evals = _run_many(eval_job, jobs, workers if _cpu(cfg.device) else 1, "evaluation")
     records = [{**r, **e, "resumed": r["resumed"] and e["resumed"]} for r, e in zip(records, evals)]
+    oracles = _run_many(oracle_job, [(cfg, run, s) for s in seeds], workers if _cpu(cfg.device) else 1, "oracle")
     clock["evaluation"] = time.perf_counter() - start
     if until == "eval":
         return _stopped(run, until)
 
     start = time.perf_counter()
-    results = summarise(cfg, run, subject_timings, records)
+    results = summarise(cfg, run, subject_timings, records, oracles)
     results["machine"] = machine_info(cfg.device)
     results["workers"] = workers
     results["timings"]["wall_seconds_this_invocation"] = {k: round(v, 2) for k, v in clock.items()}

@@ -95,6 +95,23 @@ def test_headline_checks_the_acceptance_criteria():
     assert not headline(results, full_config())["assessed"]
 
 
+def test_oracle_appearance_reproduces_the_synthetic_frames(tmp_path):
+    """Driven by a synthetic capture's own kinematics (true identity, expressions, pose and camera), the oracle
+    appearance is the ground truth over black; another subject's is not."""
+    from liftavatar.bench.protocol import _gt_frames, oracle_renders
+    from liftavatar.metrics.image import psnr
+    from liftavatar.synth.world import SynthSpec, synthesize
+
+    capture = synthesize(SynthSpec(seed=7011, preset="extreme", frames=3, size=64), tmp_path / "synth",
+                         progress=False)
+    gt, _ = _gt_frames(capture)
+    renders = oracle_renders(7011, capture, batch=2)
+    assert renders.shape == gt.shape and renders.dtype == np.uint8
+    assert min(psnr(r, g) for r, g in zip(renders, gt)) > 40
+    other = oracle_renders(7012, capture)  # another subject's texture on the same rig and motion
+    assert max(psnr(r, g) for r, g in zip(other, gt)) < 30
+
+
 def test_subset_capture_links_frames_and_validates(tmp_path):
     from liftavatar.synth.world import SynthSpec, synthesize
 
@@ -173,6 +190,11 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
             assert None not in results["curve"][split][key]["mean"], (split, key)
         assert results["curve"]["points"] == [0, 1, 2]
     assert 10 < results["tables"]["extreme"]["psnr"]["baseline"]["mean"] < 60
+    for split in SPLITS:
+        for key in ("psnr", "ssim", "aed", "csim"):
+            assert results["tables"][split][key]["oracle"]["mean"] is not None, (split, key)
+    assert results["headline"]["extreme_aed_oracle"] == results["tables"]["extreme"]["aed"]["oracle"]["mean"]
+    assert "oracle appearance" in results["headline"]["sentence"]
     h = results["headline"]
     assert h["assessed"] is False and h["extreme_psnr_gain_db"] is not None and h["sentence"]
     assert "lifted expressions" in results["plateau"] or "did not improve" in results["plateau"]
@@ -184,6 +206,7 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
 
     check_self_contained(report)
     folder = report.parent
+    assert (sdir / "oracle" / "renders_extreme.npz").is_file() and "oracle appearance" in report.read_text()
     for name in ("curve.png", "grid_s5400_extreme.png", "grid_s5400_seen.png", "video_s5400_extreme.mp4",
                  "video_s5400_seen.mp4", "lifted_s5400.png", "results.json", "results.md"):
         assert (folder / name).stat().st_size > 0, name
