@@ -143,6 +143,9 @@ class Bench:
     """Lifted clips keep the capture's head poses or also turn toward wider ones (default wide)."""
     track_appearance: bool = True
     """Track with the appearance network as well as the landmarks (as `track` does by default)."""
+    kinematics: Literal["tracked", "truth"] = "tracked"
+    """Captures' kinematics from the tracker (the protocol), or the synthetic truth (an ablation without the
+    tracker: what lifting does when tracking is perfect)."""
     prior: Path | None = None
     """Prior directory (default: the embedded prior)."""
     until: Literal["synth", "video", "track", "split", "refs", "lift", "avatars", "eval"] | None = None
@@ -230,7 +233,7 @@ def run_bench(cfg: Bench) -> None:
                  "seen_frames": cfg.seen_frames, "seed_base": cfg.seed_base, "lifted_weight": cfg.lifted_weight,
                  "observed_finish": cfg.observed_finish,
                  "observed_share": cfg.observed_share, "lift_poses": cfg.lift_poses,
-                 "track_appearance": cfg.track_appearance,
+                 "track_appearance": cfg.track_appearance, "kinematics": cfg.kinematics,
                  "prior": str(cfg.prior) if cfg.prior else None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     make = quick_config if cfg.quick else full_config

@@ -306,7 +306,10 @@ def _protocol(results: dict[str, Any]) -> str:
         f"Recording: a <em>sparse</em> take of {c['train_frames'] + c['seen_frames']} frames (talking-range expressions, "
         f"yaw within ±15°) and an <em>extreme</em> take of {c['extreme_frames']} frames (strong expressions absent from "
         f"it, yaw to ±45°), rendered at {c['render_size']}², encoded as one H.264 video and run through the tracker "
-        f"(MediaPipe FaceMesh + rig fit) into {c['size']}² captures.",
+        f"(MediaPipe FaceMesh + rig fit) into {c['size']}² captures."
+        + (" <strong>This run bypasses the tracker</strong> (<code>--kinematics truth</code>, an ablation): its "
+           f"captures are the frames re-rendered in the tracker's crop at {c['size']}² with the synthetic world's "
+           "true identity, expressions and pose." if c.get("kinematics", "tracked") == "truth" else ""),
         f"Training capture: the first {c['train_frames']} frames. Seen-range test: the remaining {c['seen_frames']} "
         f"frames of the sparse take. Extreme test: the extreme take. Test frames never reach reference selection, "
         f"lifting or avatar training; test frames without a tracked face are left out.",

@@ -128,6 +128,11 @@ class BenchConfig:
     track_appearance: bool = True
     """The tracker reads expressions from the face's pixels too (its appearance network, the default of
     `liftavatar track`); False tracks from the landmarks alone, as before that network existed."""
+    kinematics: Literal["tracked", "truth"] = "tracked"
+    """Where the captures' kinematics come from: the tracker on the recording (the protocol), or, as an ablation
+    that takes the tracker out, the synthetic world's truth: every frame re-rendered in the crop and camera the
+    tracker takes, with the subject's true identity, expressions and pose (no video coding, masks from the
+    renderer). What lifting does when tracking is perfect."""
     avatar_iters: int = 2000
     lifted_weight: float = 0.5
     """Loss weight of lifted frames in avatar training. Measured on the demo subject (12 lifted expressions,
@@ -176,6 +181,8 @@ class BenchConfig:
             raise ConfigError(f"--observed-finish {self.observed_finish}: use a share of the iterations in [0, 1).")
         if self.avatar_iters < 1:
             raise ConfigError(f"--iters {self.avatar_iters}: train avatars for at least one iteration.")
+        if self.kinematics not in ("tracked", "truth"):
+            raise ConfigError(f"--kinematics {self.kinematics}: use tracked or truth.")
         if self.refs > self.train_frames:
             raise ConfigError(f"--refs {self.refs} is more than the {self.train_frames} training frames.")
 
@@ -374,12 +381,69 @@ def track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
     from liftavatar.synth.world import DEFAULT_FOV_DEG
 
     info = json.loads((sdir / "recording" / "recording.json").read_text())
+    if cfg.kinematics == "truth":
+        return truth_track_stage(cfg, sdir, progress)
     config = TrackConfig(size=cfg.size, fov=DEFAULT_FOV_DEG, device=cfg.device, appearance=cfg.track_appearance)
     capture, report = track(sdir / "recording" / info["video"], sdir / "tracked", config, overwrite=True,
                             resume=True, progress=progress)
     summary = {"frames": report.frames, "valid": report.valid, "median_reprojection_px": report.median_reprojection_px,
                "frames_per_second": report.frames_per_second, "seconds": dict(report.seconds),
                "crop": list(report.crop), "summary": report.summary()}
+    _write_json(sdir / "track.json", summary)
+    return summary
+
+
+def truth_track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
+    """The ``tracked`` capture with the synthetic world's true kinematics (``BenchConfig.kinematics="truth"``):
+    the recording's frames in the recording's order (separator frames black and invalid), re-rendered at
+    ``size``² in the square crop the tracker would take (:func:`liftavatar.face.track.stable_crop` on the true
+    landmarks) with that crop's camera, so captures line up with those of a tracked run."""
+    from dataclasses import replace as _replace
+
+    from liftavatar.capture import PROVENANCE_SYNTHETIC, Kinematics
+    from liftavatar.face.rig import FaceRig
+    from liftavatar.face.track import TrackConfig, crop_intrinsics, stable_crop
+    from liftavatar.synth.subject import make_subject
+    from liftavatar.synth.world import DEFAULT_FOV_DEG, render_subject
+
+    info = json.loads((sdir / "recording" / "recording.json").read_text())
+    takes = [Capture.load(sdir / "synth" / name) for name in ("sparse", "extreme")]
+    seg = info["segments"]
+    n = seg["extreme"][1]
+    kin = [t.kinematics for t in takes]
+    rig = FaceRig.load()
+    e = rig.num_expressions
+    expression, rotation, translation = (np.zeros((n, e), np.float32), np.zeros((n, 3), np.float32),
+                                         np.zeros((n, 3), np.float32))
+    landmarks, valid = np.zeros((n, rig.num_landmarks, 2), np.float32), np.zeros(n, bool)
+    spans = ((seg["train"][0], seg["seen"][1]), tuple(seg["extreme"]))  # the sparse take, then the extreme one
+    for k, (lo, hi) in zip(kin, spans):
+        expression[lo:hi], rotation[lo:hi], translation[lo:hi] = k.expression, k.rotation, k.translation
+        landmarks[lo:hi], valid[lo:hi] = k.landmarks2d, True
+    crop = stable_crop(landmarks, valid, TrackConfig().head_fraction)
+    intrinsics = crop_intrinsics((cfg.render_size, cfg.render_size), DEFAULT_FOV_DEG, crop, cfg.size)
+    subject = make_subject(int(takes[0].meta.creator["config"]["seed"]), rig)
+    identity = kin[0].identity
+    meta = CaptureMeta(**{**asdict(takes[0].meta), "num_frames": n, "size": (cfg.size, cfg.size),
+                          "intrinsics": tuple(float(v) for v in intrinsics), "reference_indices": None,
+                          "creator": {"verb": "bench", "version": liftavatar.__version__,
+                                      "config": {"kinematics": "truth", "crop": list(crop),
+                                                 "source": [str(t.path) for t in takes]}}})
+    blank = np.zeros((cfg.size, cfg.size, 3), np.uint8)
+    with CaptureWriter(sdir / "tracked", meta, overwrite=True) as writer:
+        order = np.flatnonzero(valid)
+        for start in range(0, len(order), 16):
+            idx = order[start:start + 16]
+            out = render_subject(_replace(subject, identity=identity), expression[idx], rotation[idx],
+                                 translation[idx], cfg.size, intrinsics, rig, device=cfg.device)
+            for j, i in enumerate(idx):
+                writer.add_frame(int(i), out.rgb[j], out.mask[j], out.shading[j])
+        for i in np.flatnonzero(~valid):
+            writer.add_frame(int(i), blank, blank[..., 0], blank)
+        writer.finalize(Kinematics(expression=expression, rotation=rotation, translation=translation, valid=valid,
+                                   provenance=np.full(n, PROVENANCE_SYNTHETIC, np.uint8), identity=identity))
+    summary = {"frames": n, "valid": int(valid.sum()), "kinematics": "truth", "crop": list(crop),
+               "median_reprojection_px": 0.0, "frames_per_second": None}
     _write_json(sdir / "track.json", summary)
     return summary
 

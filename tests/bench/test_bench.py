@@ -35,6 +35,9 @@ def test_configs_follow_the_protocol():
     assert full_config(device="cuda", workers=4).protocol() == full.protocol()
     assert full_config(avatar_iters=10).protocol() != full.protocol()
     assert full.track_appearance and full_config(track_appearance=False).protocol() != full.protocol()
+    assert full.kinematics == "tracked" and full_config(kinematics="truth").protocol() != full.protocol()
+    with pytest.raises(ConfigError, match="--kinematics"):
+        quick_config(kinematics="perfect").check()
 
 
 def test_track_stage_passes_the_appearance_setting(tmp_path, monkeypatch):
@@ -110,6 +113,27 @@ def test_oracle_appearance_reproduces_the_synthetic_frames(tmp_path):
     assert min(psnr(r, g) for r, g in zip(renders, gt)) > 40
     other = oracle_renders(7012, capture)  # another subject's texture on the same rig and motion
     assert max(psnr(r, g) for r, g in zip(other, gt)) < 30
+
+
+def test_truth_kinematics_replace_the_tracker(tmp_path):
+    """bench --kinematics truth: the captures carry the synthetic truth (the extreme test's kinematics are the
+    extreme take's), framed like a tracked run, so the oracle appearance reproduces the test frames exactly."""
+    from liftavatar.bench.protocol import _gt_frames, oracle_renders
+    from liftavatar.metrics.image import psnr
+
+    out = tmp_path / "truth"
+    cfg = quick_config(kinematics="truth")
+    assert run_bench(cfg, out, until="split", progress=False)["stopped_after"] == "split"
+    sdir = out / "subjects" / "s5400"
+    tracked = Capture.load(sdir / "tracked")
+    assert tracked.size == (cfg.size, cfg.size)
+    assert tracked.kinematics.valid.sum() == cfg.train_frames + cfg.seen_frames + cfg.extreme_frames
+    test, truth = Capture.load(sdir / "test_extreme"), Capture.load(sdir / "synth" / "extreme")
+    assert np.array_equal(test.kinematics.expression, truth.kinematics.expression)
+    assert np.array_equal(test.kinematics.identity, truth.kinematics.identity)
+    gt, masks = _gt_frames(test)
+    assert masks.mean() > 20  # the face fills a tracked-size crop, not a corner of the frame
+    assert min(psnr(r, g) for r, g in zip(oracle_renders(5400, test), gt)) > 60
 
 
 def test_subset_capture_links_frames_and_validates(tmp_path):
