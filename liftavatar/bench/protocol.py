@@ -380,9 +380,9 @@ def track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
     from liftavatar.face.track import TrackConfig, track
     from liftavatar.synth.world import DEFAULT_FOV_DEG
 
-    info = json.loads((sdir / "recording" / "recording.json").read_text())
     if cfg.kinematics == "truth":
-        return truth_track_stage(cfg, sdir, progress)
+        return truth_track_stage(cfg, sdir)
+    info = json.loads((sdir / "recording" / "recording.json").read_text())
     config = TrackConfig(size=cfg.size, fov=DEFAULT_FOV_DEG, device=cfg.device, appearance=cfg.track_appearance)
     capture, report = track(sdir / "recording" / info["video"], sdir / "tracked", config, overwrite=True,
                             resume=True, progress=progress)
@@ -393,13 +393,11 @@ def track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
     return summary
 
 
-def truth_track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
+def truth_track_stage(cfg: BenchConfig, sdir: Path) -> dict[str, Any]:
     """The ``tracked`` capture with the synthetic world's true kinematics (``BenchConfig.kinematics="truth"``):
     the recording's frames in the recording's order (separator frames black and invalid), re-rendered at
     ``size``² in the square crop the tracker would take (:func:`liftavatar.face.track.stable_crop` on the true
     landmarks) with that crop's camera, so captures line up with those of a tracked run."""
-    from dataclasses import replace as _replace
-
     from liftavatar.capture import PROVENANCE_SYNTHETIC, Kinematics
     from liftavatar.face.rig import FaceRig
     from liftavatar.face.track import TrackConfig, crop_intrinsics, stable_crop
@@ -422,8 +420,8 @@ def truth_track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str,
         landmarks[lo:hi], valid[lo:hi] = k.landmarks2d, True
     crop = stable_crop(landmarks, valid, TrackConfig().head_fraction)
     intrinsics = crop_intrinsics((cfg.render_size, cfg.render_size), DEFAULT_FOV_DEG, crop, cfg.size)
-    subject = make_subject(int(takes[0].meta.creator["config"]["seed"]), rig)
     identity = kin[0].identity
+    subject = replace(make_subject(int(takes[0].meta.creator["config"]["seed"]), rig), identity=identity)
     meta = CaptureMeta(**{**asdict(takes[0].meta), "num_frames": n, "size": (cfg.size, cfg.size),
                           "intrinsics": tuple(float(v) for v in intrinsics), "reference_indices": None,
                           "creator": {"verb": "bench", "version": liftavatar.__version__,
@@ -434,8 +432,8 @@ def truth_track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str,
         order = np.flatnonzero(valid)
         for start in range(0, len(order), 16):
             idx = order[start:start + 16]
-            out = render_subject(_replace(subject, identity=identity), expression[idx], rotation[idx],
-                                 translation[idx], cfg.size, intrinsics, rig, device=cfg.device)
+            out = render_subject(subject, expression[idx], rotation[idx], translation[idx], cfg.size, intrinsics, rig,
+                                 device=cfg.device)
             for j, i in enumerate(idx):
                 writer.add_frame(int(i), out.rgb[j], out.mask[j], out.shading[j])
         for i in np.flatnonzero(~valid):

@@ -42,7 +42,7 @@ SPLITS: dict[str, str] = {
 NOT_AVAILABLE = "not available (weights not present locally)"
 ORACLE_LABEL = "oracle appearance"
 ORACLE_DESCRIPTION = ("the subject's true texture on the rig, rendered by the synthetic world's renderer and driven "
-                      "exactly as the avatars are (the test captures' tracked kinematics, identity and camera): what an "
+                      "exactly as the avatars are (the test captures' kinematics, identity and camera, tracked in the protocol): what an "
                       "avatar that had learned the appearance perfectly would show. Its AED is the part of the avatars' "
                       "AED that comes from the tracked test kinematics rather than from the avatar; it is a reference, "
                       "not a strict floor (an avatar fitted to frames tracked with the same biases can land slightly "
@@ -233,11 +233,11 @@ def headline(results: dict[str, Any], cfg) -> dict[str, Any]:
                                          else (aed_b - aed_l) / (aed_b - aed_o))
     if aed_o is not None and aed_b is not None:
         needed = (1 - CRITERIA["extreme_aed_reduction"]) * aed_b
-        sentence += (f" The {ORACLE_LABEL} (the subject's true texture on the rig, driven by the same tracked kinematics) "
+        sentence += (f" The {ORACLE_LABEL} (the subject's true texture on the rig, driven by the avatars' kinematics) "
                      f"scores AED {aed_o:.4f} on the extreme test")
         if needed < aed_o:
             sentence += (f"; a {CRITERIA['extreme_aed_reduction']:.0%} reduction needs {needed:.4f}, below what perfect "
-                         f"appearance scores under these tracked kinematics")
+                         f"appearance scores under these kinematics")
         removed = out["extreme_aed_excess_removed"]
         if removed is not None and removed >= 1:
             sentence += "; the lifted avatar lands at or below it"
