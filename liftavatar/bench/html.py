@@ -293,8 +293,9 @@ def _criteria(results: dict[str, Any]) -> str:
     lines.append("</table>")
     if not h["assessed"]:
         lines.append(f"<p class='meta'>Acceptance is judged over at least {c['min_subjects']} subjects at "
-                     f"{c['size']}²; this run ({h['subjects']} subject(s), {results['config']['size']}²) only reports "
-                     "the numbers.</p>")
+                     f"{c['size']}² with tracked kinematics; this run ({h['subjects']} subject(s), "
+                     f"{results['config']['size']}², kinematics {_e(results['config'].get('kinematics', 'tracked'))}) "
+                     "only reports the numbers.</p>")
     return "\n".join(lines)
 
 
@@ -324,8 +325,8 @@ def _protocol(results: dict[str, Any]) -> str:
         "are compared with the test frames times their masks. AED/APD: the tracker on both sides. CSIM: dlib "
         "face embeddings. LPIPS/FID: only with their standard weights on disk.",
         "Oracle appearance: the synthetic world's renderer with the subject's true texture, on the rig driven exactly "
-        "as the avatars are (tracked test kinematics, identity and camera), measured the same way: how much of each "
-        "metric the tracked test kinematics account for.",
+        "as the avatars are (the test kinematics, identity and camera), measured the same way: what the test "
+        "kinematics alone cost a perfectly textured rig (a reference, not a floor).",
     ]
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
@@ -362,8 +363,9 @@ def _hero(results: dict[str, Any], assets: dict[str, Any]) -> str:
         return ""
     k = results["methods"]["lifted"]["lifted_expressions"]
     return (f"<figure><img src='{_e(entry['grids']['extreme'])}' alt='extreme test frames'><figcaption>Subject "
-            f"{entry['seed']}, unseen extreme test (evenly spaced frames): ground truth, the baseline avatar, and the "
-            f"avatar trained with {k} lifted expressions, with each frame's PSNR.</figcaption></figure>")
+            f"{entry['seed']}, unseen extreme test (evenly spaced frames): ground truth, the baseline avatar, the "
+            f"avatar trained with {k} lifted expressions and, where measured, the oracle appearance, with each frame's "
+            "PSNR.</figcaption></figure>")
 
 
 def render_html(results: dict[str, Any], assets: dict[str, Any]) -> str:
@@ -385,7 +387,7 @@ def render_html(results: dict[str, Any], assets: dict[str, Any]) -> str:
         _criteria(results),
         _hero(results, assets),
         "<h2 id='tables'>Tables</h2>",
-        f"<p>Baseline: the avatar trained on the tracked sparse capture alone. Lifted: trained on the same capture "
+        f"<p>Baseline: the avatar trained on the sparse capture alone. Lifted: trained on the same capture "
         f"lifted with {k} expressions. Mean ± std over subjects; Δ in green where lifting is better.</p>",
     ]
     for split, title in results["splits"].items():

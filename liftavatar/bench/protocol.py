@@ -38,9 +38,9 @@ was trained on 100000–101999). Per subject, each stage writes into its own fol
    metrics are taken of the **oracle appearance** (``oracle/``): the synthetic world's own renderer, with
    the subject's true texture, on the rig driven exactly as the avatars are (the test captures' tracked
    kinematics, tracked identity and camera). It is what an avatar that had learned the subject's appearance
-   perfectly would show, so its AED is the share of the avatars' AED that comes from the tracked test
-   kinematics rather than from the avatar (a reference level, not a strict floor: an avatar fitted to frames
-   tracked with the same biases can land slightly below it).
+   perfectly would show, so its AED is what the tracked test kinematics alone cost a perfectly textured rig
+   (a reference, not a floor: an avatar trained on frames tracked with the same biases can land below it,
+   the biases cancelling).
 
 A stage is skipped when its record is complete or a later stage's is, so a run folder may travel between
 machines without the earlier stages' bulky outputs (``run_bench(until=...)``, ``bench --until``).

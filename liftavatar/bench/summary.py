@@ -43,10 +43,9 @@ NOT_AVAILABLE = "not available (weights not present locally)"
 ORACLE_LABEL = "oracle appearance"
 ORACLE_DESCRIPTION = ("the subject's true texture on the rig, rendered by the synthetic world's renderer and driven "
                       "exactly as the avatars are (the test captures' kinematics, identity and camera, tracked in the protocol): what an "
-                      "avatar that had learned the appearance perfectly would show. Its AED is the part of the avatars' "
-                      "AED that comes from the tracked test kinematics rather than from the avatar; it is a reference, "
-                      "not a strict floor (an avatar fitted to frames tracked with the same biases can land slightly "
-                      "below it).")
+                      "avatar that had learned the appearance perfectly would show. Its AED is what the test kinematics "
+                      "alone cost a perfectly textured rig; it is a reference, not a floor (an avatar trained on frames "
+                      "tracked with the same biases can land below it, the biases cancelling).")
 
 # The acceptance criteria of issue 7 (headline): on the extreme test, lifting raises mean PSNR by at least
 # 1 dB and lowers AED by at least 20 %, losing at most 0.2 dB on the seen-range test, over >= 3 subjects at 128².
