@@ -284,9 +284,9 @@ class Bench:
         return step
 
     def train(self, side: str, size: str, shape: Shape, speed: SpeedConfig | None = None) -> dict:
-        base, ours, model = self._side(side, size, speed)
-        return self._rate(model, base, shape, lambda: self.timed(self.train_step(side, size, shape, speed)),
-                          passes=3, speed=speed)
+        base, ours = self.model(size)  # train_step sets the speed
+        return self._rate(base if side == "stock" else ours, base, shape,
+                          lambda: self.timed(self.train_step(side, size, shape, speed)), passes=3, speed=speed)
 
     def forward(self, side: str, size: str, shape: Shape, speed: SpeedConfig | None = None,
                 repeats: int | None = None) -> dict:
@@ -883,35 +883,51 @@ def case_compile(b: Bench) -> dict:
     return out
 
 
+NO_CHECKPOINTING = "ours_compile_no_checkpointing"
+
+
+def _recompute_variants(b: Bench) -> dict[str, SpeedConfig | None]:
+    """The 10k training settings the recomputation studies compare: stock (None), ours compiled recomputing
+    everything, ours compiled under the memory bound (every block's self-attention output kept and offloaded),
+    and ours compiled with no checkpointing at all (:data:`NO_CHECKPOINTING`; run it under
+    :func:`_checkpointing`)."""
+    backend = _compile_backend(b)
+    layers = b.model("1.3b")[0].config.num_layers
+    attention = b.best_attention(b.shapes["10k"], True)
+    compiled = partial(SpeedConfig, fast_path=True, attention=attention, compile=backend)
+    return {"stock": None, "ours_compile_save0": compiled(),
+            f"ours_compile_save{layers}_offload{layers}": compiled(save_attention=layers, offload_activations=layers),
+            NO_CHECKPOINTING: compiled(compile_scope="unit")}
+
+
+@contextlib.contextmanager
+def _checkpointing(b: Bench, name: str):
+    """Our model without gradient checkpointing while the :data:`NO_CHECKPOINTING` variant runs."""
+    ours = b.model("1.3b")[1]
+    ours.gradient_checkpointing = name != NO_CHECKPOINTING
+    try:
+        yield
+    finally:
+        ours.gradient_checkpointing = True
+
+
 def case_recompute_bound(b: Bench) -> dict:
     """What recomputation costs at 10k tokens, side by side: stock, ours compiled under the memory bound
     (every block checkpointed, its self-attention output kept and offloaded), and ours compiled with no
     checkpointing at all — the time a step would take if memory were free, which bounds what any
     save/offload policy at stock's memory can reach."""
-    backend = _compile_backend(b)
     shape = b.shapes["10k"]
-    layers = b.model("1.3b")[0].config.num_layers
-    attention = b.best_attention(shape, True)
     out = b.partial
-    out["stock"] = b.train("stock", "1.3b", shape)
-    b.write()
-    out[f"ours_compile_save{layers}_offload{layers}"] = b.train(
-        "ours", "1.3b", shape, SpeedConfig(fast_path=True, attention=attention, compile=backend,
-                                           save_attention=layers, offload_activations=layers))
-    b.write()
-    ours = b.model("1.3b")[1]
-    ours.gradient_checkpointing = False
-    try:
-        out["ours_compile_no_checkpointing"] = b.train(
-            "ours", "1.3b", shape, SpeedConfig(fast_path=True, attention=attention, compile=backend,
-                                               compile_scope="unit"))
-    finally:
-        ours.gradient_checkpointing = True
-    b.write()
+    for name, speed in _recompute_variants(b).items():
+        if name == "ours_compile_save0":
+            continue
+        with _checkpointing(b, name):
+            out[name] = b.train("stock" if speed is None else "ours", "1.3b", shape, speed)
+        b.write()
     for key, row in out.items():
         if isinstance(row, dict) and "s" in row:
             b.log(f"recompute-bound {key}: {row['s']:.3f} s/step, {row['peak_gib']:.2f} GiB")
-    ours.set_speed()
+    b.model("1.3b")[1].set_speed()
     return out
 
 
@@ -964,23 +980,11 @@ def case_train_profile(b: Bench) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    backend = _compile_backend(b)
     shape = b.shapes["10k"]
-    layers = b.model("1.3b")[0].config.num_layers
-    attention = b.best_attention(shape, True)
-    ours = b.model("1.3b")[1]
-    variants = {"stock": None,
-                "ours_compile_save0": SpeedConfig(fast_path=True, attention=attention, compile=backend),
-                f"ours_compile_save{layers}_offload{layers}": SpeedConfig(
-                    fast_path=True, attention=attention, compile=backend, save_attention=layers,
-                    offload_activations=layers),
-                "ours_compile_no_checkpointing": SpeedConfig(fast_path=True, attention=attention, compile=backend,
-                                                             compile_scope="unit")}
     out = b.partial
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
-    for name, speed in variants.items():
-        ours.gradient_checkpointing = name != "ours_compile_no_checkpointing"
-        try:
+    for name, speed in _recompute_variants(b).items():
+        with _checkpointing(b, name):
             step = b.train_step("stock" if speed is None else "ours", "1.3b", shape, speed)
             for _ in range(3):  # compile, then warm the allocator and the offload buffers
                 step()
@@ -994,8 +998,6 @@ def case_train_profile(b: Bench) -> dict:
                 step()
                 b.sync()
                 wall = time.perf_counter() - start
-        finally:
-            ours.gradient_checkpointing = True
         kinds: dict[str, float] = {}
         busy = []
         runtime: dict[str, list[float]] = {}  # host-side CUDA runtime calls: where the CPU waits or allocates
@@ -1023,7 +1025,7 @@ def case_train_profile(b: Bench) -> dict:
               + ", ".join(f"{k} {v[0]:.0f} ms/{v[1]}" for k, v in top_runtime[:4]))
         del step, prof
         b.clean()
-    ours.set_speed()
+    b.model("1.3b")[1].set_speed()
     return out
 
 

@@ -79,11 +79,16 @@ def _save_png(image: np.ndarray, path: Path) -> str:
     return path.name
 
 
-def _renders(run: Path, seed: int, k: int | None, split: str) -> np.ndarray | None:
-    """An avatar's renders of a test capture (``k`` lifted expressions), or the oracle appearance's (``k`` None)."""
+def _result_dir(run: Path, seed: int, k: int | None) -> Path:
+    """The folder of the avatar with ``k`` lifted expressions, or of the oracle appearance (``k`` None)."""
     from liftavatar.bench.protocol import avatar_dir, oracle_dir
 
-    path = (oracle_dir(run, seed) if k is None else avatar_dir(run, seed, k)) / f"renders_{split}.npz"
+    return oracle_dir(run, seed) if k is None else avatar_dir(run, seed, k)
+
+
+def _renders(run: Path, seed: int, k: int | None, split: str) -> np.ndarray | None:
+    """An avatar's renders of a test capture (``k`` lifted expressions), or the oracle appearance's (``k`` None)."""
+    path = _result_dir(run, seed, k) / f"renders_{split}.npz"
     if not path.is_file():
         return None
     with np.load(path) as data:
@@ -91,9 +96,7 @@ def _renders(run: Path, seed: int, k: int | None, split: str) -> np.ndarray | No
 
 
 def _per_frame_psnr(run: Path, seed: int, k: int | None, split: str) -> list[float | None]:
-    from liftavatar.bench.protocol import avatar_dir, oracle_dir
-
-    path = (oracle_dir(run, seed) if k is None else avatar_dir(run, seed, k)) / f"eval_{split}.json"
+    path = _result_dir(run, seed, k) / f"eval_{split}.json"
     if not path.is_file():
         return []
     return json.loads(path.read_text())["metrics"].get("psnr", {}).get("per_frame", [])

@@ -401,8 +401,9 @@ def truth_track_stage(cfg: BenchConfig, sdir: Path) -> dict[str, Any]:
     from liftavatar.capture import PROVENANCE_SYNTHETIC, Kinematics
     from liftavatar.face.rig import FaceRig
     from liftavatar.face.track import TrackConfig, crop_intrinsics, stable_crop
+    from liftavatar.synth.kinematics import KinematicsSequence
     from liftavatar.synth.subject import make_subject
-    from liftavatar.synth.world import DEFAULT_FOV_DEG, render_subject
+    from liftavatar.synth.world import DEFAULT_FOV_DEG, render_sequence
 
     info = json.loads((sdir / "recording" / "recording.json").read_text())
     takes = [Capture.load(sdir / "synth" / name) for name in ("sparse", "extreme")]
@@ -430,12 +431,10 @@ def truth_track_stage(cfg: BenchConfig, sdir: Path) -> dict[str, Any]:
     blank = np.zeros((cfg.size, cfg.size, 3), np.uint8)
     with CaptureWriter(sdir / "tracked", meta, overwrite=True) as writer:
         order = np.flatnonzero(valid)
-        for start in range(0, len(order), 16):
-            idx = order[start:start + 16]
-            out = render_subject(subject, expression[idx], rotation[idx], translation[idx], cfg.size, intrinsics, rig,
-                                 device=cfg.device)
-            for j, i in enumerate(idx):
-                writer.add_frame(int(i), out.rgb[j], out.mask[j], out.shading[j])
+        motion = KinematicsSequence(expression[order], rotation[order], translation[order])
+        for start, out in render_sequence(subject, motion, cfg.size, intrinsics, rig, batch_size=16, device=cfg.device):
+            for j in range(len(out.rgb)):
+                writer.add_frame(int(order[start + j]), out.rgb[j], out.mask[j], out.shading[j])
         for i in np.flatnonzero(~valid):
             writer.add_frame(int(i), blank, blank[..., 0], blank)
         writer.finalize(Kinematics(expression=expression, rotation=rotation, translation=translation, valid=valid,
@@ -588,11 +587,15 @@ def avatar_captures(cfg: BenchConfig, run: Path, seed: int, k: int) -> tuple[lis
     return [lifted_capture_dir(run, seed, k, cfg)] + [sdir / "train"] * (repeats - 1), repeats
 
 
+def _over_black(rgb: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 images times their (N, H, W) uint8 masks: over black, as the avatars render."""
+    return (rgb.astype(np.float32) * (masks[..., None].astype(np.float32) / 255.0) + 0.5).astype(np.uint8)
+
+
 def _gt_frames(capture: Capture) -> tuple[np.ndarray, np.ndarray]:
     """The test capture's frames times their masks (black background, as the avatar renders) and masks."""
-    frames, masks = capture.frames(), capture.masks()
-    gt = (frames.astype(np.float32) * (masks[..., None].astype(np.float32) / 255.0) + 0.5).astype(np.uint8)
-    return gt, masks
+    masks = capture.masks()
+    return _over_black(capture.frames(), masks), masks
 
 
 def render_capture(avatar, capture: Capture, device: str, batch: int = 8) -> np.ndarray:
@@ -684,8 +687,9 @@ def oracle_renders(seed: int, capture: Capture, batch: int = 16) -> np.ndarray:
     """(N, H, W, 3) uint8 renders over black of synthetic subject ``seed``'s true texture on the rig, driven by
     ``capture``'s kinematics with its identity and camera (the synthetic world's renderer, as
     :func:`liftavatar.synth.world.synthesize` uses it): the oracle appearance of the module docstring."""
+    from liftavatar.synth.kinematics import KinematicsSequence
     from liftavatar.synth.subject import make_subject
-    from liftavatar.synth.world import render_subject
+    from liftavatar.synth.world import render_sequence
 
     h, w = capture.size
     if h != w:
@@ -693,12 +697,8 @@ def oracle_renders(seed: int, capture: Capture, batch: int = 16) -> np.ndarray:
     kin = capture.kinematics
     subject = replace(make_subject(seed), identity=np.asarray(kin.identity, np.float32))
     intrinsics = tuple(float(v) for v in capture.meta.intrinsics)
-    out = []
-    for lo in range(0, capture.num_frames, batch):
-        sl = slice(lo, lo + batch)
-        rendered = render_subject(subject, kin.expression[sl], kin.rotation[sl], kin.translation[sl], h, intrinsics)
-        alpha = rendered.mask[..., None].astype(np.float32) / 255.0
-        out.append((rendered.rgb.astype(np.float32) * alpha + 0.5).astype(np.uint8))
+    motion = KinematicsSequence(kin.expression, kin.rotation, kin.translation)
+    out = [_over_black(b.rgb, b.mask) for _, b in render_sequence(subject, motion, h, intrinsics, batch_size=batch)]
     return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.uint8)
 
 

@@ -86,6 +86,17 @@ def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records
     points = cfg.points()
     subjects: list[dict[str, Any]] = []
     reasons: dict[str, str] = {}
+
+    def values_of(report: dict[str, Any]) -> dict[str, Any]:
+        """The metric values of one eval report, noting why any is missing."""
+        values = {}
+        for key in METRICS:
+            values[key], why = _metric_value(report, key)
+            if why:
+                reasons.setdefault(key, why)
+        values["frames"] = report.get("gt", {}).get("frames")
+        return values
+
     for seed in seeds:
         sdir = subject_dir(run, seed)
         track = _load(sdir / "track.json") or {}
@@ -96,16 +107,6 @@ def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records
             "lift": {k: v for k, v in (_load(sdir / "lift.json") or {}).items() if k != "source"},
             "avatars": {}, "metrics": {split: {} for split in SPLITS}, "oracle": {},
         }
-
-        def values_of(report: dict[str, Any]) -> dict[str, Any]:
-            values = {}
-            for key in METRICS:
-                values[key], why = _metric_value(report, key)
-                if why:
-                    reasons.setdefault(key, why)
-            values["frames"] = report.get("gt", {}).get("frames")
-            return values
-
         for k in points:
             adir = avatar_dir(run, seed, k)
             entry["avatars"][str(k)] = _load(adir / "job.json")
