@@ -60,7 +60,8 @@ from liftavatar.avatar.model import (
     render_avatar,
 )
 from liftavatar.avatar.train import TrainConfig, load_frames, train_avatar
-from liftavatar.report import grid, machine_info, save_png
+from liftavatar.io import save_png
+from liftavatar.report import grid, machine_info
 from liftavatar.synth.world import SynthSpec, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent

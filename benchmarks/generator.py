@@ -157,7 +157,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result, prior, args))
     grid = torch.cat(rows, 1).clamp(0, 1)
-    from liftavatar.report import save_png
+    from liftavatar.io import save_png
 
     args.grid.parent.mkdir(parents=True, exist_ok=True)
     save_png((grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8), args.grid)

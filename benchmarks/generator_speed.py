@@ -72,7 +72,8 @@ import torch.nn.functional as F
 
 from liftavatar.generator.speed import SpeedConfig, wan_forward_flops
 from liftavatar.generator.transformer import LiftAvatarTransformer, TransformerConfig
-from liftavatar.report import json_safe, machine_info
+from liftavatar.io import json_safe
+from liftavatar.report import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D = 43  # kinematic controls per frame: 37 expression coefficients + 6 pose

@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from liftavatar.errors import CaptureError
+from liftavatar.io import atomic_path, save_png, write_json
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -85,32 +86,11 @@ PNG_COMPRESS_LEVEL = 1
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
-    """Write a PNG under a temporary name, then rename (no truncated PNG under the final name)."""
-    with _atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    save_png(image, path, compress_level=PNG_COMPRESS_LEVEL)
 
 
 def _frame_name(index: int) -> str:
     return f"{index:06d}.png"
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path``.
-
-    An interrupted write therefore never leaves a truncated file under the final name.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    with _atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +276,7 @@ class Kinematics:
         """Validate, then write the arrays to ``path`` (uncompressed .npz) atomically."""
         path = Path(path)
         self.validate(source=path)
-        with _atomic_path(path) as tmp, tmp.open("wb") as f:
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
             np.savez(f, **self.arrays())
 
     @classmethod
@@ -723,7 +703,7 @@ class Capture:
                     f"reference index {i} points at a frame that kinematics.npz marks invalid",
                     "choose references among valid frames",
                 )
-        _write_json(meta_path, meta.to_json())
+        write_json(meta_path, meta.to_json())
         self.meta = meta
 
 
@@ -901,7 +881,7 @@ class CaptureWriter:
         )
         meta = replace(self.meta, num_frames=len(kinematics), reference_indices=refs)
         kinematics.save_npz(self.staging / KINEMATICS_FILE)
-        _write_json(self.staging / META_FILE, meta.to_json())
+        write_json(self.staging / META_FILE, meta.to_json())
         meta, kinematics = _validate(self.staging, None, check_images=True)
 
         self._check_target()

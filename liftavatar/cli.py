@@ -385,7 +385,7 @@ def _write_frames(video, out: Path, fps: float) -> Path:
 
         write_video(out, frames, fps)
         return out
-    from liftavatar.report import save_png
+    from liftavatar.io import save_png
 
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)

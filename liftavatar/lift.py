@@ -18,7 +18,6 @@ Coverage before and after is the share of a held-out set of library expressions 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm import tqdm
 import liftavatar
 from liftavatar.capture import PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter, Kinematics
 from liftavatar.errors import ConfigError
+from liftavatar.io import to_uint8, write_json
 
 
 @dataclass
@@ -112,8 +112,7 @@ def render_controls(capture: Capture, expression: np.ndarray, rotation: np.ndarr
     out = render_mesh(verts, torch.as_tensor(rig.faces, device=device),
                       torch.tensor(capture.meta.intrinsics, dtype=torch.float32, device=device), (h, w),
                       shading_albedo=shading_albedo(rig).to(device), supersample=2)
-    to8 = lambda x: (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # noqa: E731
-    return to8(out.shading), to8(out.mask)
+    return to_uint8(out.shading), to_uint8(out.mask)
 
 
 def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = None,
@@ -195,5 +194,5 @@ def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = N
         "coverage_before": coverage(held_out, observed, config.coverage_radius),
         "coverage_after": coverage(held_out, np.concatenate([observed, expression]), config.coverage_radius),
     }
-    (result.path / "lift_report.json").write_text(json.dumps(report, indent=2))
+    write_json(result.path / "lift_report.json", report)
     return result, report

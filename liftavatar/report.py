@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from liftavatar.capture import Capture
+from liftavatar.io import save_png
 
 
 def grid(images: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]] | None = None,
@@ -55,31 +55,6 @@ def capture_contact_sheet(capture: Capture, path: str | Path, num: int = 8) -> P
     labels = [[f"frame {i}" for i in indices]] * 3
     sheet = grid([frames, masks, shadings], labels, row_labels=["frame", "mask", "shading"])
     return save_png(sheet, path)
-
-
-def json_safe(value: Any) -> Any:
-    """JSON-safe copy: tuples → lists, FrozenDict → dict, Path → str, numpy scalars → Python numbers,
-    non-finite floats → null, private (``_``-prefixed) diffusers config keys dropped."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write a PNG atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
 
 
 def machine_info(device: str = "cpu") -> dict[str, object]:

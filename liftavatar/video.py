@@ -17,6 +17,7 @@ import av
 import numpy as np
 
 from liftavatar.errors import ConfigError, VideoError
+from liftavatar.io import temporary_name
 
 __all__ = ["VideoInfo", "probe_video", "read_video", "write_video"]
 
@@ -184,7 +185,7 @@ def write_video(
         )
 
     # Keep the suffix on the temporary name: FFmpeg picks the container format from it.
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    tmp = temporary_name(path, keep_suffix=True)
     try:
         container = av.open(str(tmp), "w")
     except (av.FFmpegError, ValueError) as exc:

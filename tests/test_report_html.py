@@ -66,7 +66,7 @@ def fake_results(root: Path) -> tuple[dict, dict]:
     """A results dict with the real structure (2 subjects, curve 0/1/2) and its assets in ``root``."""
     from liftavatar.bench.html import labelled_grid, labelled_row
     from liftavatar.bench.plots import curve_plot
-    from liftavatar.report import save_png
+    from liftavatar.io import save_png
     from liftavatar.video import write_video
 
     cfg = quick_config(seeds=(5400, 5401), subjects=2)

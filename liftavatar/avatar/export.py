@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from liftavatar.io import atomic_write, save_png, to_uint8
 from liftavatar.avatar.model import Avatar, gaussians_world, render_avatar, triangle_frames
 
 __all__ = ["VIDEO_SUFFIXES", "export_ply", "read_ply", "render_kinematics"]
@@ -77,13 +78,7 @@ def export_ply(avatar: Avatar, path: str | Path) -> Path:
         data[name] = col
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        PlyData([PlyElement.describe(data, "vertex")], byte_order="<").write(str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: PlyData([PlyElement.describe(data, "vertex")], byte_order="<").write(str(tmp)))
 
 
 def read_ply(path: str | Path) -> dict[str, np.ndarray]:
@@ -114,7 +109,7 @@ def render_frames(avatar: Avatar, kinematics, intrinsics, size: tuple[int, int],
                                 torch.from_numpy(kinematics.translation[sl]), rig)
         rgb, _, _ = render_avatar(avatar, verts, k, size, background=bg, backend=backend)
         rgb[torch.from_numpy(~kinematics.valid[sl]).to(device)] = bg
-        yield from (rgb.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
+        yield from to_uint8(rgb)
 
 
 @torch.no_grad()
@@ -172,8 +167,6 @@ def render_kinematics(
         out.parent.mkdir(parents=True, exist_ok=True)
         write_video(out, stream, capture.meta.fps)
     else:
-        from liftavatar.report import save_png
-
         out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(stream):
             save_png(image, out / f"{i:06d}.png")

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from liftavatar.errors import LiftAvatarError
+from liftavatar.io import atomic_write, write_json
 
 __all__ = [
     "AVATAR_FILE",
@@ -458,15 +458,6 @@ def init_positions(rig, cfg: AvatarConfig, seed: int = 0) -> tuple[Tensor, Tenso
 # Saving and loading
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_avatar(avatar: Avatar, out_dir: str | Path) -> Path:
     """Write ``avatar.safetensors`` and ``avatar.json`` into ``out_dir`` (each atomically)."""
     from safetensors.torch import save_file
@@ -476,8 +467,8 @@ def save_avatar(avatar: Avatar, out_dir: str | Path) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in avatar.params.items()}
     tensors["binding"] = avatar.binding.cpu().contiguous()
     tensors["identity"] = avatar.identity.cpu().contiguous()
-    _atomic_write(out / AVATAR_FILE, lambda p: save_file(tensors, str(p)))
-    _atomic_write(out / AVATAR_META, lambda p: p.write_text(json.dumps(avatar.meta.to_json(), indent=2) + "\n"))
+    atomic_write(out / AVATAR_FILE, lambda p: save_file(tensors, str(p)))
+    write_json(out / AVATAR_META, avatar.meta.to_json())
     return out
 
 

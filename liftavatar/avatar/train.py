@@ -52,7 +52,6 @@ from liftavatar.avatar.model import (
     AvatarConfig,
     AvatarError,
     AvatarMeta,
-    _atomic_write,
     init_avatar,
     load_avatar,
     render_avatar,
@@ -61,6 +60,7 @@ from liftavatar.avatar.model import (
 )
 from liftavatar.capture import PROVENANCE_LIFTED, Capture
 from liftavatar.errors import ConfigError
+from liftavatar.io import atomic_write, save_png, to_uint8, write_json
 
 __all__ = ["FrameSet", "TrainConfig", "TrainResult", "load_frames", "psnr", "ssim", "train_avatar"]
 
@@ -430,9 +430,9 @@ def _save_state(out: Path, step: int, params, optimizers, strategy_state, kin_de
             tensors[f"strategy.{key}"] = strategy_state[key].detach().cpu().contiguous()
     if kin_delta is not None:
         tensors["kinematics_delta"] = kin_delta.detach().cpu().contiguous()
-    _atomic_write(out / STATE_FILE, lambda p: save_file(tensors, str(p)))
+    atomic_write(out / STATE_FILE, lambda p: save_file(tensors, str(p)))
     meta = {"step": step, "adam_steps": steps, "config": asdict(cfg)}
-    _atomic_write(out / STATE_META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(out / STATE_META, meta)
 
 
 def _config_from_json(data: dict[str, Any]) -> TrainConfig:
@@ -455,8 +455,7 @@ def _validate(avatar: Avatar, params, binding, frames: FrameSet, idx: list[int],
                                   backend=backend, params=params, binding=binding)
         gt, _ = frames.targets(i, device)
         scores.append(float(psnr(rgb.clamp(0, 1), gt)[0]))
-        to8 = lambda t: (t[0].clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()  # noqa: E731
-        rows.append([to8(gt), to8(rgb)])
+        rows.append([to_uint8(gt[0]), to_uint8(rgb[0])])
     labels = [[f"{frames.names[i]} ground truth", f"render {s:.1f} dB"] for i, s in zip(idx, scores)]
     return float(np.mean(scores)), grid(rows, labels)
 
@@ -481,7 +480,6 @@ def train_avatar(
             without ``force``/``resume``, or ``resume`` with no training state there.
     """
     from liftavatar.face.rig import FaceRig
-    from liftavatar.report import save_png
 
     cfg = cfg or TrainConfig()
     out = Path(out_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from liftavatar.bench.summary import METRICS, ORACLE_LABEL, fmt
+from liftavatar.io import save_png, write_text
 
 __all__ = ["write_report", "render_html", "build_assets"]
 
@@ -73,8 +73,6 @@ def labelled_grid(rows: list[list[np.ndarray]], row_labels: list[str], captions:
 
 
 def _save_png(image: np.ndarray, path: Path) -> str:
-    from liftavatar.report import save_png
-
     save_png(image, path)
     return path.name
 
@@ -431,7 +429,4 @@ def write_report(results: dict[str, Any], run: Path, out: Path) -> Path:
     out = Path(out)
     assets = build_assets(results, Path(run), out)
     page = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(render_html(results, assets), encoding="utf-8")
-    os.replace(tmp, page)
-    return page
+    return write_text(page, render_html(results, assets))

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from liftavatar.io import atomic_write
+
 __all__ = ["curve_plot"]
 
 
@@ -52,8 +54,6 @@ def curve_plot(results: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"{results['name']}: {n} subject{'s' if n != 1 else ''}, mean ± std", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -66,7 +66,8 @@ import numpy as np
 import liftavatar
 from liftavatar.capture import IMAGE_DIRS, PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter
 from liftavatar.errors import ConfigError, LiftAvatarError
-from liftavatar.report import json_safe, machine_info, machine_name
+from liftavatar.io import json_safe, save_npz, write_json
+from liftavatar.report import machine_info, machine_name
 
 __all__ = ["BenchConfig", "DEMO_SEED", "SEED_BASE", "quick_config", "demo_config", "full_config", "run_bench",
            "subject_dir", "prepare_subject", "avatar_job", "eval_job", "oracle_job", "oracle_renders", "subset_capture",
@@ -241,15 +242,6 @@ def lifted_capture_dir(run: Path, seed: int, k: int, cfg: BenchConfig) -> Path:
     return sdir / "lifted" if k == max(cfg.points()) else sdir / f"lifted_k{k:03d}"
 
 
-def _write_json(path: Path, data: Any) -> Path:
-    """Atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def _is_capture(path: Path) -> bool:
     return (path / "capture.json").is_file()
 
@@ -278,7 +270,7 @@ class _Log:
         yield True
         seconds = time.perf_counter() - start
         self.timings[name] = {"seconds": round(seconds, 2), "resumed": False}
-        _write_json(self.path, self.timings)
+        write_json(self.path, self.timings)
         if self.verbose:
             print(f"[{self.label}] {name}: {seconds:.1f} s", flush=True)
 
@@ -371,7 +363,7 @@ def video_stage(cfg: BenchConfig, sdir: Path, seed: int) -> Path:
     t, s, g = cfg.train_frames, cfg.seen_frames, cfg.separator_frames
     segments = {"train": [0, t], "seen": [t, t + s], "separator": [t + s, t + s + g],
                 "extreme": [t + s + g, t + s + g + cfg.extreme_frames]}
-    _write_json(folder / "recording.json", {"video": video.name, "fps": cfg.fps, "size": cfg.render_size,
+    write_json(folder / "recording.json", {"video": video.name, "fps": cfg.fps, "size": cfg.render_size,
                                             "segments": segments})
     return video
 
@@ -389,7 +381,7 @@ def track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
     summary = {"frames": report.frames, "valid": report.valid, "median_reprojection_px": report.median_reprojection_px,
                "frames_per_second": report.frames_per_second, "seconds": dict(report.seconds),
                "crop": list(report.crop), "summary": report.summary()}
-    _write_json(sdir / "track.json", summary)
+    write_json(sdir / "track.json", summary)
     return summary
 
 
@@ -441,7 +433,7 @@ def truth_track_stage(cfg: BenchConfig, sdir: Path) -> dict[str, Any]:
                                    provenance=np.full(n, PROVENANCE_SYNTHETIC, np.uint8), identity=identity))
     summary = {"frames": n, "valid": int(valid.sum()), "kinematics": "truth", "crop": list(crop),
                "median_reprojection_px": 0.0, "frames_per_second": None}
-    _write_json(sdir / "track.json", summary)
+    write_json(sdir / "track.json", summary)
     return summary
 
 
@@ -460,7 +452,7 @@ def split_stage(cfg: BenchConfig, sdir: Path) -> dict[str, Any]:
                              f"this subject cannot be benchmarked (try another seed or a larger render size).")
         subset_capture(tracked, sdir / name, indices, {"segment": segment, "recording_frames": indices})
         counts[name] = {"frames": len(indices), "valid": int(valid[indices].sum()), "of": hi - lo}
-    _write_json(sdir / "split.json", counts)
+    write_json(sdir / "split.json", counts)
     return counts
 
 
@@ -516,7 +508,7 @@ def lift_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
     _save_lift_samples(lifted, n0, window, sdir / LIFT_SAMPLES)
     summary = {**report, "window": window, "observed_frames": int(len(observed)), "curve": curve,
                "machine": machine_name(machine_info(cfg.device))}
-    _write_json(sdir / "lift.json", summary)
+    write_json(sdir / "lift.json", summary)
     return summary
 
 
@@ -528,11 +520,9 @@ def _save_lift_samples(lifted: Capture, n0: int, window: int, path: Path, count:
     ends = [n0 + (int(c) + 1) * window - 1 for c in chosen]
     refs = [int(i) for i in lifted.meta.reference_indices or []]
     empty = np.zeros((0, *lifted.size, 3), np.uint8)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, references=lifted.frames(refs) if refs else empty, reference_indices=np.array(refs, int),
-                        shading=lifted.shadings(ends) if ends else empty, generated=lifted.frames(ends) if ends else empty,
-                        clips=np.asarray(chosen, int))
-    os.replace(tmp, path)
+    save_npz(path, references=lifted.frames(refs) if refs else empty, reference_indices=np.array(refs, int),
+             shading=lifted.shadings(ends) if ends else empty, generated=lifted.frames(ends) if ends else empty,
+             clips=np.asarray(chosen, int))
 
 
 def subject_stages_done(cfg: BenchConfig, sdir: Path) -> dict[str, bool]:
@@ -652,12 +642,10 @@ def avatar_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = 
         record["gaussians"] = avatar.num_gaussians
         for split in SPLITS:
             renders = render_capture(avatar, Capture.load(sdir / f"test_{split}"), cfg.device)
-            tmp = out / f".renders_{split}.tmp.npz"
-            np.savez_compressed(tmp, renders=renders)
-            os.replace(tmp, out / f"renders_{split}.npz")
+            save_npz(out / f"renders_{split}.npz", renders=renders)
         record["render_seconds"] = round(time.perf_counter() - start, 2)
     record["machine"] = machine_name(machine_info(cfg.device))
-    _write_json(done, record)
+    write_json(done, record)
     return {**record, "resumed": False}
 
 
@@ -676,10 +664,10 @@ def eval_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = Tr
                              f"the avatars folder back from the machine that trained them).")
         with np.load(path) as data:
             renders = data["renders"]
-        _write_json(out / f"eval_{split}.json", evaluate_renders(renders, subject_dir(run, seed) / f"test_{split}", cfg))
+        write_json(out / f"eval_{split}.json", evaluate_renders(renders, subject_dir(run, seed) / f"test_{split}", cfg))
     seconds = round(time.perf_counter() - start, 2)
     record = json.loads((out / "job.json").read_text())
-    _write_json(out / "job.json", {**record, "eval_seconds": seconds})
+    write_json(out / "job.json", {**record, "eval_seconds": seconds})
     return {"eval_seconds": seconds, "resumed": False}
 
 
@@ -714,10 +702,8 @@ def oracle_job(cfg: BenchConfig, run: Path, seed: int, progress: bool = True) ->
     for split in SPLITS:
         test_path = subject_dir(run, seed) / f"test_{split}"
         renders = oracle_renders(seed, Capture.load(test_path))
-        tmp = out / f".renders_{split}.tmp.npz"
-        np.savez_compressed(tmp, renders=renders)
-        os.replace(tmp, out / f"renders_{split}.npz")
-        _write_json(out / f"eval_{split}.json", evaluate_renders(renders, test_path, cfg))
+        save_npz(out / f"renders_{split}.npz", renders=renders)
+        write_json(out / f"eval_{split}.json", evaluate_renders(renders, test_path, cfg))
     return {"oracle_seconds": round(time.perf_counter() - start, 2), "resumed": False}
 
 
@@ -792,7 +778,7 @@ def _check_run_dir(run: Path, cfg: BenchConfig, force: bool) -> None:
     elif run.exists() and any(p.name != "report" for p in run.iterdir()):
         raise BenchError(f"{run}: exists and is not a benchmark run folder (no config.json); choose another --out.")
     run.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {"liftavatar_version": liftavatar.__version__, "config": asdict(cfg)})
+    write_json(path, {"liftavatar_version": liftavatar.__version__, "config": asdict(cfg)})
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: bool = True,
@@ -871,14 +857,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
     results["machine"] = machine_info(cfg.device)
     results["workers"] = workers
     results["timings"]["wall_seconds_this_invocation"] = {k: round(v, 2) for k, v in clock.items()}
-    _write_json(run / "results.json", results)
+    write_json(run / "results.json", results)
     write_markdown(results, run / "results.md")
     report = write_report(results, run, run / "report")
     clock["report"] = time.perf_counter() - start
     results["timings"]["wall_seconds_this_invocation"] = {k: round(v, 2) for k, v in clock.items()}
     results["timings"]["wall_seconds_total_this_invocation"] = round(time.perf_counter() - wall, 2)
     results["report"] = str(report)
-    _write_json(run / "results.json", results)
+    write_json(run / "results.json", results)
     write_markdown(results, run / "results.md")
     shutil.copyfile(run / "results.json", run / "report" / "results.json")
     shutil.copyfile(run / "results.md", run / "report" / "results.md")

@@ -45,6 +45,7 @@ from liftavatar.face.appearance import AppearanceModel
 from liftavatar.face.landmarks import FaceMeshDetector
 from liftavatar.face.render import render_mesh
 from liftavatar.face.rig import FaceRig
+from liftavatar.io import save_npz, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v")
@@ -190,11 +191,9 @@ class _LandmarkState:
     appearance: np.ndarray | None = None  # (N, E) the appearance network's estimate (NaN rows: no face)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp.npz")
         extra = {} if self.appearance is None else {"appearance": self.appearance}
-        np.savez(tmp, landmarks=self.landmarks, valid=self.valid, multi=self.multi,
+        save_npz(path, compressed=False, landmarks=self.landmarks, valid=self.valid, multi=self.multi,
                  frame_shape=np.array(self.frame_shape), **extra)
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> "_LandmarkState | None":
@@ -329,7 +328,7 @@ class SelfieSegmenter:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         mask = self._model.process(np.ascontiguousarray(image)).segmentation_mask
-        return (np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8)
+        return to_uint8(mask)
 
     def close(self) -> None:
         self._model.close()
@@ -348,7 +347,7 @@ def render_shading(rig: FaceRig, identity: np.ndarray, expression: np.ndarray, r
     shading = out.shading.permute(0, 3, 1, 2)
     if render_size != size:
         shading = torch.nn.functional.interpolate(shading, size=(size, size), mode="bilinear", align_corners=False)
-    return (shading.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(shading.permute(0, 2, 3, 1))
 
 
 # ----------------------------------------------------------------------------- the tracker

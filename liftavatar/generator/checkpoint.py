@@ -26,14 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liftavatar.errors import ConfigError
+from liftavatar.io import atomic_write, write_json
 
 STATE_NAME = "state.json"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp)))
 
 
 def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -137,7 +136,7 @@ def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], optim
     if ema_state is not None:
         _atomic_save(ema_state, partial / "ema.safetensors")
     state = {"step": step, "optimizer": opt_rest, "scheduler": scheduler_state, **extra}
-    (partial / STATE_NAME).write_text(json.dumps(state))
+    write_json(partial / STATE_NAME, state, indent=None)
     if target.exists():
         shutil.rmtree(target)
     partial.replace(target)

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from liftavatar.errors import ConfigError
+from liftavatar.io import to_uint8
 from liftavatar.generator.codec import CodecConfig, build_codec
 from liftavatar.generator.speed import SpeedConfig
 from liftavatar.generator.transformer import LiftAvatarTransformer, group_controls, read_config
@@ -52,7 +53,7 @@ class GenerationInputs:
 
 def video_to_uint8(video: torch.Tensor) -> np.ndarray:
     """The pipeline's (N, 3, H, W) float frames in [0, 1] → (N, H, W, 3) uint8, rounded, as captures store them."""
-    return (video.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    return to_uint8(video.permute(0, 2, 3, 1))
 
 
 def window_starts(num_frames: int, window: int, overlap: int) -> list[int]:

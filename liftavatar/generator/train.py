@@ -35,7 +35,6 @@ communication per step) and is gathered only when written.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import signal
 import time
@@ -72,8 +71,8 @@ from liftavatar.generator.transformer import (
     LiftAvatarTransformer,
     TransformerConfig,
     group_controls,
-    json_safe,
 )
+from liftavatar.io import json_safe, write_json
 
 
 @dataclass
@@ -427,7 +426,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
     if main:
-        (out / "train_config.json").write_text(json.dumps(json_safe(asdict(config)), indent=2))
+        write_json(out / "train_config.json", asdict(config))
     writer = _tensorboard(out / "logs") if main else None
 
     def weights_to_save() -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from liftavatar.errors import ConfigError
-from liftavatar.report import json_safe
+from liftavatar.io import atomic_write, json_safe, write_json
 from liftavatar.generator import speed as fast
 from liftavatar.generator.speed import SpeedConfig
 
@@ -257,12 +257,8 @@ class LiftAvatarTransformer(nn.Module):
             self.config.extra.update(extra)
         state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         name = ADAPTER_NAME if self.uses_lora else WEIGHTS_NAME
-        tmp = directory / f".{name}.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(directory / name)
-        cfg_tmp = directory / f".{CONFIG_NAME}.tmp"
-        cfg_tmp.write_text(json.dumps(json_safe(asdict(self.config)), indent=2))
-        cfg_tmp.replace(directory / CONFIG_NAME)
+        atomic_write(directory / name, lambda tmp: save_file(state, str(tmp)))
+        write_json(directory / CONFIG_NAME, asdict(self.config))
         return directory
 
     @classmethod

@@ -16,9 +16,6 @@ replaced by another.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 import liftavatar
+from liftavatar.io import json_safe, write_json
 from liftavatar.metrics.errors import MetricsError, MissingWeightsError
 from liftavatar.metrics.sources import FrameSet, check_pair, load_frames
 
@@ -60,21 +58,6 @@ class EvalConfig:
     """Torch device for LPIPS, FID and rig fitting."""
     per_frame: bool = True
     """Keep per-frame values in the report."""
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf become None, numpy scalars and arrays become Python values."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def _summary(values: np.ndarray, unit: str, keep: bool, **extra: Any) -> dict[str, Any]:
@@ -241,7 +224,7 @@ def evaluate(pred: FrameSet, gt: FrameSet, config: EvalConfig | None = None) -> 
         "notes": notes,
         "seconds": seconds,
     }
-    return _clean(report)
+    return json_safe(report)
 
 
 def evaluate_paths(pred: str | Path, gt: str | Path, config: EvalConfig | None = None,
@@ -270,9 +253,4 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     """Write the report as JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, report)

@@ -21,6 +21,7 @@ from liftavatar.capture import PROVENANCE_SYNTHETIC, Capture, CaptureMeta, Captu
 from liftavatar.errors import CaptureError, ConfigError
 from liftavatar.face.render import Lighting, project, render_mesh
 from liftavatar.face.rig import FaceRig
+from liftavatar.io import to_uint8
 from liftavatar.synth.kinematics import KinematicsSequence, sample_kinematics
 from liftavatar.synth.subject import Subject, make_subject
 
@@ -64,10 +65,6 @@ class RenderedBatch:
     mask: np.ndarray  # (B, H, W) uint8
     shading: np.ndarray  # (B, H, W, 3) uint8
     landmarks2d: np.ndarray  # (B, 478, 2) float32 pixels, top-left corner at (0, 0)
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
 def render_subject_tensors(
@@ -122,7 +119,7 @@ def render_subject(
     """Render one batch as 8-bit images: expression (B, E), rotation (B, 3) axis-angle, translation (B, 3) metres."""
     rgb, mask, shading, landmarks = render_subject_tensors(subject, expression, rotation, translation, size,
                                                            intrinsics, rig, supersample, device)
-    return RenderedBatch(_to_uint8(rgb), _to_uint8(mask), _to_uint8(shading),
+    return RenderedBatch(to_uint8(rgb), to_uint8(mask), to_uint8(shading),
                          landmarks.cpu().numpy().astype(np.float32))
 
 
