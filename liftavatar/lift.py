@@ -31,7 +31,7 @@ from tqdm import tqdm
 import liftavatar
 from liftavatar.capture import PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter, Kinematics
 from liftavatar.errors import ConfigError
-from liftavatar.io import to_uint8, write_json
+from liftavatar.io import write_json
 
 
 @dataclass
@@ -99,26 +99,11 @@ def target_trajectories(kinematics: Kinematics, targets: np.ndarray, frames: int
             np.concatenate(translations).astype(np.float32))
 
 
-def render_controls(capture: Capture, expression: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
-                    device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Shading maps (N, H, W, 3) and masks (N, H, W) uint8 of the capture's rig at these kinematics."""
-    from liftavatar.face.render import render_mesh
-    from liftavatar.face.rig import FaceRig
-    from liftavatar.synth.world import shading_albedo
-
-    rig = FaceRig.load()
-    h, w = capture.meta.size
-    verts = rig.vertices(capture.kinematics.identity, expression, rotation, translation).to(device)
-    out = render_mesh(verts, torch.as_tensor(rig.faces, device=device),
-                      torch.tensor(capture.meta.intrinsics, dtype=torch.float32, device=device), (h, w),
-                      shading_albedo=shading_albedo(rig).to(device), supersample=2)
-    return to_uint8(out.shading), to_uint8(out.mask)
-
-
 def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = None,
          config: LiftConfig | None = None, expressions_from: str | Path | None = None, device: str = "cpu",
          overwrite: bool = False, resume: bool = False, progress: bool = True) -> tuple[Capture, dict]:
     """Lift ``capture_path`` into ``out`` (see the module docstring). Returns the new capture and a report."""
+    from liftavatar.face.control import render_controls
     from liftavatar.face.rig import FaceRig
     from liftavatar.generator.data import _images, kinematic_controls, reference_indices, reference_inputs
     from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, video_to_uint8
@@ -168,7 +153,9 @@ def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = N
             if all(writer.has_frame(n0 + j) for j in range(sl.start, sl.stop)):
                 bar.update(1)
                 continue
-            shading, masks = render_controls(capture, expression[sl], rotation[sl], translation[sl], device)
+            verts = rig.vertices(kin.identity, expression[sl], rotation[sl], translation[sl]).to(device)
+            maps = render_controls(verts, capture.meta.intrinsics, capture.size, rig)
+            shading, masks = maps.shading, maps.mask
             inputs = GenerationInputs(**refs, shading=_images(shading),
                                       controls=torch.from_numpy(kinematic_controls(expression[sl], rotation[sl],
                                                                                    translation[sl])))

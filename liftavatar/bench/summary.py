@@ -299,8 +299,8 @@ def _value(x: float | None, decimals: int, signed: bool = False) -> str:
 def write_markdown(results: dict[str, Any], path: Path) -> Path:
     """The tables, curve and timings as markdown."""
     lines = [f"# LiftAvatar benchmark: {results['name']}", "", results["headline"]["sentence"], "",
-             *([f"Kinematics: the synthetic truth, not the tracker (`bench --kinematics truth`, an ablation: what "
-                f"lifting does when tracking is perfect).", ""]
+             *(["Kinematics: the synthetic truth, not the tracker (`bench --kinematics truth`, an ablation: what "
+                "lifting does when tracking is perfect).", ""]
                if results["config"].get("kinematics", "tracked") == "truth" else []),
              f"Baseline: avatar trained on the sparse capture alone. Lifted: the same capture lifted with "
              f"{results['methods']['lifted']['lifted_expressions']} expressions. Mean ± std over subjects "

@@ -12,7 +12,7 @@ Stages (each timed, see :class:`TrackReport`):
    the synthetic world;
 4. **fitting**: :func:`liftavatar.face.fit.fit_rig` on the landmarks in crop pixels;
 5. **masks**: MediaPipe selfie segmentation of each crop;
-6. **shading**: the fitted rig rendered with :func:`liftavatar.face.render.render_mesh`;
+6. **shading**: the fitted rig rendered by :func:`liftavatar.face.control.render_controls` (the control signal);
 7. **writing**: PNGs on background threads, then an atomic rename into place.
 
 Camera: the input's horizontal field of view is ``fov`` degrees (default 60°, a phone's front
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -43,7 +42,7 @@ from liftavatar.capture import PROVENANCE_OBSERVED, Capture, CaptureMeta, Captur
 from liftavatar.errors import LiftAvatarError
 from liftavatar.face.appearance import AppearanceModel
 from liftavatar.face.landmarks import FaceMeshDetector
-from liftavatar.face.render import render_mesh
+from liftavatar.face.control import render_controls
 from liftavatar.face.rig import FaceRig
 from liftavatar.io import save_npz, to_uint8
 
@@ -72,9 +71,6 @@ class TrackConfig:
     """Forehead-to-chin height of the face as a fraction of the crop side (the synthetic world's framing)."""
     min_face_px: float = 40.0
     """Faces smaller than this (forehead to chin, input pixels) are refused as too small to fit."""
-    shading_render_size: int = 256
-    """Shading maps are rendered at most this large and upsampled to ``size`` (rendering at 512² would take
-    ~45 ms a frame on a 2-core CPU, more than everything else together)."""
     device: str = "cpu"
     """Torch device for fitting and rendering."""
     appearance: bool = True
@@ -334,22 +330,6 @@ class SelfieSegmenter:
         self._model.close()
 
 
-def render_shading(rig: FaceRig, identity: np.ndarray, expression: np.ndarray, rotation: np.ndarray,
-                   translation: np.ndarray, intrinsics, size: int, max_render: int, device: str) -> np.ndarray:
-    """(B, size, size, 3) uint8 shading maps of the fitted rig (rendered at most ``max_render``², upsampled)."""
-    from liftavatar.synth.world import shading_albedo
-
-    render_size = min(size, max_render)
-    k = torch.tensor(intrinsics, dtype=torch.float32, device=device) * (render_size / size)
-    verts = rig.vertices(identity, expression, rotation, translation).to(device)
-    out = render_mesh(verts, torch.as_tensor(rig.faces, device=device), k, (render_size, render_size),
-                      shading_albedo=shading_albedo(rig).to(device))
-    shading = out.shading.permute(0, 3, 1, 2)
-    if render_size != size:
-        shading = torch.nn.functional.interpolate(shading, size=(size, size), mode="bilinear", align_corners=False)
-    return to_uint8(shading.permute(0, 2, 3, 1))
-
-
 # ----------------------------------------------------------------------------- the tracker
 
 
@@ -466,9 +446,8 @@ def _write_batch(writer: CaptureWriter, batch, segmenter, rig, fit, intrinsics, 
     with _Timer(report, "masks"):
         masks = [segmenter(image) for _, image in batch]
     with _Timer(report, "shading"):
-        shading = render_shading(rig, fit.identity, fit.expression[indices], fit.rotation[indices],
-                                 fit.translation[indices], intrinsics, config.size, config.shading_render_size,
-                                 config.device)
+        verts = rig.vertices(fit.identity, fit.expression[indices], fit.rotation[indices], fit.translation[indices])
+        shading = render_controls(verts.to(config.device), intrinsics, (config.size, config.size), rig).shading
     with _Timer(report, "writing"):
         for (index, image), mask, shade in zip(batch, masks, shading):
             writer.add_frame(index, image, mask, shade)

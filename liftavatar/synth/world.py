@@ -19,6 +19,7 @@ from tqdm import tqdm
 import liftavatar
 from liftavatar.capture import PROVENANCE_SYNTHETIC, Capture, CaptureMeta, CaptureWriter, Kinematics
 from liftavatar.errors import CaptureError, ConfigError
+from liftavatar.face.control import raster_plan, render_controls, shading_albedo
 from liftavatar.face.render import Lighting, project, render_mesh
 from liftavatar.face.rig import FaceRig
 from liftavatar.io import to_uint8
@@ -27,22 +28,12 @@ from liftavatar.synth.subject import Subject, make_subject
 
 DEFAULT_FOV_DEG = 30.0
 DEFAULT_FPS = 25.0
-# Grey albedo of each rig part in the shading map: untextured, but eyes, teeth and the mouth's
-# inside stay distinguishable, as they are in the geometry a tracker fits.
-SHADING_ALBEDO = {"face": 0.8, "eyeball": 0.95, "upper_teeth": 0.95, "lower_teeth": 0.95, "tongue": 0.5,
-                  "cavity": 0.2, "head": 0.7, "neck": 0.7}
 
 
 def default_intrinsics(size: int, fov_deg: float = DEFAULT_FOV_DEG) -> tuple[float, float, float, float]:
     """(fx, fy, cx, cy) in pixels for a square ``size`` image with horizontal field of view ``fov_deg``."""
     f = size / (2 * math.tan(math.radians(fov_deg) / 2))
     return (f, f, size / 2, size / 2)
-
-
-def shading_albedo(rig: FaceRig) -> torch.Tensor:
-    """(F,) grey albedo per rig face for shading maps."""
-    per_part = torch.tensor([SHADING_ALBEDO[p] for p in rig.part_names])
-    return per_part[torch.as_tensor(rig.face_part.astype(np.int64))]
 
 
 def background_image(subject: Subject, size: int) -> torch.Tensor:
@@ -80,7 +71,8 @@ def render_subject_tensors(
 ):
     """Render one batch and keep it on ``device``: (rgb, mask, shading, landmarks2d) tensors, images
     (B, H, W, C) float in [0, 1], landmarks (B, 478, 2) pixels. Expression (B, E), rotation (B, 3)
-    axis-angle, translation (B, 3) metres."""
+    axis-angle, translation (B, 3) metres. The shading maps follow :mod:`liftavatar.face.control`'s policy:
+    from the same raster as the frames where the policy asks for ``supersample`` at ``size``, else their own."""
     rig = rig or FaceRig.load()
     device = torch.device(device)
     intrinsics = intrinsics or default_intrinsics(size)
@@ -102,7 +94,10 @@ def render_subject_tensors(
         supersample=supersample,
     )
     landmarks = project(rig.landmarks(verts), torch.tensor(intrinsics, device=device))[..., :2]
-    return out.rgb, out.mask, out.shading, landmarks
+    shading = out.shading
+    if raster_plan((size, size)) != ((size, size), supersample):
+        shading = torch.from_numpy(render_controls(verts, intrinsics, (size, size), rig).shading).to(device) / 255
+    return out.rgb, out.mask, shading, landmarks
 
 
 def render_subject(

@@ -1,0 +1,84 @@
+"""The control signal: the rig rendered untextured, what the generator is conditioned on (DESIGN.md §1, §6).
+
+A **shading map** is the posed rig of one subject (its identity, a frame's expression and head pose,
+the capture's camera) rendered without texture: every part a fixed grey (:data:`SHADING_ALBEDO`:
+skin 0.8, eyes and teeth 0.95, tongue 0.5, mouth cavity 0.2, head shell and neck 0.7), lit by the
+renderer's canonical light (:data:`liftavatar.face.render.CANONICAL_LIGHTING`) whatever the scene's
+lighting, over black. Eyes, teeth and the inside of the mouth stay distinguishable, as they are in
+the geometry a tracker fits. The **rig mask** is the same render's coverage.
+
+One function renders them for every stage, so the prior is conditioned at run time on the signal it
+was trained on: the synthetic world (the prior's training stream and ground-truth captures), the
+tracker (observed frames and the references' own shading) and ``lift`` (the target frames).
+
+Resolution policy: the raster of one map is at most :data:`MAX_RASTER` pixels on a side. Up to half
+that (128², the prior's resolution) maps are rendered with 2× supersampling; larger images are
+rendered at up to :data:`MAX_RASTER`² without supersampling and resized bilinearly. So a map brought to
+the prior's 128² is always at least 2× supersampled, as the prior's training maps are, and a 512²
+capture costs a 256² raster a frame (a 1024² one would take ~180 ms a frame on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from liftavatar.face.render import render_mesh
+from liftavatar.face.rig import FaceRig
+from liftavatar.io import to_uint8
+
+__all__ = ["MAX_RASTER", "SHADING_ALBEDO", "SUPERSAMPLE", "ControlMaps", "raster_plan", "render_controls",
+           "shading_albedo"]
+
+SHADING_ALBEDO = {"face": 0.8, "eyeball": 0.95, "upper_teeth": 0.95, "lower_teeth": 0.95, "tongue": 0.5,
+                  "cavity": 0.2, "head": 0.7, "neck": 0.7}
+SUPERSAMPLE = 2
+MAX_RASTER = 256
+
+
+def shading_albedo(rig: FaceRig) -> torch.Tensor:
+    """(F,) grey albedo of every rig face in the shading map."""
+    per_part = torch.tensor([SHADING_ALBEDO[p] for p in rig.part_names])
+    return per_part[torch.as_tensor(rig.face_part.astype(np.int64))]
+
+
+def raster_plan(size: tuple[int, int]) -> tuple[tuple[int, int], int]:
+    """(render size (H, W), supersampling) of the maps of an image of ``size`` (H, W) under the policy above."""
+    h, w = size
+    if max(h, w) * SUPERSAMPLE <= MAX_RASTER:
+        return (h, w), SUPERSAMPLE
+    if max(h, w) <= MAX_RASTER:
+        return (h, w), 1
+    scale = MAX_RASTER / max(h, w)
+    return (max(1, round(h * scale)), max(1, round(w * scale))), 1
+
+
+@dataclass
+class ControlMaps:
+    """Shading maps (B, H, W, 3) and rig masks (B, H, W), uint8."""
+
+    shading: np.ndarray
+    mask: np.ndarray
+
+
+def render_controls(vertices: torch.Tensor, intrinsics, size: tuple[int, int], rig: FaceRig | None = None
+                    ) -> ControlMaps:
+    """Shading maps and rig masks of posed rig ``vertices`` (B, V, 3), camera frame in metres (on the device
+    to render on), seen through ``intrinsics`` (fx, fy, cx, cy) in pixels at ``size`` (H, W)."""
+    rig = rig or FaceRig.load()
+    device = vertices.device
+    (rh, rw), supersample = raster_plan(size)
+    k = torch.as_tensor(intrinsics, dtype=torch.float32, device=device).clone()
+    k[..., 0::2] *= rw / size[1]
+    k[..., 1::2] *= rh / size[0]
+    out = render_mesh(vertices, torch.as_tensor(rig.faces, device=device), k, (rh, rw),
+                      shading_albedo=shading_albedo(rig).to(device), supersample=supersample)
+    shading, mask = out.shading, out.mask
+    if (rh, rw) != tuple(size):
+        resize = lambda x: F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)  # noqa: E731
+        shading = resize(shading.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        mask = resize(mask[:, None])[:, 0]
+    return ControlMaps(to_uint8(shading), to_uint8(mask))
