@@ -578,6 +578,20 @@ COMMANDS = {
 }
 
 
+def _show_library_notes() -> None:
+    """The package logs what a user should know (``logging``, never ``print``); the command shows its INFO
+    and above as plain lines on stderr, where they do not mix with results printed on stdout."""
+    import logging
+
+    logger = logging.getLogger("liftavatar")
+    if not any(getattr(h, "_liftavatar_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._liftavatar_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = tyro.extras.subcommand_cli_from_dict(
         {name: config for name, (config, _) in COMMANDS.items()},
@@ -586,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         args=argv,
     )
     runner = next(run for config, run in COMMANDS.values() if isinstance(cfg, config))
+    _show_library_notes()
     try:
         runner(cfg)
     except LiftAvatarError as exc:
