@@ -583,11 +583,15 @@ def _show_library_notes() -> None:
     and above as plain lines on stderr, where they do not mix with results printed on stdout."""
     import logging
 
+    class ToStderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is when a record comes (a test's capture, a redirected stream)."""
+
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
     logger = logging.getLogger("liftavatar")
-    if not any(getattr(h, "_liftavatar_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+    if not any(type(h).__name__ == "ToStderr" for h in logger.handlers):
+        handler = ToStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._liftavatar_cli = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
