@@ -102,6 +102,17 @@ class Demo:
     """Start over instead of resuming the stages an earlier demo run finished."""
 
 
+def _avatar_defaults():
+    from liftavatar.avatar.train import TrainConfig
+
+    return TrainConfig()
+
+
+AVATAR_DEFAULTS = _avatar_defaults()
+"""The avatar training recipe's defaults (one home: :class:`liftavatar.avatar.train.TrainConfig`), shown by
+`avatar train` and `bench`."""
+
+
 @dataclass
 class Bench:
     """The paper's protocol on held-out synthetic subjects: avatars trained on a tracked sparse capture alone vs
@@ -133,12 +144,13 @@ class Bench:
     """Frames of the seen-range test capture (default 60)."""
     seed_base: int | None = None
     """First subject seed (default 5400; the bench's held-out range is 5400–5499)."""
-    lifted_weight: float | None = None
-    """Loss weight of lifted frames in avatar training (default 0.5)."""
-    observed_finish: float | None = None
-    """The last share of avatar iterations draws observed frames only (default 0.25)."""
-    observed_share: float | None = None
-    """Observed frames are repeated to make about this share of the training draws (default 0.75; 0: plain union)."""
+    lifted_weight: float = AVATAR_DEFAULTS.lifted_weight
+    """Loss weight of lifted frames in avatar training (as `avatar train --lifted-weight`)."""
+    observed_finish: float = AVATAR_DEFAULTS.observed_finish
+    """The last share of avatar iterations draws observed frames only (as `avatar train --observed-finish`)."""
+    observed_share: float = AVATAR_DEFAULTS.observed_share
+    """Observed frames are repeated to make about this share of the training draws (0: plain union; as
+    `avatar train --observed-share`)."""
     lift_poses: Literal["observed", "wide"] | None = None
     """Lifted clips keep the capture's head poses or also turn toward wider ones (default wide)."""
     track_appearance: bool = True
@@ -461,9 +473,11 @@ class AvatarTrain:
     """Training iterations (one frame each)."""
     size: int | None = None
     """Train at this image height in pixels (default: the captures' size)."""
-    lifted_weight: float = 1.0
-    """Loss weight of lifted frames (provenance 1)."""
-    observed_finish: float = 0.0
+    lifted_weight: float = AVATAR_DEFAULTS.lifted_weight
+    """Loss weight of lifted frames (provenance 1) relative to filmed ones."""
+    observed_share: float = AVATAR_DEFAULTS.observed_share
+    """Observed frames are repeated so that they make about this share of the draws (0: every frame once)."""
+    observed_finish: float = AVATAR_DEFAULTS.observed_finish
     """The last share of the iterations draws observed frames only (a polish on the filmed frames)."""
     refine_kinematics: bool = False
     """Also optimise a per-frame correction of the tracked kinematics."""
@@ -540,7 +554,8 @@ def run_avatar(cfg: AvatarCommand) -> None:
         from liftavatar.avatar.train import TrainConfig, train_avatar
 
         config = TrainConfig(iters=cmd.iters, size=cmd.size, lifted_weight=cmd.lifted_weight,
-                             observed_finish=cmd.observed_finish, refine_kinematics=cmd.refine_kinematics,
+                             observed_share=cmd.observed_share, observed_finish=cmd.observed_finish,
+                             refine_kinematics=cmd.refine_kinematics,
                              holdout_every=cmd.holdout_every, val_every=cmd.val_every,
                              checkpoint_every=cmd.checkpoint_every, seed=cmd.seed, device=cmd.device,
                              avatar=AvatarConfig(sh_degree=cmd.sh_degree))

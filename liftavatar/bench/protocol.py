@@ -24,7 +24,8 @@ was trained on 100000–101999). Per subject, each stage writes into its own fol
    that run are exactly what lifting with ``k`` expressions gives; the captures for the other points
    of the curve (``lifted_kNNN``) are prefixes of it, written with hard links.
 7. **avatars** — per point ``k`` of the curve, a Gaussian avatar trained for ``avatar_iters``
-   iterations on ``train`` (k = 0: the baseline) or on ``lifted_kNNN``. One frame is drawn per
+   iterations on ``train`` (k = 0: the baseline) or on ``lifted_kNNN``, with the avatar trainer's recipe
+   (:class:`liftavatar.avatar.train.TrainConfig`, whose defaults are the benchmark's): one frame is drawn per
    iteration; with ``observed_share`` > 0 the observed frames are repeated so that they make about
    that share of the draws (lifted frames would otherwise outnumber them up to 5 to 1), and lifted
    frames weigh ``lifted_weight`` in the loss (generated frames are less exact than filmed ones).
@@ -64,6 +65,8 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 import liftavatar
+from liftavatar.avatar.train import TrainConfig as AvatarTrainConfig
+from liftavatar.avatar.train import observed_repeats
 from liftavatar.capture import IMAGE_DIRS, PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter
 from liftavatar.errors import ConfigError, LiftAvatarError
 from liftavatar.io import json_safe, save_npz, write_json
@@ -71,7 +74,7 @@ from liftavatar.report import machine_info, machine_name
 
 __all__ = ["BenchConfig", "DEMO_SEED", "SEED_BASE", "quick_config", "demo_config", "full_config", "run_bench",
            "subject_dir", "prepare_subject", "avatar_job", "eval_job", "oracle_job", "oracle_renders", "subset_capture",
-           "lifted_repeats", "STAGES"]
+           "STAGES"]
 
 SEED_BASE = 5400
 """Benchmark subjects are 5400, 5401, …: held out from the prior's training seeds (100000–101999)."""
@@ -83,6 +86,8 @@ LIFT_SAMPLES = "lift_samples.npz"
 SUBJECT_STAGES = ("synth", "video", "track", "split", "refs", "lift")
 STAGES = (*SUBJECT_STAGES, "avatars", "eval")
 """Every stage in order; ``run_bench(until=...)`` stops after one of them (a run split across machines)."""
+AVATAR_DEFAULTS = AvatarTrainConfig()
+"""The avatar recipe's defaults: the benchmark trains with the library's own (one home for the numbers)."""
 
 
 class BenchError(LiftAvatarError):
@@ -124,8 +129,9 @@ class BenchConfig:
     lift_poses: Literal["observed", "wide"] = "wide"
     """Lifted clips keep the capture's head poses, or also turn toward wider ones (the extreme test has them)."""
     lift_seed: int = 0
-    observed_share: float = 0.75
-    """Repeat observed frames so they make about this share of an avatar's training draws (0: plain union)."""
+    observed_share: float = AVATAR_DEFAULTS.observed_share
+    """Repeat observed frames so they make about this share of an avatar's training draws (0: plain union);
+    :attr:`liftavatar.avatar.train.TrainConfig.observed_share`."""
     track_appearance: bool = True
     """The tracker reads expressions from the face's pixels too (its appearance network, the default of
     `liftavatar track`); False tracks from the landmarks alone, as before that network existed."""
@@ -135,15 +141,12 @@ class BenchConfig:
     tracker takes, with the subject's true identity, expressions and pose (no video coding, masks from the
     renderer). What lifting does when tracking is perfect."""
     avatar_iters: int = 2000
-    lifted_weight: float = 0.5
-    """Loss weight of lifted frames in avatar training. Measured on the demo subject (12 lifted expressions,
-    1200 iterations, CPU; extreme / seen-range PSNR against the baseline's 25.81 / 32.88 dB): weight 1 and no
-    repeats 26.53 / 31.35; weight 0.5 with observed frames at ~61 % / ~76 % / ~82 % of the draws 26.85 / 32.27,
-    26.91 / 32.35, 27.15 / 32.89; weight 0.25 at ~76 % 26.99 / 32.52."""
-    observed_finish: float = 0.25
-    """The last share of an avatar's iterations draws observed frames only. Measured on the demo subject as above
-    (weight 0.5, ~76 %): 0 → 26.91 / 32.35 dB, 0.25 → 27.23 / 32.68 dB; giving lifted frames no say in the
-    colours instead (geometry only) 26.79 / 32.32. Chosen there, before the 3-subject benchmark ran with it."""
+    lifted_weight: float = AVATAR_DEFAULTS.lifted_weight
+    """Loss weight of lifted frames in avatar training (:attr:`liftavatar.avatar.train.TrainConfig.lifted_weight`,
+    where the measurements that chose it are)."""
+    observed_finish: float = AVATAR_DEFAULTS.observed_finish
+    """The last share of an avatar's iterations draws observed frames only
+    (:attr:`liftavatar.avatar.train.TrainConfig.observed_finish`)."""
     avatar_seed: int = 0
     metrics: tuple[str, ...] = METRICS
     grid_frames: int = 6
@@ -213,10 +216,17 @@ def demo_config(**overrides: Any) -> BenchConfig:
     return replace(base, **overrides)
 
 
+LEGACY_FIELDS: dict[str, Any] = {"observed_finish": 0.0}
+"""What a run folder's config.json made before a field existed meant (runs made before observed_finish trained
+without it)."""
+
+
 def config_from_json(data: dict[str, Any]) -> BenchConfig:
+    """The :class:`BenchConfig` of a run folder's ``config.json`` (``["config"]``), of this version or an earlier
+    one: unknown keys are dropped, missing ones take :data:`LEGACY_FIELDS` or the defaults."""
     names = {f.name for f in fields(BenchConfig)}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
-    kw.setdefault("observed_finish", 0.0)  # runs made before the option existed trained without it
+    kw = {**LEGACY_FIELDS, **kw}
     return BenchConfig(**kw)
 
 
@@ -316,13 +326,6 @@ def subset_capture(source: Capture, out: Path, indices: Sequence[int], note: dic
             except OSError:
                 shutil.copyfile(src, dst)
     return writer.finalize(source.kinematics.select(indices), reference_indices=reference_indices)
-
-
-def lifted_repeats(observed: int, lifted_frames: int, share: float) -> int:
-    """How many times to show the observed frames so that they make about ``share`` of the draws."""
-    if lifted_frames == 0 or share <= 0 or observed == 0:
-        return 1
-    return max(1, round(share / (1 - share) * lifted_frames / observed))
 
 
 # ---------------------------------------------------------------------------------------------- data stages
@@ -566,15 +569,27 @@ def prepare_subject(cfg: BenchConfig, run: Path, seed: int, progress: bool = Tru
 # ---------------------------------------------------------------------------------------------- avatars
 
 
-def avatar_captures(cfg: BenchConfig, run: Path, seed: int, k: int) -> tuple[list[Path], int]:
-    """The captures an avatar with ``k`` lifted expressions trains on, and how often ``train`` appears."""
+def avatar_capture(cfg: BenchConfig, run: Path, seed: int, k: int) -> Path:
+    """The capture an avatar with ``k`` lifted expressions trains on (``train`` for the baseline)."""
+    return lifted_capture_dir(run, seed, k, cfg)
+
+
+def avatar_config(cfg: BenchConfig, progress: bool = True) -> AvatarTrainConfig:
+    """The avatar trainer's config of every avatar of the run: the library's recipe with the run's settings."""
+    return replace(AvatarTrainConfig(), iters=cfg.avatar_iters, size=cfg.size, lifted_weight=cfg.lifted_weight,
+                   observed_share=cfg.observed_share, observed_finish=cfg.observed_finish, val_every=0,
+                   checkpoint_every=max(cfg.avatar_iters // 4, 100), seed=cfg.avatar_seed, device=cfg.device,
+                   progress=progress)
+
+
+def _legacy_captures(cfg: BenchConfig, run: Path, seed: int, k: int) -> list[Path]:
+    """The captures an avatar whose training started before ``observed_share`` lived in the trainer resumes on:
+    the lifted capture and ``train`` again, so that it draws what it drew before (the trainer then keeps the
+    stored recipe, observed_share 0)."""
     sdir = subject_dir(run, seed)
-    if k == 0:
-        return [sdir / "train"], 1
     lift = json.loads((sdir / "lift.json").read_text())
-    observed = int(lift["observed_frames"])
-    repeats = lifted_repeats(observed, k * int(lift["window"]), cfg.observed_share)
-    return [lifted_capture_dir(run, seed, k, cfg)] + [sdir / "train"] * (repeats - 1), repeats
+    repeats = observed_repeats(int(lift["observed_frames"]), k * int(lift["window"]), cfg.observed_share)
+    return [avatar_capture(cfg, run, seed, k)] + [sdir / "train"] * (repeats - 1)
 
 
 def _over_black(rgb: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -615,26 +630,25 @@ def avatar_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = 
     """Train the avatar with ``k`` lifted expressions (resuming its checkpoint) and render it through both test
     captures' kinematics (``renders_{split}.npz``). Skipped when its ``job.json`` exists. Returns the job record."""
     from liftavatar.avatar.model import load_avatar
-    from liftavatar.avatar.train import TrainConfig, train_avatar
+    from liftavatar.avatar.train import train_avatar
 
     out = avatar_dir(run, seed, k)
     done = out / "job.json"
     if done.is_file():
         return {**json.loads(done.read_text()), "resumed": True}
-    captures, repeats = avatar_captures(cfg, run, seed, k)
     sdir = subject_dir(run, seed)
+    captures = [avatar_capture(cfg, run, seed, k)]
     threads = 1 if _cpu(cfg.device) else None  # the CPU rasterizer's many small ops run best on one thread
-    record: dict[str, Any] = {"seed": seed, "k": k, "captures": [str(p) for p in captures], "train_repeats": repeats}
     with _torch_threads(threads):
         state = out / "train_state.json"
-        step = json.loads(state.read_text())["step"] if state.is_file() else 0
+        saved = json.loads(state.read_text()) if state.is_file() else {"step": 0, "config": {}}
+        step = saved["step"]
+        if step and "observed_share" not in saved["config"]:
+            captures = _legacy_captures(cfg, run, seed, k)
+        record: dict[str, Any] = {"seed": seed, "k": k, "captures": [str(p) for p in captures]}
         start = time.perf_counter()
         if step < cfg.avatar_iters:
-            tc = TrainConfig(iters=cfg.avatar_iters, size=cfg.size, lifted_weight=cfg.lifted_weight,
-                             observed_finish=cfg.observed_finish, val_every=0,
-                             checkpoint_every=max(cfg.avatar_iters // 4, 100), seed=cfg.avatar_seed,
-                             device=cfg.device, progress=progress)
-            result = train_avatar(captures, out, tc, resume=step > 0, force=step == 0)
+            result = train_avatar(captures, out, avatar_config(cfg, progress), resume=step > 0, force=step == 0)
             record.update(iters_per_second=result.iters_per_second, gaussians=result.num_gaussians)
         record["train_seconds"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()

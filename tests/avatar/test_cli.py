@@ -41,6 +41,24 @@ def test_train_render_export(capture, tmp_path, capsys):
     assert (tmp_path / "a.ply").stat().st_size > 1000
 
 
+def test_avatar_train_uses_the_library_defaults(capture, tmp_path):
+    """`avatar train` trains with the benchmarked recipe unless told otherwise (--lifted-weight, --observed-finish,
+    --observed-share), the same numbers TrainConfig holds."""
+    from dataclasses import asdict
+
+    from liftavatar.avatar.train import TrainConfig
+
+    keys = ("lifted_weight", "observed_finish", "observed_share")
+    assert main(["avatar", "train", str(capture), "-o", str(tmp_path / "a"), "--iters", "1", "--size", "32",
+                 "--val-every", "1"]) == 0
+    stored = json.loads((tmp_path / "a" / "train_state.json").read_text())["config"]
+    assert {k: stored[k] for k in keys} == {k: v for k, v in asdict(TrainConfig()).items() if k in keys}
+    assert main(["avatar", "train", str(capture), "-o", str(tmp_path / "b"), "--iters", "1", "--size", "32",
+                 "--val-every", "1", "--lifted-weight", "1", "--observed-finish", "0", "--observed-share", "0"]) == 0
+    stored = json.loads((tmp_path / "b" / "train_state.json").read_text())["config"]
+    assert [stored[k] for k in keys] == [1.0, 0.0, 0.0]
+
+
 def _one_line_exit_2(args: list[str], needle: str, capsys) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

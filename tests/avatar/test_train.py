@@ -101,6 +101,86 @@ def test_observed_finish_draws_only_filmed_frames_at_the_end(capture, tmp_path):
         train_avatar([lifted], tmp_path / "bad", TrainConfig(iters=4, observed_finish=1.0, progress=False))
 
 
+def _lifted_and_observed(capture, root, observed: int = 6):
+    """A capture whose first ``observed`` frames are observed and the rest lifted (as `lift` appends them), and a
+    capture of its observed frames alone (the `train` capture it was lifted from)."""
+    from dataclasses import asdict
+
+    from liftavatar.capture import Capture, CaptureMeta, CaptureWriter
+
+    lifted = root / "lifted"
+    shutil.copytree(capture, lifted)
+    with np.load(lifted / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["provenance"][observed:] = PROVENANCE_LIFTED
+    np.savez(lifted / "kinematics.npz", **arrays)
+    source = Capture.load(lifted)
+    writer = CaptureWriter(root / "train", CaptureMeta(**{**asdict(source.meta), "num_frames": observed}))
+    for i in range(observed):
+        writer.add_frame(i, source.frame(i), source.mask(i), source.shading(i))
+    writer.finalize(source.kinematics.select(range(observed)))
+    return lifted, root / "train"
+
+
+def test_observed_share_draws_what_the_repeated_captures_drew(capture, tmp_path):
+    """The draw pool repeats observed frames inside train_avatar exactly as the bench did before by passing the
+    observed capture again next to the lifted one: the same images in the same order, the same avatar, so the
+    bench's and the demo's numbers do not move."""
+    from safetensors.torch import load_file
+
+    from liftavatar.avatar.train import observed_repeats
+
+    lifted, train = _lifted_and_observed(capture, tmp_path)
+    repeats = observed_repeats(6, 6, 0.75)
+    assert repeats == 3
+    common = dict(iters=24, size=32, lifted_weight=0.5, observed_finish=0.25, val_every=0, checkpoint_every=0,
+                  progress=False)
+    old = train_avatar([lifted] + [train] * (repeats - 1), tmp_path / "old",
+                       TrainConfig(**common, observed_share=0.0)).history
+    new = train_avatar([lifted], tmp_path / "new", TrainConfig(**common, observed_share=0.75)).history
+    old_frames = load_frames([lifted] + [train] * (repeats - 1), size=32)
+    new_frames = load_frames([lifted], size=32)
+    assert len(old) == len(new) == 24
+    for a, b in zip(old, new):
+        assert torch.equal(old_frames.images[a["frame"]], new_frames.images[b["frame"]])
+        assert a["loss"] == b["loss"]
+    drawn = [bool(new_frames.lifted[r["frame"]]) for r in new]
+    assert 0 < sum(drawn[:18]) < 18 and not any(drawn[18:])  # both kinds, then the observed-only finish
+    a, b = load_file(str(tmp_path / "old" / "avatar.safetensors")), load_file(str(tmp_path / "new" / "avatar.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_observed_repeats_balance_observed_and_lifted_draws():
+    from liftavatar.avatar.train import observed_repeats
+
+    assert observed_repeats(300, 0, 0.5) == 1
+    assert observed_repeats(300, 800, 0.5) == 3  # 900 observed draws : 800 lifted
+    assert observed_repeats(300, 1600, 0.5) == 5
+    assert observed_repeats(300, 1600, 0.0) == 1  # plain union
+    assert observed_repeats(150, 64, 0.5) == 1
+    assert observed_repeats(300, 800, 0.75) == 8 and observed_repeats(150, 80, 0.75) == 2
+
+
+def test_defaults_are_the_benchmarked_recipe_and_old_states_keep_theirs(capture, tmp_path):
+    """The library's defaults are what the benchmark measured; a training state written before observed_share
+    (and observed_finish) existed resumes with the recipe it was trained with."""
+    cfg = TrainConfig()
+    assert (cfg.lifted_weight, cfg.observed_finish, cfg.observed_share) == (0.5, 0.25, 0.75)
+    out = tmp_path / "old"
+    train_avatar([capture], out, TrainConfig(iters=2, size=32, val_every=0, checkpoint_every=0, progress=False),
+                 max_steps=1)
+    state = json.loads((out / "train_state.json").read_text())
+    for key in ("observed_share", "observed_finish"):
+        del state["config"][key]
+    state["config"]["lifted_weight"] = 1.0
+    (out / "train_state.json").write_text(json.dumps(state))
+    train_avatar([capture], out, TrainConfig(iters=2, size=32, progress=False), resume=True)
+    stored = json.loads((out / "train_state.json").read_text())["config"]
+    assert (stored["lifted_weight"], stored["observed_finish"], stored["observed_share"]) == (1.0, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="observed-share"):
+        train_avatar([capture], tmp_path / "bad", TrainConfig(iters=4, observed_share=1.0, progress=False))
+
+
 def test_ssim_matches_scikit_image():
     from skimage.metrics import structural_similarity
 

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from liftavatar.bench.protocol import (BenchConfig, BenchError, demo_config, full_config, lifted_repeats,
-                                       quick_config, run_bench, subset_capture)
+from liftavatar.bench.protocol import (BenchConfig, BenchError, demo_config, full_config, quick_config, run_bench,
+                                       subset_capture)
 from liftavatar.bench.summary import METRICS, SPLITS, headline, plateau_sentence
 from liftavatar.capture import Capture
 from liftavatar.cli import main
@@ -57,15 +57,6 @@ def test_track_stage_passes_the_appearance_setting(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="stop before tracking"):
             track_stage(quick_config(track_appearance=value), tmp_path, progress=False)
     assert seen == [True, False]
-
-
-def test_lifted_repeats_balance_observed_and_lifted_draws():
-    assert lifted_repeats(300, 0, 0.5) == 1
-    assert lifted_repeats(300, 800, 0.5) == 3  # 900 observed draws : 800 lifted
-    assert lifted_repeats(300, 1600, 0.5) == 5
-    assert lifted_repeats(300, 1600, 0.0) == 1  # plain union
-    assert lifted_repeats(150, 64, 0.5) == 1
-    assert lifted_repeats(300, 800, 0.75) == 8 and lifted_repeats(150, 80, 0.75) == 2
 
 
 def _curve(means):
