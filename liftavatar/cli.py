@@ -238,7 +238,7 @@ def _finish(results: dict, started: float) -> None:
 
 
 def run_bench(cfg: Bench) -> None:
-    from liftavatar.bench.protocol import full_config, quick_config, run_bench as bench
+    from liftavatar.bench import full_config, quick_config, run_bench as bench
 
     overrides = {"subjects": cfg.subjects, "curve": cfg.curve, "lifted": cfg.lifted, "avatar_iters": cfg.iters,
                  "lift_steps": cfg.steps, "train_frames": cfg.train_frames, "extreme_frames": cfg.extreme_frames,
@@ -259,7 +259,7 @@ def run_bench(cfg: Bench) -> None:
 
 
 def run_demo(cfg: Demo) -> None:
-    from liftavatar.bench.protocol import demo_config, run_bench as bench
+    from liftavatar.bench import demo_config, run_bench as bench
 
     config = demo_config(seeds=(cfg.seed,), device=cfg.device, workers=1)
     print(f"demo: held-out subject {cfg.seed}: synthesise a phone-style video, track, choose references, lift, "

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from liftavatar.bench.protocol import quick_config
-from liftavatar.bench.summary import METRICS, SPLITS, _stats, headline, plateau_sentence
+from liftavatar.bench import quick_config
+from liftavatar.bench.summary import METRICS, SPLITS, headline, plateau_sentence, stats
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -91,7 +91,7 @@ def fake_results(root: Path) -> tuple[dict, dict]:
             v = [s["metrics"][split][str(cfg.lifted)][key] for s in subjects]
             d = [None if x is None else y - x for x, y in zip(b, v)]
             row = {"label": label, "better": better, "unit": unit, "available": key not in ("lpips", "fid"),
-                   "baseline": _stats(b), "lifted": _stats(v), "delta": _stats(d)}
+                   "baseline": stats(b), "lifted": stats(v), "delta": stats(d)}
             if not row["available"]:
                 row["reason"] = "not available (weights not present locally): LPIPS skipped: no weights here"
             tables[split][key] = row
@@ -101,7 +101,7 @@ def fake_results(root: Path) -> tuple[dict, dict]:
         curve[split] = {}
         for key in ("psnr", "ssim", "aed", "csim"):
             rows = [[s["metrics"][split][str(k)][key] for s in subjects] for k in points]
-            st = [_stats(r) for r in rows]
+            st = [stats(r) for r in rows]
             curve[split][key] = {"mean": [x["mean"] for x in st], "std": [x["std"] for x in st], "per_subject": rows}
     from dataclasses import asdict
 

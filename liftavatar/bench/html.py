@@ -16,7 +16,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from liftavatar.bench.summary import METRICS, ORACLE_LABEL, fmt
+from liftavatar.bench.layout import LIFT_SAMPLES, avatar_dir, gt_frames, oracle_dir, subject_dir
+from liftavatar.bench.plots import curve_plot
+from liftavatar.bench.summary import MACHINE_STAGES, METRICS, ORACLE_LABEL, fmt, machines_sentence, timing_machines
+from liftavatar.capture import Capture
 from liftavatar.io import save_png, write_text
 
 __all__ = ["write_report", "render_html", "build_assets"]
@@ -79,8 +82,6 @@ def _save_png(image: np.ndarray, path: Path) -> str:
 
 def _result_dir(run: Path, seed: int, k: int | None) -> Path:
     """The folder of the avatar with ``k`` lifted expressions, or of the oracle appearance (``k`` None)."""
-    from liftavatar.bench.protocol import avatar_dir, oracle_dir
-
     return oracle_dir(run, seed) if k is None else avatar_dir(run, seed, k)
 
 
@@ -102,9 +103,6 @@ def _per_frame_psnr(run: Path, seed: int, k: int | None, split: str) -> list[flo
 
 def build_assets(results: dict[str, Any], run: Path, out: Path) -> dict[str, Any]:
     """Write the report's pictures and videos into ``out``; returns their file names (relative to ``out``)."""
-    from liftavatar.bench.plots import curve_plot
-    from liftavatar.bench.protocol import _gt_frames, subject_dir
-    from liftavatar.capture import Capture
     from liftavatar.video import write_video
 
     cfg = results["config"]
@@ -121,7 +119,7 @@ def build_assets(results: dict[str, Any], run: Path, out: Path) -> dict[str, Any
             if base is None or lifted is None or not (test_path / "capture.json").is_file():
                 continue
             test = Capture.load(test_path)
-            gt, _ = _gt_frames(test)
+            gt, _ = gt_frames(test)
             psnr_b, psnr_l = _per_frame_psnr(run, seed, 0, split), _per_frame_psnr(run, seed, lifted_k, split)
             n = len(gt)
             pick = np.unique(np.linspace(0, n - 1, min(int(cfg["grid_frames"]), n)).round().astype(int))
@@ -150,8 +148,6 @@ def build_assets(results: dict[str, Any], run: Path, out: Path) -> dict[str, Any
 def _lifted_samples(sdir: Path, out: Path, seed: int) -> str | None:
     """References, then target shading maps and generated frames at the end of evenly spaced lifted clips
     (the arrays the lift stage saved)."""
-    from liftavatar.bench.protocol import LIFT_SAMPLES
-
     path = sdir / LIFT_SAMPLES
     if not path.is_file():
         return None
@@ -328,21 +324,24 @@ def _protocol(results: dict[str, Any]) -> str:
         "Oracle appearance: the synthetic world's renderer with the subject's true texture, on the rig driven exactly "
         "as the avatars are (the test kinematics, identity and camera), measured the same way: what the test "
         "kinematics alone cost a perfectly textured rig (a reference, not a floor).",
+        f"Machines: {_e(machines_sentence(results))}",
     ]
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 
 def _timings(results: dict[str, Any]) -> str:
     t = results["timings"]
-    lines = ["<table><tr><th>stage</th><th>seconds</th></tr>"]
+    lines = ["<table><tr><th>stage</th><th>seconds</th><th>machine</th></tr>"]
     for name, v in t["stages"].items():
         note = " (earlier run, resumed)" if v.get("resumed") else ""
-        lines.append(f"<tr><td>{_e(name)}{note}</td><td>{v['seconds']:.1f}</td></tr>")
+        lines.append(f"<tr><td>{_e(name)}{note}</td><td>{v['seconds']:.1f}</td>"
+                     f"<td>{_e(timing_machines(results, name))}</td></tr>")
+    here = _e(timing_machines(results, "report"))
     for name, v in t.get("wall_seconds_this_invocation", {}).items():
-        lines.append(f"<tr><td>wall clock: {_e(name)}</td><td>{v:.1f}</td></tr>")
+        lines.append(f"<tr><td>wall clock: {_e(name)}</td><td>{v:.1f}</td><td>{here}</td></tr>")
     total = t.get("wall_seconds_total_this_invocation")
     if total is not None:
-        lines.append(f"<tr class='mean'><td>wall clock: this invocation</td><td>{total:.1f}</td></tr>")
+        lines.append(f"<tr class='mean'><td>wall clock: this invocation</td><td>{total:.1f}</td><td>{here}</td></tr>")
     lines.append("</table>")
     lines.append("<p class='meta'>Stage seconds are summed over subjects (and over avatars for training and "
                  "evaluation); with several workers they overlap, so the wall clock is shorter.</p>")
@@ -350,11 +349,11 @@ def _timings(results: dict[str, Any]) -> str:
 
 
 def _machine(results: dict[str, Any]) -> str:
-    info = dict(results.get("machine", {}))
-    info["workers"] = results.get("workers", 1)
-    for stage, names in results.get("stage_machines", {}).items():
-        info[f"{stage} ran on"] = ", ".join(names)
-    return "<table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in info.items()) + "</table>"
+    """Where each stage ran, then the details of the machine that evaluated and wrote this report."""
+    rows = {f"{stage} ran on": timing_machines(results, stage) for stage in MACHINE_STAGES}
+    rows.update({f"report machine: {k}": v for k, v in results.get("report_machine", results.get("machine", {})).items()})
+    rows["workers"] = results.get("workers", 1)
+    return "<table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows.items()) + "</table>"
 
 
 def _hero(results: dict[str, Any], assets: dict[str, Any]) -> str:
@@ -379,7 +378,7 @@ def render_html(results: dict[str, Any], assets: dict[str, Any]) -> str:
         f"<title>LiftAvatar benchmark: {_e(results['name'])}</title>", f"<style>{CSS}</style></head><body>",
         f"<h1>LiftAvatar benchmark: {_e(results['name'])}</h1>",
         f"<p class='meta'>{n} held-out subject{'s' if n != 1 else ''} · {results['config']['size']}² · "
-        f"device {_e(results['config']['device'])} · liftavatar {_e(results['liftavatar_version'])} · "
+        f"{_e(machines_sentence(results))} · liftavatar {_e(results['liftavatar_version'])} · "
         f"{_e(results['created'])}</p>",
         "<nav><a href='#headline'>Headline</a><a href='#tables'>Tables</a><a href='#curve'>Curve</a>"
         "<a href='#frames'>Frames and videos</a><a href='#protocol'>Protocol</a><a href='#timings'>Timings</a>"

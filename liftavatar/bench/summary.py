@@ -1,5 +1,6 @@
 """Aggregating a benchmark run: per-metric tables (per subject, mean ± std), the curve over the number of
-lifted expressions, the headline against the acceptance criteria, the plateau sentence, markdown.
+lifted expressions, the headline against the acceptance criteria, the plateau sentence, the machine of each
+stage, markdown.
 
 Everything here is computed from the files the stages wrote (``eval_*.json``, ``lift.json``, …), so a
 finished run can be re-summarised without re-running anything.
@@ -17,9 +18,13 @@ from typing import Any, Sequence
 import numpy as np
 
 import liftavatar
+from liftavatar.bench.config import SUBJECT_STAGES
+from liftavatar.bench.layout import SPLITS, avatar_dir, oracle_dir, subject_dir
+from liftavatar.io import write_text
 from liftavatar.report import machine_name
 
-__all__ = ["METRICS", "SPLITS", "summarise", "plateau_sentence", "headline", "write_markdown", "fmt"]
+__all__ = ["MACHINE_STAGES", "METRICS", "SPLITS", "fmt", "headline", "machines_sentence", "plateau_sentence", "stats",
+           "summarise", "timing_machines", "write_markdown"]
 
 SCHEMA = "liftavatar-bench/1"
 
@@ -35,10 +40,6 @@ METRICS: dict[str, tuple[str, str, str, int]] = {
     "apd_translation": ("APD translation", "lower", "mm", 2),
     "csim": ("CSIM", "higher", "", 4),
 }
-SPLITS: dict[str, str] = {
-    "extreme": "unseen extreme expressions and wider poses",
-    "seen": "seen range (held-out frames of the sparse take)",
-}
 NOT_AVAILABLE = "not available (weights not present locally)"
 ORACLE_LABEL = "oracle appearance"
 ORACLE_DESCRIPTION = ("the subject's true texture on the rig, rendered by the synthetic world's renderer and driven "
@@ -53,7 +54,14 @@ CRITERIA = {"extreme_psnr_gain_db": 1.0, "extreme_aed_reduction": 0.20, "seen_ps
             "min_subjects": 3, "size": 128}
 
 
-def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+MACHINE_STAGES = (*SUBJECT_STAGES, "avatars", "eval", "oracle", "report")
+"""The parts of a run whose machine the results name (``results["machines"]``), in order."""
+TIMING_STAGES = {"avatar training": "avatars", "evaluation": "eval", "oracle appearance": "oracle"}
+"""The rows of the timings table that are not named as their stage is."""
+NOT_RECORDED = "not recorded"
+
+
+def stats(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean and standard deviation over subjects (sample std, n − 1; 0 for one subject)."""
     ok = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not ok:
@@ -78,10 +86,9 @@ def _load(path: Path) -> Any:
 
 
 def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
-              oracles: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The run's results (see the module docstring) from its files."""
-    from liftavatar.bench.protocol import avatar_dir, oracle_dir, subject_dir
-
+              oracles: Sequence[dict[str, Any]] = (), machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's results (see the module docstring) from its files; ``machine`` is the
+    :func:`~liftavatar.report.machine_info` of the machine that evaluates and reports now."""
     seeds = cfg.subject_seeds()
     points = cfg.points()
     subjects: list[dict[str, Any]] = []
@@ -128,8 +135,8 @@ def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records
             delta = [None if b is None or v is None else v - b for b, v in zip(base, lifted)]
             oracle = [s["oracle"][split][key] for s in subjects]
             tables[split][key] = {"label": label, "better": better, "unit": unit, "available": available,
-                                  "baseline": _stats(base), "lifted": _stats(lifted), "delta": _stats(delta),
-                                  "oracle": _stats(oracle)}
+                                  "baseline": stats(base), "lifted": stats(lifted), "delta": stats(delta),
+                                  "oracle": stats(oracle)}
             if not available:
                 why = reasons.get(key, "")
                 tables[split][key]["reason"] = (NOT_AVAILABLE + f": {why}") if key in ("lpips", "fid") else why
@@ -137,7 +144,7 @@ def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records
     curve: dict[str, Any] = {"points": points}
     cov = [[next((c["coverage"] for c in s["lift"].get("curve", []) if c["k"] == k), None) for s in subjects]
            for k in points]
-    curve["coverage"] = {"mean": [_stats(c)["mean"] for c in cov], "std": [_stats(c)["std"] for c in cov],
+    curve["coverage"] = {"mean": [stats(c)["mean"] for c in cov], "std": [stats(c)["std"] for c in cov],
                          "per_subject": cov}
     for split in SPLITS:
         curve[split] = {}
@@ -145,7 +152,7 @@ def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records
             rows = [per_subject(split, k, key) for k in points]
             if not any(v is not None for row in rows for v in row):
                 continue
-            st = [_stats(r) for r in rows]
+            st = [stats(r) for r in rows]
             curve[split][key] = {"mean": [s["mean"] for s in st], "std": [s["std"] for s in st], "per_subject": rows}
 
     stages: dict[str, dict[str, Any]] = {}
@@ -179,11 +186,19 @@ def summarise(cfg, run: Path, subject_timings: Sequence[dict[str, Any]], records
         "timings": {"stages": stages, "per_subject": {str(s): t for s, t in zip(seeds, subject_timings)},
                     "avatars": [r for r in records]},
     }
-    # A run split across machines (bench --until) lifts and trains on one, evaluates on another.
-    results["stage_machines"] = {
-        "lift": sorted({str(s["lift"]["machine"]) for s in subjects if s["lift"].get("machine")}),
-        "avatars": sorted({str(r["machine"]) for r in records if r and r.get("machine")}),
-    }
+    # A run split across machines (bench --until) makes its data stages on one, lifts and trains on another and
+    # evaluates on the first: every stage names its own machine, from the record it wrote when it ran.
+    def names(values) -> list[str]:
+        return sorted({str(v) for v in values if v})
+
+    machines = {stage: names(t.get(stage, {}).get("machine") for t in subject_timings) for stage in SUBJECT_STAGES}
+    machines["lift"] = names(s["lift"].get("machine") for s in subjects)
+    machines["avatars"] = names(r.get("machine") for r in records if r)
+    machines["eval"] = names(r.get("eval_machine") for r in records if r)
+    machines["oracle"] = names(o.get("machine") for o in oracles if o)
+    machines["report"] = names([machine_name(machine)] if machine else [])
+    results["machines"] = {stage: machines[stage] for stage in MACHINE_STAGES}
+    results["report_machine"] = machine or {}
     results["headline"] = headline(results, cfg)
     results["plateau"] = plateau_sentence(curve, "extreme", "psnr")
     return results
@@ -283,11 +298,30 @@ def plateau_sentence(curve: dict[str, Any], split: str = "extreme", key: str = "
     return text
 
 
-def fmt(stats: dict[str, Any] | None, decimals: int, signed: bool = False) -> str:
-    if not stats or stats.get("mean") is None:
+def fmt(summary: dict[str, Any] | None, decimals: int, signed: bool = False) -> str:
+    if not summary or summary.get("mean") is None:
         return "n/a"
     sign = "+" if signed else ""
-    return f"{stats['mean']:{sign}.{decimals}f} ± {stats['std']:.{decimals}f}"
+    return f"{summary['mean']:{sign}.{decimals}f} ± {summary['std']:.{decimals}f}"
+
+
+def timing_machines(results: dict[str, Any], timing: str) -> str:
+    """The machine(s) of a row of the timings table (a data stage, avatar training, evaluation, …), in words."""
+    names = results.get("machines", {}).get(TIMING_STAGES.get(timing, timing))
+    return ", ".join(names) if names else NOT_RECORDED
+
+
+def machines_sentence(results: dict[str, Any]) -> str:
+    """Where each stage ran, consecutive stages on the same machine(s) together: "synth, video, track, split,
+    refs on A; lift, avatars on B; eval, oracle, report on A"."""
+    groups: list[tuple[str, list[str]]] = []
+    for stage in MACHINE_STAGES:
+        where = ", ".join(results.get("machines", {}).get(stage) or []) or NOT_RECORDED
+        if groups and groups[-1][0] == where:
+            groups[-1][1].append(stage)
+        else:
+            groups.append((where, [stage]))
+    return "; ".join(f"{', '.join(stages)} on {where}" for where, stages in groups) + "."
 
 
 def _value(x: float | None, decimals: int, signed: bool = False) -> str:
@@ -350,15 +384,11 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         cov = curve["coverage"]["mean"][i]
         lines.append(f"| {k} | {'n/a' if cov is None else f'{cov:.1%}'} | {cell(ext, 'psnr', 2)} | "
                      f"{cell(ext, 'aed', 4)} | {cell(seen, 'psnr', 2)} |")
-    lines += ["", "## Timings (seconds)", "", "| stage | seconds |", "|---|---|"]
+    lines += ["", "## Timings (seconds) and machines", "", "| stage | seconds | machine |", "|---|---|---|"]
     for name, v in results["timings"]["stages"].items():
-        lines.append(f"| {name} | {v['seconds']:.1f}{' (earlier run)' if v.get('resumed') else ''} |")
+        lines.append(f"| {name} | {v['seconds']:.1f}{' (earlier run)' if v.get('resumed') else ''} | "
+                     f"{timing_machines(results, name)} |")
     for name, v in results["timings"].get("wall_seconds_this_invocation", {}).items():
-        lines.append(f"| wall: {name} | {v:.1f} |")
-    machines = results.get("stage_machines", {})
-    where = "; ".join(f"{stage} on {', '.join(names)}" for stage, names in machines.items() if names)
-    here = machine_name(results.get("machine", {}))
-    lines += ["", f"Machines: {where + '; ' if where else ''}evaluation and report on {here}."]
-    lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+        lines.append(f"| wall: {name} | {v:.1f} | {timing_machines(results, 'report')} |")
+    lines += ["", f"Machines: {machines_sentence(results)}", ""]
+    return write_text(path, "\n".join(lines))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from liftavatar.bench.protocol import (BenchConfig, BenchError, demo_config, full_config, quick_config, run_bench,
-                                       subset_capture)
+from liftavatar.bench import BenchConfig, demo_config, full_config, quick_config, run_bench
+from liftavatar.bench.config import BenchError
+from liftavatar.bench.stages import subset_capture
 from liftavatar.bench.summary import METRICS, SPLITS, headline, plateau_sentence
 from liftavatar.capture import Capture
 from liftavatar.cli import main
@@ -40,9 +42,70 @@ def test_configs_follow_the_protocol():
         quick_config(kinematics="perfect").check()
 
 
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_the_bench_trains_avatars_with_the_library_recipe():
+    """One home for the avatar recipe: the bench's settings default to the avatar trainer's, and the trainer's
+    config of every avatar carries them."""
+    from dataclasses import asdict
+
+    from liftavatar.avatar.train import TrainConfig
+    from liftavatar.bench.jobs import avatar_config
+
+    library = TrainConfig()
+    recipe = ("lifted_weight", "observed_share", "observed_finish")
+    for cfg in (full_config(), quick_config(), demo_config()):
+        assert {k: getattr(cfg, k) for k in recipe} == {k: getattr(library, k) for k in recipe}
+        trainer = avatar_config(cfg, progress=False)
+        assert {k: getattr(trainer, k) for k in recipe} == {k: getattr(library, k) for k in recipe}
+        assert trainer.iters == cfg.avatar_iters and trainer.size == cfg.size and trainer.seed == cfg.avatar_seed
+    # what the committed headline ran with
+    committed = json.loads((RESULTS / "bench.json").read_text())["config"]
+    assert {k: committed[k] for k in recipe} == {k: v for k, v in asdict(library).items() if k in recipe}
+
+
+def test_a_run_folder_of_an_earlier_version_resumes(tmp_path):
+    """A run folder whose config.json an earlier version wrote (the committed headline's, and one from before
+    observed_finish existed) is not refused as made with other settings."""
+    from liftavatar.bench.config import config_from_json
+    from liftavatar.bench.runner import check_run_dir
+
+    stored = json.loads((RESULTS / "bench.json").read_text())["config"]
+    run = tmp_path / "headline"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"liftavatar_version": "0.1.0", "config": stored}))
+    check_run_dir(run, full_config(curve=tuple(stored["curve"]), device="cuda", workers=4), force=False)
+
+    older = json.loads((RESULTS / "bench_run1_no_finish.json").read_text())["config"]
+    assert "observed_finish" not in older and config_from_json(older).observed_finish == 0.0
+    run = tmp_path / "older"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": older}))
+    check_run_dir(run, full_config(observed_finish=0.0, track_appearance=True, workers=2), force=False)
+    with pytest.raises(BenchError, match="observed_finish"):
+        check_run_dir(run, full_config(), force=False)
+
+
+def test_an_avatar_started_before_observed_share_resumes_on_its_captures(tmp_path):
+    """Its stored recipe has no observed_share (the trainer reads 0), so it resumes on the lifted capture and the
+    train capture again, as it started."""
+    from liftavatar.bench.jobs import avatar_capture, legacy_captures
+    from liftavatar.bench.layout import subject_dir
+
+    cfg = full_config(curve=(0, 25, 100))
+    sdir = subject_dir(tmp_path, 5400)
+    sdir.mkdir(parents=True)
+    (sdir / "lift.json").write_text(json.dumps({"observed_frames": 300, "window": 8}))
+    assert avatar_capture(cfg, tmp_path, 5400, 25) == sdir / "lifted_k025"
+    assert avatar_capture(cfg, tmp_path, 5400, 100) == sdir / "lifted"
+    assert legacy_captures(cfg, tmp_path, 5400, 100) == [sdir / "lifted"] + [sdir / "train"] * 7  # 8 repeats
+    assert legacy_captures(cfg, tmp_path, 5400, 0) == [sdir / "train"]
+
+
 def test_track_stage_passes_the_appearance_setting(tmp_path, monkeypatch):
     import liftavatar.face.track as track_module
-    from liftavatar.bench.protocol import track_stage
+    from liftavatar.bench.stages import track_stage
 
     seen = []
 
@@ -92,13 +155,14 @@ def test_headline_checks_the_acceptance_criteria():
 def test_oracle_appearance_reproduces_the_synthetic_frames(tmp_path):
     """Driven by a synthetic capture's own kinematics (true identity, expressions, pose and camera), the oracle
     appearance is the ground truth over black; another subject's is not."""
-    from liftavatar.bench.protocol import _gt_frames, oracle_renders
+    from liftavatar.bench.jobs import oracle_renders
+    from liftavatar.bench.layout import gt_frames
     from liftavatar.metrics.image import psnr
     from liftavatar.synth.world import SynthSpec, synthesize
 
     capture = synthesize(SynthSpec(seed=7011, preset="extreme", frames=3, size=64), tmp_path / "synth",
                          progress=False)
-    gt, _ = _gt_frames(capture)
+    gt, _ = gt_frames(capture)
     renders = oracle_renders(7011, capture, batch=2)
     assert renders.shape == gt.shape and renders.dtype == np.uint8
     assert min(psnr(r, g) for r, g in zip(renders, gt)) > 40
@@ -109,7 +173,8 @@ def test_oracle_appearance_reproduces_the_synthetic_frames(tmp_path):
 def test_truth_kinematics_replace_the_tracker(tmp_path):
     """bench --kinematics truth: the captures carry the synthetic truth (the extreme test's kinematics are the
     extreme take's), framed like a tracked run, so the oracle appearance reproduces the test frames exactly."""
-    from liftavatar.bench.protocol import _gt_frames, oracle_renders
+    from liftavatar.bench.jobs import oracle_renders
+    from liftavatar.bench.layout import gt_frames
     from liftavatar.metrics.image import psnr
 
     out = tmp_path / "truth"
@@ -122,7 +187,7 @@ def test_truth_kinematics_replace_the_tracker(tmp_path):
     test, truth = Capture.load(sdir / "test_extreme"), Capture.load(sdir / "synth" / "extreme")
     assert np.array_equal(test.kinematics.expression, truth.kinematics.expression)
     assert np.array_equal(test.kinematics.identity, truth.kinematics.identity)
-    gt, masks = _gt_frames(test)
+    gt, masks = gt_frames(test)
     assert masks.mean() > 20  # the face fills a tracked-size crop, not a corner of the frame
     assert min(psnr(r, g) for r, g in zip(oracle_renders(5400, test), gt)) > 60
 
@@ -166,26 +231,64 @@ def test_only_runs_the_named_subjects_up_to_a_stage(tmp_path, capsys):
     assert subjects == ["s5401"] and (tmp_path / "run" / "subjects" / "s5401" / "synth" / "sparse").is_dir()
 
 
+def _copy(files, src, dst):
+    import shutil
+
+    for f in files:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / f, dst / f)
+
+
 @pytest.mark.slow
-def test_quick_bench_end_to_end(tmp_path, capsys):
-    """`bench --quick` (1 subject, 2 lifted expressions, 60 avatar iterations): results JSON complete,
-    markdown, plot, self-contained HTML report with grids and videos; a second run resumes everything."""
-    out = tmp_path / "quick"
+def test_quick_bench_end_to_end(tmp_path, capsys, monkeypatch):
+    """`bench --quick` (1 subject, 2 lifted expressions, 60 avatar iterations) split across two "machines" as
+    benchmarks/bench_split.py runs it: data stages here, lift and avatars in another folder holding only what they
+    read (a GPU machine, by name), evaluation and report back here. Results JSON complete with the machine of each
+    stage, markdown, plot, self-contained HTML report with grids and videos; a second run resumes everything."""
+    import liftavatar.bench.jobs as jobs
+    import liftavatar.bench.stages as stages
+    from liftavatar.bench.layout import avatar_stage_inputs, avatar_stage_outputs, this_machine
+
+    out, gpu = tmp_path / "quick", tmp_path / "gpu"
     assert main(["bench", "--quick", "-o", str(out), "--until", "refs"]) == 0
-    printed = capsys.readouterr().out
+    logged = capsys.readouterr().err  # the stages' progress lines are the package's log, on stderr
     sdir = out / "subjects" / "s5400"
-    assert "stopped after the refs stage" in printed and "lift" not in printed.split("refs")[-1]
+    assert "stopped after the refs stage" in logged and "[s5400] refs: " in logged and "[s5400] lift" not in logged
     assert (sdir / "train" / "capture.json").is_file() and not (sdir / "lift.json").exists()
     assert not (out / "results.json").exists()
+
+    inputs = avatar_stage_inputs(out, 5400)
+    assert {f.parts[2] for f in inputs if len(f.parts) > 3} == {"train", "test_seen", "test_extreme"}
+    _copy(inputs, out, gpu)
+    with monkeypatch.context() as m:  # the other machine, by the name its records give it
+        m.setattr(stages, "this_machine", lambda device: "GPU box")
+        m.setattr(jobs, "this_machine", lambda device: "GPU box")
+        assert main(["bench", "--quick", "-o", str(gpu), "--until", "avatars", "--only", "5400"]) == 0
+    capsys.readouterr()
+    outputs = avatar_stage_outputs(gpu, 5400)
+    assert not any("lifted" in f.parts or f.suffix == ".safetensors" for f in outputs)
+    _copy(outputs, gpu, out)
+
     assert main(["bench", "--quick", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    printed = captured.out.strip().splitlines()
     report = out / "report" / "index.html"
     assert printed[-1] == f"report: {report.resolve()}"
-    assert any(line.startswith("stage timings") for line in printed)
+    assert "stage timings" in captured.err and "[s5400] lift: complete, skipped" in captured.err
 
     results = json.loads((out / "results.json").read_text())
-    for key in ("schema", "config", "machine", "methods", "subjects", "tables", "curve", "headline", "plateau",
-                "timings", "report"):
+    here = this_machine("cpu")
+    assert results["machines"] == {**{s: [here] for s in ("synth", "video", "track", "split", "refs")},
+                                   "lift": ["GPU box"], "avatars": ["GPU box"],
+                                   **{s: [here] for s in ("eval", "oracle", "report")}}
+    assert results["report_machine"]["device"] == "cpu" and "machine" not in results
+    md = (out / "results.md").read_text()
+    assert "| lift | " in md and "| GPU box |" in md
+    assert f"synth, video, track, split, refs on {here}; lift, avatars on GPU box; eval, oracle, report on {here}." in md
+    assert "lift, avatars on GPU box" in report.read_text()
+    results = json.loads((out / "results.json").read_text())
+    for key in ("schema", "config", "machines", "report_machine", "methods", "subjects", "tables", "curve", "headline",
+                "plateau", "timings", "report"):
         assert key in results, key
     assert results["config"]["lifted"] == 2 and len(results["subjects"]) == 1
     subject = results["subjects"][0]
@@ -232,7 +335,7 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
 
     # Resume: every stage and avatar is complete, so nothing is recomputed.
     assert main(["bench", "--quick", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     for stage in ("synth", "track", "lift"):
         assert f"{stage}: complete, skipped" in printed
     again = json.loads((out / "results.json").read_text())
@@ -243,12 +346,13 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     # recording, the tracked and lifted captures) resumes: evaluation recomputes from the renders alone.
     import shutil
 
-    for name in ("synth", "recording", "tracked", "lifted", "lifted_k001"):
+    for name in ("synth", "recording", "tracked"):
         shutil.rmtree(sdir / name)
+    assert not (sdir / "lifted").exists()  # the lifted captures stayed on the other machine
     for split in ("extreme", "seen"):
         (sdir / "avatars" / "k002" / f"eval_{split}.json").unlink()
     assert main(["bench", "--quick", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     for stage in ("synth", "video", "track", "lift"):
         assert f"{stage}: complete, skipped" in printed
     travelled = json.loads((out / "results.json").read_text())
