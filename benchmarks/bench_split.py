@@ -1,0 +1,157 @@
+"""The benchmark split across machines, as the headline ran (README, *The benchmark and the demo*).
+
+The data stages need the tracker (MediaPipe), the lift and the avatars want a GPU, and the GPU machine the headline
+used has neither MediaPipe nor dlib, and each call to it carries at most 64 MiB. So:
+
+1. ``data``: here, on the CPU: ``liftavatar bench --until refs -o RUN`` (synth, video, track, split, refs of every
+   subject).
+2. per subject: ``pack`` copies what its lift and avatar stages read into a folder of its own (``config.json``, the
+   subject's ``timings.json`` and its ``train``, ``test_seen`` and ``test_extreme`` captures:
+   :func:`liftavatar.bench.layout.avatar_stage_inputs`; about 12 MiB at the headline's size); that folder goes to
+   the GPU machine, which runs ``liftavatar bench --device cuda --until avatars --only SEED -o PACK``; ``unpack``
+   brings back what the evaluation and the report read (``lift.json``, ``lift_samples.npz``, ``timings.json``, and
+   each avatar's ``job.json`` and renders: :func:`~liftavatar.bench.layout.avatar_stage_outputs`; the lifted captures
+   and the avatars' weights stay behind).
+3. ``finish``: here again: ``liftavatar bench -o RUN`` evaluates every avatar and the oracle appearance and writes
+   the results and the report, which name the machine of each stage.
+
+Every step takes the same bench options after ``--`` (a run folder refuses settings other than its own), e.g. the
+headline's ``-- --curve 0 25 50 100``. ``all`` does the three steps for every subject; the GPU part runs over ssh on
+``--gpu-host`` (the folder copied with rsync to ``--gpu-dir`` there, ``--gpu-command`` being how liftavatar is
+called there) or, without a host, in a folder next to the run on this machine with ``--gpu-device`` (a machine that
+has both; or ``--gpu-device cpu`` to try the split end to end on a CPU):
+
+    python benchmarks/bench_split.py all runs/bench --gpu-host gpu-box --gpu-dir /scratch/bench -- --curve 0 25 50 100
+    python benchmarks/bench_split.py data runs/bench -- --curve 0 25 50 100
+    python benchmarks/bench_split.py pack runs/bench 5400 /tmp/pack5400
+    # on the GPU machine, with /tmp/pack5400 copied there:
+    #   liftavatar bench --device cuda --until avatars --only 5400 -o /tmp/pack5400 --curve 0 25 50 100
+    python benchmarks/bench_split.py unpack /tmp/pack5400 5400 runs/bench
+    python benchmarks/bench_split.py finish runs/bench -- --curve 0 25 50 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from liftavatar.bench.config import config_from_json
+from liftavatar.bench.layout import avatar_stage_inputs, avatar_stage_outputs
+
+LOCAL = [sys.executable, "-m", "liftavatar.cli"]
+
+
+def bench(args: list[str], prefix: list[str] = LOCAL) -> None:
+    """Run ``liftavatar bench ARGS``; a failed step stops the split."""
+    command = [*prefix, "bench", *args]
+    print("$ " + shlex.join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def copy(files: list[Path], src: Path, dst: Path) -> int:
+    """Copy ``files`` (relative paths) from the run folder ``src`` to ``dst``; returns the bytes copied."""
+    total = 0
+    for f in files:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / f, dst / f)
+        total += (src / f).stat().st_size
+    return total
+
+
+def pack(run: Path, seed: int, dest: Path) -> Path:
+    """What subject ``seed``'s lift and avatar stages read, copied from ``run`` into the run folder ``dest``."""
+    files = avatar_stage_inputs(run, seed)
+    if len(files) < 3:
+        sys.exit(f"{run}: subject {seed} has no train and test captures yet; run the data step first.")
+    size = copy(files, run, dest)
+    print(f"packed {len(files)} files ({size / 2**20:.1f} MiB) of subject {seed} into {dest}", flush=True)
+    return dest
+
+
+def unpack(pack_dir: Path, seed: int, run: Path) -> None:
+    """What the evaluation and the report read of subject ``seed``'s lift and avatars, from ``pack_dir`` into ``run``."""
+    files = avatar_stage_outputs(pack_dir, seed)
+    if not any(f.name == "job.json" for f in files):
+        sys.exit(f"{pack_dir}: subject {seed} has no finished avatars; run its GPU part first.")
+    size = copy(files, pack_dir, run)
+    print(f"unpacked {len(files)} files ({size / 2**20:.1f} MiB) of subject {seed} into {run}", flush=True)
+
+
+def gpu_part(run: Path, seed: int, options: list[str], args: argparse.Namespace) -> None:
+    """Pack subject ``seed``, run its lift and avatars on the GPU machine (or here), and unpack what comes back."""
+    local = run.with_name(f"{run.name}.gpu") / f"s{seed}"
+    if local.exists():
+        shutil.rmtree(local)
+    pack(run, seed, local)
+    stage = ["--device", args.gpu_device, "--until", "avatars", "--only", str(seed)]
+    if not args.gpu_host:
+        bench([*stage, "-o", str(local), *options])
+        unpack(local, seed, run)
+        return
+    remote = f"{args.gpu_dir.rstrip('/')}/s{seed}"
+    subprocess.run(["ssh", args.gpu_host, shlex.join(["mkdir", "-p", remote])], check=True)
+    subprocess.run(["rsync", "-a", f"{local}/", f"{args.gpu_host}:{remote}/"], check=True)
+    command = [*shlex.split(args.gpu_command), "bench", *stage, "-o", remote, *options]
+    print(f"$ ssh {args.gpu_host} {shlex.join(command)}", flush=True)
+    subprocess.run(["ssh", args.gpu_host, shlex.join(command)], check=True)
+    back = local.with_name(f"s{seed}.back")
+    subprocess.run(["rsync", "-a", "--exclude", "*.safetensors", "--exclude", "lifted*/",
+                    f"{args.gpu_host}:{remote}/", f"{back}/"], check=True)
+    unpack(back, seed, run)
+
+
+def seeds_of(run: Path) -> list[int]:
+    """The subject seeds of the run in ``run`` (from its config.json)."""
+    path = run / "config.json"
+    if not path.is_file():
+        sys.exit(f"{run}: no config.json; run the data step first.")
+    return config_from_json(json.loads(path.read_text())["config"]).subject_seeds()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="step", required=True)
+    for name, text in (("data", "data stages here (until refs)"), ("finish", "evaluation and report here")):
+        sub.add_parser(name, help=text).add_argument("run", type=Path)
+    p = sub.add_parser("pack", help="copy what one subject's lift and avatars read into a folder")
+    p.add_argument("run", type=Path)
+    p.add_argument("seed", type=int)
+    p.add_argument("dest", type=Path)
+    p = sub.add_parser("unpack", help="copy one subject's lift and avatar records and renders back into the run")
+    p.add_argument("pack", type=Path)
+    p.add_argument("seed", type=int)
+    p.add_argument("run", type=Path)
+    p = sub.add_parser("all", help="every step, every subject")
+    p.add_argument("run", type=Path)
+    p.add_argument("--gpu-host", default=None, help="ssh host of the GPU machine (default: run the GPU part here)")
+    p.add_argument("--gpu-dir", default="/tmp/liftavatar-bench", help="where the packed subjects go on that host")
+    p.add_argument("--gpu-command", default="liftavatar", help="how liftavatar is called on that host")
+    p.add_argument("--gpu-device", default="cuda", help="torch device of the lift and avatars (default cuda)")
+    args = parser.parse_args(argv)
+
+    if args.step == "data":
+        bench(["--until", "refs", "-o", str(args.run), *options])
+    elif args.step == "pack":
+        pack(args.run, args.seed, args.dest)
+    elif args.step == "unpack":
+        unpack(args.pack, args.seed, args.run)
+    elif args.step == "finish":
+        bench(["-o", str(args.run), *options])
+    else:
+        bench(["--until", "refs", "-o", str(args.run), *options])
+        for seed in seeds_of(args.run):
+            gpu_part(args.run, seed, options, args)
+        bench(["-o", str(args.run), *options])
+
+
+if __name__ == "__main__":
+    main()
