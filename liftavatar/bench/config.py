@@ -122,7 +122,7 @@ class BenchConfig:
         if self.lifted < 1:
             raise ConfigError(f"--lifted {self.lifted}: the lifted method needs at least one lifted expression.")
         if not 0 <= self.observed_share < 1:
-            raise ConfigError(f"observed_share {self.observed_share}: use a value in [0, 1).")
+            raise ConfigError(f"--observed-share {self.observed_share}: use a share of the draws in [0, 1).")
         if not 0 <= self.observed_finish < 1:
             raise ConfigError(f"--observed-finish {self.observed_finish}: use a share of the iterations in [0, 1).")
         if self.avatar_iters < 1:

@@ -324,7 +324,7 @@ def _protocol(results: dict[str, Any]) -> str:
         "Oracle appearance: the synthetic world's renderer with the subject's true texture, on the rig driven exactly "
         "as the avatars are (the test kinematics, identity and camera), measured the same way: what the test "
         "kinematics alone cost a perfectly textured rig (a reference, not a floor).",
-        f"Machines: {_e(machines_sentence(results))}",
+        f"Machines: {_e(machines_sentence(results))}.",
     ]
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 

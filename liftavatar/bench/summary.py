@@ -321,7 +321,7 @@ def machines_sentence(results: dict[str, Any]) -> str:
             groups[-1][1].append(stage)
         else:
             groups.append((where, [stage]))
-    return "; ".join(f"{', '.join(stages)} on {where}" for where, stages in groups) + "."
+    return "; ".join(f"{', '.join(stages)} on {where}" for where, stages in groups)
 
 
 def _value(x: float | None, decimals: int, signed: bool = False) -> str:
@@ -390,5 +390,5 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
                      f"{timing_machines(results, name)} |")
     for name, v in results["timings"].get("wall_seconds_this_invocation", {}).items():
         lines.append(f"| wall: {name} | {v:.1f} | {timing_machines(results, 'report')} |")
-    lines += ["", f"Machines: {machines_sentence(results)}", ""]
+    lines += ["", f"Machines: {machines_sentence(results)}.", ""]
     return write_text(path, "\n".join(lines))

@@ -29,7 +29,7 @@ def test_configs_follow_the_protocol():
     quick = quick_config()
     assert quick.subject_seeds() == [5400] and quick.points() == [0, 1, 2]
     assert BenchConfig(curve=(0, 50), lifted=100).points() == [0, 50, 100]  # the lifted method is always trained
-    with pytest.raises(ConfigError, match="observed_share"):
+    with pytest.raises(ConfigError, match="--observed-share"):
         quick_config(observed_share=1.0).check()
     with pytest.raises(ConfigError, match="--subjects 0"):
         quick_config(subjects=0).check()
