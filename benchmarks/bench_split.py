@@ -53,23 +53,26 @@ def bench(args: list[str], prefix: list[str] = LOCAL) -> None:
     subprocess.run(command, check=True)
 
 
-def copy(files: list[Path], src: Path, dst: Path) -> int:
-    """Copy ``files`` (relative paths) from the run folder ``src`` to ``dst``; returns the bytes copied."""
-    total = 0
+def copy(files: list[Path], src: Path, dst: Path, keep: bool = False) -> str:
+    """Copy ``files`` (relative paths) from the run folder ``src`` to ``dst``, leaving those ``dst`` already has
+    when ``keep``; returns what was copied, in words."""
+    count = size = 0
     for f in files:
+        if keep and (dst / f).is_file():
+            continue
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / f, dst / f)
-        total += (src / f).stat().st_size
-    return total
+        count, size = count + 1, size + (src / f).stat().st_size
+    return f"{count} of {len(files)} files copied ({size / 2**20:.1f} MiB)"
 
 
 def pack(run: Path, seed: int, dest: Path) -> Path:
-    """What subject ``seed``'s lift and avatar stages read, copied from ``run`` into the run folder ``dest``."""
+    """What subject ``seed``'s lift and avatar stages read, copied from ``run`` into the run folder ``dest`` (files
+    it already has are kept: packing again into a folder whose GPU part was interrupted lets that part resume)."""
     files = avatar_stage_inputs(run, seed)
     if len(files) < 3:
         sys.exit(f"{run}: subject {seed} has no train and test captures yet; run the data step first.")
-    size = copy(files, run, dest)
-    print(f"packed {len(files)} files ({size / 2**20:.1f} MiB) of subject {seed} into {dest}", flush=True)
+    print(f"packed subject {seed} into {dest}: {copy(files, run, dest, keep=True)}", flush=True)
     return dest
 
 
@@ -78,15 +81,12 @@ def unpack(pack_dir: Path, seed: int, run: Path) -> None:
     files = avatar_stage_outputs(pack_dir, seed)
     if not any(f.name == "job.json" for f in files):
         sys.exit(f"{pack_dir}: subject {seed} has no finished avatars; run its GPU part first.")
-    size = copy(files, pack_dir, run)
-    print(f"unpacked {len(files)} files ({size / 2**20:.1f} MiB) of subject {seed} into {run}", flush=True)
+    print(f"unpacked subject {seed} into {run}: {copy(files, pack_dir, run)}", flush=True)
 
 
 def gpu_part(run: Path, seed: int, options: list[str], args: argparse.Namespace) -> None:
     """Pack subject ``seed``, run its lift and avatars on the GPU machine (or here), and unpack what comes back."""
     local = run.with_name(f"{run.name}.gpu") / f"s{seed}"
-    if local.exists():
-        shutil.rmtree(local)
     pack(run, seed, local)
     stage = ["--device", args.gpu_device, "--until", "avatars", "--only", str(seed)]
     if not args.gpu_host:
@@ -95,7 +95,7 @@ def gpu_part(run: Path, seed: int, options: list[str], args: argparse.Namespace)
         return
     remote = f"{args.gpu_dir.rstrip('/')}/s{seed}"
     subprocess.run(["ssh", args.gpu_host, shlex.join(["mkdir", "-p", remote])], check=True)
-    subprocess.run(["rsync", "-a", f"{local}/", f"{args.gpu_host}:{remote}/"], check=True)
+    subprocess.run(["rsync", "-a", "--ignore-existing", f"{local}/", f"{args.gpu_host}:{remote}/"], check=True)
     command = [*shlex.split(args.gpu_command), "bench", *stage, "-o", remote, *options]
     print(f"$ ssh {args.gpu_host} {shlex.join(command)}", flush=True)
     subprocess.run(["ssh", args.gpu_host, shlex.join(command)], check=True)
