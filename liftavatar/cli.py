@@ -81,7 +81,7 @@ class Track:
 
 @dataclass
 class Validate:
-    """Check a Capture directory: exit 0, or exit 2 naming the first problem and its file."""
+    """Check a Capture directory, every image decoded: exit 0, or exit 2 naming the first problem and its file."""
 
     capture: tyro.conf.Positional[Path]
 
@@ -201,7 +201,8 @@ def run_validate(cfg: Validate) -> None:
     from liftavatar.capture import KINEMATICS_FILE, Capture
     from liftavatar.face.rig import FaceRig
 
-    capture = Capture.load(cfg.capture)
+    # Every stage's load checks each PNG's chunk checksums; validate vouches for the pixels, so it decodes them.
+    capture = Capture.load(cfg.capture, decode=True)
     meta = capture.meta
     rig = FaceRig.load()
     if meta.rig.get("name") == rig.name:  # our rig: its coefficient bounds apply too
