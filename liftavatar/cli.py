@@ -435,8 +435,10 @@ class Eval:
 
 
 def run_eval(cfg: Eval) -> None:
-    from liftavatar.metrics.evaluate import EvalConfig, evaluate_paths, format_report, write_report
+    from liftavatar.metrics.evaluate import EvalConfig, check_report_path, evaluate_paths, format_report, write_report
 
+    if cfg.json is not None:
+        check_report_path(cfg.json)  # before minutes of metrics, not after
     config = EvalConfig(metrics=tuple(cfg.metrics), kinematics=cfg.kinematics, masked=cfg.masked,
                         lpips_weights=str(cfg.lpips_weights) if cfg.lpips_weights else None,
                         fid_weights=str(cfg.fid_weights) if cfg.fid_weights else None, fov=cfg.fov, device=cfg.device)

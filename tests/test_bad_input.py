@@ -71,8 +71,79 @@ def shared(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 # ---- rows: each area keeps its own list, so additions do not collide -----------------------------------
 
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by its relative path, with its bytes (to check that nothing changed)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _same_as_shared(what: str) -> Callable[[Inputs], None]:
+    """A check: the row's private copy of a shared input (``Inputs.copy``) is byte for byte the original."""
+
+    def check(i: Inputs) -> None:
+        original = getattr(i, what)
+        assert _files(i.tmp / original.name) == _files(original), f"the {what} was modified"
+
+    return check
+
+
+def _damaged_capture(i: Inputs, how: str, rel: str = "frames/000002.png") -> Path:
+    """A copy of the shared capture with one PNG cut in half (``truncate``) or with compressed pixels that do
+    not inflate under valid chunk checksums (``pixels``: only a full decode finds it)."""
+    from tests.test_capture import corrupt_pixels
+
+    cap = i.copy("capture")
+    path = cap / rel
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[:120])
+    else:
+        corrupt_pixels(path)
+    return cap
+
+
+def _capture_json(i: Inputs, how: str) -> Path:
+    cap = i.copy("capture")
+    path = cap / "capture.json"
+    if how == "utf16":
+        path.write_text(path.read_text(encoding="utf-8"), encoding="utf-16")
+    else:
+        path.unlink()
+        path.mkdir()
+    return cap
+
+
+def _all_invalid(i: Inputs) -> Path:
+    import json
+
+    import numpy as np
+
+    cap = i.copy("capture")
+    with np.load(cap / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["valid"][:] = False
+    np.savez(cap / "kinematics.npz", **arrays)
+    meta = json.loads((cap / "capture.json").read_text())
+    meta["reference_indices"] = None  # references must be valid frames
+    (cap / "capture.json").write_text(json.dumps(meta))
+    (i.tmp / "capture.json.before").write_bytes((cap / "capture.json").read_bytes())
+    return cap
+
+
+def _capture_json_unchanged(i: Inputs) -> None:
+    assert (i.tmp / "capture" / "capture.json").read_bytes() == (i.tmp / "capture.json.before").read_bytes()
+
+
 CAPTURE_CASES: list[Case] = [
     Case("validate a folder that is not a capture", lambda i: ["validate", str(i.tmp)], ("capture.json", "missing")),
+    Case("validate a capture with a truncated PNG (header intact)",
+         lambda i: ["validate", str(_damaged_capture(i, "truncate"))], ("000002.png", "damaged")),
+    Case("validate a capture with a PNG whose pixels do not decode",
+         lambda i: ["validate", str(_damaged_capture(i, "pixels", "masks/000004.png"))], ("000004.png", "damaged")),
+    Case("validate a capture.json in UTF-16", lambda i: ["validate", str(_capture_json(i, "utf16"))],
+         ("capture.json", "UTF-8")),
+    Case("validate a capture.json that is a directory", lambda i: ["validate", str(_capture_json(i, "dir"))],
+         ("capture.json", "directory")),
+    Case("refs on a capture whose frames are all invalid", lambda i: ["refs", str(_all_invalid(i))],
+         ("capture", "re-track", "valid frames"), check=_capture_json_unchanged),
 ]
 
 GENERATOR_CASES: list[Case] = []
@@ -83,7 +154,27 @@ AVATAR_CASES: list[Case] = [
          ("no finished avatar",)),
 ]
 
-EVAL_CASES: list[Case] = []
+def _json_dir(i: Inputs) -> Path:
+    target = i.tmp / "report"
+    target.mkdir()
+    (target / "keep.txt").write_text("the user's file")
+    return target
+
+
+def _json_dir_untouched(i: Inputs) -> None:
+    assert sorted(p.name for p in i.tmp.iterdir()) == ["report"], "something was left beside --json"
+    assert [p.name for p in (i.tmp / "report").iterdir()] == ["keep.txt"]
+    assert (i.tmp / "report" / "keep.txt").read_text() == "the user's file"
+
+
+EVAL_CASES: list[Case] = [
+    Case("eval against a capture with a PNG whose pixels do not decode",
+         lambda i: ["eval", str(i.capture), str(_damaged_capture(i, "pixels")), "--metrics", "psnr"],
+         ("000002.png", "damaged")),
+    Case("eval --json an existing directory",
+         lambda i: ["eval", str(i.capture), str(i.capture), "--metrics", "psnr", "--json", str(_json_dir(i))],
+         ("--json", "directory"), check=_json_dir_untouched),
+]
 
 CASES = CAPTURE_CASES + GENERATOR_CASES + AVATAR_CASES + EVAL_CASES
 
