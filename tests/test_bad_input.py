@@ -148,10 +148,96 @@ CAPTURE_CASES: list[Case] = [
 
 GENERATOR_CASES: list[Case] = []
 
+def _unfinished_avatar(i: Inputs) -> Path:
+    """An avatar whose training stopped after 2 of its 4 iterations (as a Ctrl-C or a kill leaves it)."""
+    from liftavatar.avatar.train import TrainConfig, train_avatar
+
+    out = i.tmp / "unfinished"
+    config = TrainConfig(iters=4, val_every=0, checkpoint_every=0, progress=False)
+    train_avatar([i.capture], out, config, max_steps=2)
+    return out
+
+
+def _avatar_without(i: Inputs, tensor: str) -> Path:
+    """A copy of the shared avatar whose checkpoint lacks ``tensor`` (everything else, the header included, kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = i.copy("avatar")
+    path = out / "avatar.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != tensor}
+    save_file(tensors, str(path), metadata=metadata)
+    return out
+
+
+def _nothing_at(name: str) -> Callable[[Inputs], None]:
+    def check(i: Inputs) -> None:
+        assert not (i.tmp / name).exists(), f"{name} was written"
+
+    return check
+
+
+def _foreign_folder(i: Inputs) -> Path:
+    out = i.tmp / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's notes")
+    return out
+
+
+def _foreign_folder_untouched(i: Inputs) -> None:
+    assert _files(i.tmp / "notes") == {"notes.txt": b"the user's notes"}
+
+
+def _a_file(i: Inputs) -> Path:
+    (i.tmp / "avatar.bin").write_bytes(b"the user's file")
+    return i.tmp / "avatar.bin"
+
+
+def _trained_without_validation(i: Inputs) -> None:
+    from liftavatar.avatar.model import load_avatar
+
+    avatar = load_avatar(i.tmp / "a")  # finished, so it loads
+    assert avatar.meta.step == 2 and not list((i.tmp / "a").glob("val/*.png"))
+
+
 AVATAR_CASES: list[Case] = [
     Case("avatar render from a folder that holds no avatar",
          lambda i: ["avatar", "render", str(i.tmp), "--kinematics", str(i.capture), "-o", str(i.tmp / "r")],
          ("no finished avatar",)),
+    Case("avatar train on a capture with a PNG whose pixels do not decode",
+         lambda i: ["avatar", "train", str(_damaged_capture(i, "pixels")), "-o", str(i.tmp / "a"), "--iters", "2"],
+         ("000002.png", "damaged"), check=_nothing_at("a")),
+    Case("avatar export of an avatar whose training was interrupted",
+         lambda i: ["avatar", "export", str(_unfinished_avatar(i)), "-o", str(i.tmp / "a.ply")],
+         ("unfinished", "2 of 4", "--resume", "--allow-unfinished"), check=_nothing_at("a.ply")),
+    Case("avatar render of an avatar whose training was interrupted",
+         lambda i: ["avatar", "render", str(_unfinished_avatar(i)), "--kinematics", str(i.capture), "-o",
+                    str(i.tmp / "r")],
+         ("unfinished", "2 of 4", "--resume"), check=_nothing_at("r")),
+    Case("avatar train -o an existing capture",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(i.copy("capture")), "--iters", "2"],
+         ("capture",), check=_same_as_shared("capture")),
+    Case("avatar train -o an existing capture, with --force",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(i.copy("capture")), "--iters", "2", "--force"],
+         ("capture", "--force"), check=_same_as_shared("capture")),
+    Case("avatar train -o a folder of someone else's files, with --force",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(_foreign_folder(i)), "--iters", "2", "--force"],
+         ("notes.txt",), check=_foreign_folder_untouched),
+    Case("avatar train -o an existing file",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(_a_file(i)), "--iters", "2"],
+         ("avatar.bin", "file"), check=lambda i: (i.tmp / "avatar.bin").read_bytes() == b"the user's file"),
+    Case("avatar train --val-every 0 means no validation",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(i.tmp / "a"), "--iters", "2", "--val-every", "0"],
+         code=0, check=_trained_without_validation),
+    Case("avatar render of an avatar file missing a tensor",
+         lambda i: ["avatar", "render", str(_avatar_without(i, "binding")), "--kinematics", str(i.capture), "-o",
+                    str(i.tmp / "r")],
+         ("avatar.safetensors", "binding"), check=_nothing_at("r")),
+    Case("avatar export -o an existing directory",
+         lambda i: ["avatar", "export", str(i.avatar), "-o", str(_foreign_folder(i))],
+         ("notes", "directory"), check=_foreign_folder_untouched),
 ]
 
 def _json_dir(i: Inputs) -> Path:
