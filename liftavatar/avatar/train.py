@@ -33,8 +33,9 @@ export refuse it unless allowed. Validation renders (ground truth | render of he
 training frames when none are held out) go to ``val/step_XXXXXX.png`` and their PSNR to
 ``val/log.jsonl``.
 
-The output folder holds an avatar of ours or nothing: training never writes into a capture or a
-folder with other files, not even with ``force``.
+Training writes into a new or empty folder, one an earlier run left before its first checkpoint, or
+one holding an avatar of ours (with ``force`` or ``resume``; other files there are left alone), never
+into a capture or a folder of other files, not even with ``force``.
 """
 
 from __future__ import annotations
@@ -444,7 +445,12 @@ def _train_state(step: int, params, optimizers, strategy_state, kin_delta, cfg: 
 
 
 def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse an output folder training must not write into, before anything is computed or written."""
+    """Refuse an output folder training must not write into, before anything is computed or written.
+
+    Ours: a folder with an avatar checkpoint (files beside it are the user's and left alone), or one that holds
+    nothing but what training writes (a run stopped before its first checkpoint). Never: a capture, or a folder
+    of other files, whatever ``force`` says.
+    """
     if out.is_symlink() and not out.exists() or out.exists() and not out.is_dir():
         raise AvatarError(f"{out}: is a file (or a broken link), not a folder; choose a new or empty folder for the "
                           f"avatar (-o).")
@@ -456,14 +462,16 @@ def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
     if (out / META_FILE).exists():
         raise AvatarError(f"{out}: holds a capture ({META_FILE}), and an avatar is never written into a capture, "
                           f"not even with --force; choose a new or empty folder for the avatar (-o).")
+    if (out / AVATAR_FILE).exists():
+        if not resume and not force:
+            raise AvatarError(f"{out}: already holds an avatar; pass --force to replace it or --resume to continue "
+                              f"its training.")
+        return
     ours = _AVATAR_ENTRIES | {temporary_name(out / name).name for name in _AVATAR_ENTRIES}
     foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
     if foreign:
-        raise AvatarError(f"{out}: holds {foreign[0]!r}, which is not part of an avatar, so training does not write "
-                          f"there, not even with --force; choose a new or empty folder for the avatar (-o).")
-    if not resume and not force and ((out / AVATAR_FILE).exists() or (out / AVATAR_META).exists()):
-        raise AvatarError(f"{out}: already holds an avatar; pass --force to replace it or --resume to continue "
-                          f"its training.")
+        raise AvatarError(f"{out}: holds {foreign[0]!r} and no avatar, so training does not write there, not even "
+                          f"with --force; choose a new or empty folder for the avatar (-o).")
 
 
 def _config_from_json(data: dict[str, Any]) -> TrainConfig:
@@ -508,7 +516,8 @@ def train_avatar(
 
     Raises:
         AvatarError: bad captures (see :func:`load_frames`), an existing avatar at ``out_dir``
-            without ``force``/``resume``, or ``resume`` with no training state there.
+            without ``force``/``resume``, ``resume`` with no training state there, or an ``out_dir`` that
+            is a file, a capture or a folder of other files (see :func:`_check_out_dir`).
     """
     from liftavatar.face.rig import FaceRig
 

@@ -221,3 +221,25 @@ def test_the_output_folder_holds_only_the_avatar_and_its_readable_summaries(kill
     assert state["step"] == 8 and state["config"]["iters"] == 12
     summary = json.loads((root / "ref8" / "avatar.json").read_text())
     assert (summary["step"], summary["iters"], summary["finished"]) == (8, 12, False)
+
+
+def test_what_an_output_folder_may_hold(capture, tmp_path):
+    cfg = TrainConfig(iters=2, size=32, val_every=0, checkpoint_every=0, progress=False)
+    # A run stopped before its first checkpoint left only what training writes: a new run may use the folder.
+    early = tmp_path / "early"
+    (early / "val").mkdir(parents=True)
+    (early / "val" / "log.jsonl").write_text("")
+    train_avatar([capture], early, cfg)
+    # Beside an avatar of ours, the user's files are theirs: --force replaces the avatar and leaves them.
+    (early / "avatar.ply").write_bytes(b"the user's export")
+    train_avatar([capture], early, cfg, force=True)
+    assert (early / "avatar.ply").read_bytes() == b"the user's export"
+    with pytest.raises(AvatarError, match="already holds an avatar"):
+        train_avatar([capture], early, cfg)
+    # A folder with files and no avatar is not ours, --force or not.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README").write_text("mine")
+    with pytest.raises(AvatarError, match="'README' and no avatar"):
+        train_avatar([capture], other, cfg, force=True)
+    assert [p.name for p in other.iterdir()] == ["README"]
