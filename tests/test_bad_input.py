@@ -195,6 +195,10 @@ def _a_file(i: Inputs) -> Path:
     return i.tmp / "avatar.bin"
 
 
+def _file_untouched(i: Inputs) -> None:
+    assert (i.tmp / "avatar.bin").read_bytes() == b"the user's file"
+
+
 def _trained_without_validation(i: Inputs) -> None:
     from liftavatar.avatar.model import load_avatar
 
@@ -227,7 +231,7 @@ AVATAR_CASES: list[Case] = [
          ("notes.txt",), check=_foreign_folder_untouched),
     Case("avatar train -o an existing file",
          lambda i: ["avatar", "train", str(i.capture), "-o", str(_a_file(i)), "--iters", "2"],
-         ("avatar.bin", "file"), check=lambda i: (i.tmp / "avatar.bin").read_bytes() == b"the user's file"),
+         ("avatar.bin", "file"), check=_file_untouched),
     Case("avatar train --val-every 0 means no validation",
          lambda i: ["avatar", "train", str(i.capture), "-o", str(i.tmp / "a"), "--iters", "2", "--val-every", "0"],
          code=0, check=_trained_without_validation),
@@ -235,6 +239,9 @@ AVATAR_CASES: list[Case] = [
          lambda i: ["avatar", "render", str(_avatar_without(i, "binding")), "--kinematics", str(i.capture), "-o",
                     str(i.tmp / "r")],
          ("avatar.safetensors", "binding"), check=_nothing_at("r")),
+    Case("avatar render -o an existing file",
+         lambda i: ["avatar", "render", str(i.avatar), "--kinematics", str(i.capture), "-o", str(_a_file(i))],
+         ("avatar.bin", "file"), check=_file_untouched),
     Case("avatar export -o an existing directory",
          lambda i: ["avatar", "export", str(i.avatar), "-o", str(_foreign_folder(i))],
          ("notes", "directory"), check=_foreign_folder_untouched),

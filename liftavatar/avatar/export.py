@@ -146,13 +146,21 @@ def render_kinematics(
         (out path, number of frames).
 
     Raises:
-        AvatarError: the capture's expression set differs from the avatar's.
+        AvatarError: the capture's expression set differs from the avatar's; ``out`` is a file where a folder
+            goes, or a folder where a video goes.
         CaptureError: the capture does not load.
     """
     from tqdm import tqdm
 
     from liftavatar.capture import Capture
 
+    out = Path(out)
+    video = out.suffix.lower() in VIDEO_SUFFIXES
+    if video and out.is_dir():
+        raise AvatarError(f"{out}: is a directory; pass the path of the video file to write (-o).")
+    if not video and out.exists() and not out.is_dir():
+        raise AvatarError(f"{out}: is a file; pass a folder for the PNG frames, or a path ending in "
+                          f"{'/'.join(VIDEO_SUFFIXES)} for a video (-o).")
     capture = Capture.load(capture_path)
     names = list(capture.meta.expression_names)
     if names != list(avatar.meta.expression_names):
@@ -168,7 +176,6 @@ def render_kinematics(
     k = (fx * width / w0, fy * height / h0, cx * width / w0, cy * height / h0)
     n = capture.num_frames
     frames = render_frames(avatar.to(device), capture.kinematics, k, (height, width), background, batch, backend)
-    out = Path(out)
     stream = tqdm(frames, total=n, desc="render", unit="frame", disable=not progress)
     if out.suffix.lower() in VIDEO_SUFFIXES:
         from liftavatar.video import write_video
