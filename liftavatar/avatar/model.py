@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -627,7 +628,8 @@ def load_avatar(path: str | Path, device: str | torch.device = "cpu", *, allow_u
     if not meta.finished:
         progress = f"trained {meta.step} of {meta.iters} iterations"
         if not allow_unfinished:
-            captures = " ".join((train_meta or {}).get("captures") or ["CAPTURE ..."])
+            recorded = (train_meta or {}).get("captures")
+            captures = shlex.join(map(str, recorded)) if isinstance(recorded, list) and recorded else "CAPTURE ..."
             raise AvatarError(f"{path}: the avatar is unfinished ({progress}); continue its training with "
                               f"`liftavatar avatar train {captures} -o {path} --resume`, or pass --allow-unfinished "
                               f"to use it as it is.")

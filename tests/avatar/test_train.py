@@ -58,7 +58,7 @@ def test_densification_keeps_every_gaussian_on_its_parents_triangle(trained, cap
 def test_resume_repeats_the_uninterrupted_run(capture, tmp_path):
     cfg = TrainConfig(iters=12, holdout_every=0, val_every=0, checkpoint_every=0, progress=False, refine_start=3,
                       refine_every=3, grow_grad2d=1e-6)
-    whole = train_avatar([capture], tmp_path / "whole", cfg)
+    train_avatar([capture], tmp_path / "whole", cfg)
     part = train_avatar([capture], tmp_path / "part", cfg, max_steps=7)
     assert part.step == 7 and load_avatar(tmp_path / "part", allow_unfinished=True).meta.step == 7
     resumed = train_avatar([capture], tmp_path / "part", cfg, resume=True)
