@@ -81,7 +81,7 @@ class Track:
 
 @dataclass
 class Validate:
-    """Check a Capture directory: exit 0, or exit 2 naming the first problem and its file."""
+    """Check a Capture directory, every image decoded: exit 0, or exit 2 naming the first problem and its file."""
 
     capture: tyro.conf.Positional[Path]
 
@@ -213,7 +213,8 @@ def run_validate(cfg: Validate) -> None:
     from liftavatar.capture import KINEMATICS_FILE, Capture
     from liftavatar.face.rig import FaceRig
 
-    capture = Capture.load(cfg.capture)
+    # Every stage's load checks each PNG's chunk checksums; validate vouches for the pixels, so it decodes them.
+    capture = Capture.load(cfg.capture, decode=True)
     meta = capture.meta
     rig = FaceRig.load()
     if meta.rig.get("name") == rig.name:  # our rig: its coefficient bounds apply too
@@ -446,8 +447,11 @@ class Eval:
 
 
 def run_eval(cfg: Eval) -> None:
-    from liftavatar.metrics.evaluate import EvalConfig, evaluate_paths, format_report, write_report
+    from liftavatar.metrics.evaluate import (EvalConfig, check_report_path, evaluate_paths, format_report,
+                                             write_report)
 
+    if cfg.json is not None:
+        check_report_path(cfg.json)  # before minutes of metrics, not after
     config = EvalConfig(metrics=tuple(cfg.metrics), kinematics=cfg.kinematics, masked=cfg.masked,
                         lpips_weights=str(cfg.lpips_weights) if cfg.lpips_weights else None,
                         fid_weights=str(cfg.fid_weights) if cfg.fid_weights else None, fov=cfg.fov, device=cfg.device)
@@ -486,7 +490,9 @@ class AvatarTrain:
     sh_degree: int = 1
     """Spherical-harmonics degree of the colours."""
     val_every: int = 500
+    """Validate (render held-out or training frames, log their PSNR) every this many iterations; 0: never."""
     checkpoint_every: int = 500
+    """Checkpoint every this many iterations (and always at the end and on Ctrl-C); 0: only then."""
     seed: int = 0
     resume: bool = False
     """Continue the training state in OUT."""
@@ -513,6 +519,8 @@ class AvatarRender:
     """Image height in pixels (default: the kinematics capture's)."""
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """RGB in [0, 1] behind the avatar."""
+    allow_unfinished: bool = False
+    """Render an avatar whose training stopped before its iterations were done (interrupted or time-boxed)."""
     device: str = "cpu"
     threads: int | None = 1
     """Torch CPU threads (None: torch's default)."""
@@ -526,6 +534,8 @@ class AvatarExport:
     """Avatar directory from `liftavatar avatar train`."""
     out: Out
     """The .ply file to write."""
+    allow_unfinished: bool = False
+    """Export an avatar whose training stopped before its iterations were done (interrupted or time-boxed)."""
 
 
 @dataclass
@@ -560,13 +570,14 @@ def run_avatar(cfg: AvatarCommand) -> None:
                              checkpoint_every=cmd.checkpoint_every, seed=cmd.seed, device=cmd.device,
                              avatar=AvatarConfig(sh_degree=cmd.sh_degree))
         result = train_avatar(cmd.captures, cmd.out, config, resume=cmd.resume, force=cmd.force)
+        val = "no validation" if result.val_psnr is None else f"validation PSNR {result.val_psnr:.2f} dB"
         print(f"trained {result.step} iterations ({result.iters_per_second:.1f} it/s), {result.num_gaussians} "
-              f"Gaussians, validation PSNR {result.val_psnr:.2f} dB; avatar: {result.out_dir}")
+              f"Gaussians, {val}; avatar: {result.out_dir}")
     elif isinstance(cmd, AvatarRender):
         from liftavatar.avatar.export import render_kinematics
         from liftavatar.avatar.model import load_avatar
 
-        avatar = load_avatar(cmd.avatar, device=cmd.device)
+        avatar = load_avatar(cmd.avatar, device=cmd.device, allow_unfinished=cmd.allow_unfinished)
         out, n = render_kinematics(avatar, cmd.kinematics, cmd.out, size=cmd.size, background=cmd.background,
                                    device=cmd.device)
         print(f"rendered {n} frames: {out}")
@@ -574,7 +585,7 @@ def run_avatar(cfg: AvatarCommand) -> None:
         from liftavatar.avatar.export import export_ply
         from liftavatar.avatar.model import load_avatar
 
-        avatar = load_avatar(cmd.avatar)
+        avatar = load_avatar(cmd.avatar, allow_unfinished=cmd.allow_unfinished)
         print(f"wrote {avatar.num_gaussians} Gaussians: {export_ply(avatar, cmd.out)}")
 
 

@@ -66,15 +66,20 @@ def reference_features(kinematics: Kinematics, indices: np.ndarray) -> np.ndarra
     return x / np.where(std > 1e-12, std, 1.0)
 
 
-def _check(k: int, method: str, available: int, what: str) -> None:
+def _check(k: int, method: str, available: int, what: str, source: str) -> None:
     if method not in METHODS:
         raise RefsError(f"--method {method!r} is not a reference-selection method; use one of {', '.join(METHODS)}.")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise RefsError(f"-k {k!r}: the number of reference frames must be an integer of at least 1.")
+    if available == 0:
+        raise RefsError(
+            f"{source} has no {what} frame to choose references from; re-track its video (liftavatar track) or use "
+            f"a capture with valid frames."
+        )
     if k > available:
         raise RefsError(
-            f"-k {k} is more than the {available} {what} frames to choose from; pass -k {available} or fewer, "
-            f"or use a longer capture."
+            f"-k {k} is more than the {available} {what} frames of {source} to choose from; pass -k {available} or "
+            f"fewer, or use a longer capture."
         )
 
 
@@ -123,6 +128,7 @@ def select_references(
     *,
     include_lifted: bool = False,
     n_init: int = 10,
+    source: str = "the capture",
 ) -> np.ndarray:
     """Choose ``k`` reference frames of one capture's kinematics (see the module docstring).
 
@@ -136,15 +142,17 @@ def select_references(
             frames. ``uniform`` and ``farthest`` do not use it.
         include_lifted: also allow lifted frames (provenance 1).
         n_init: K-means restarts (the best of them is kept).
+        source: what the error messages name (the capture's path when known).
 
     Returns:
         (k,) int64 frame indices into the capture, sorted ascending, unique.
 
     Raises:
-        RefsError: ``k`` < 1 or more than the candidate frames, or an unknown ``method``.
+        RefsError: ``k`` < 1 or more than the candidate frames, no candidate frame at all, or an unknown
+            ``method``.
     """
     candidates = candidate_frames(kinematics, include_lifted)
-    _check(k, method, len(candidates), "valid" if include_lifted else "valid, observed")
+    _check(k, method, len(candidates), "valid" if include_lifted else "valid, observed", source)
     k = int(k)
     if method == "uniform":
         local = ((np.arange(k) + 0.5) * len(candidates) / k).astype(np.intp)
@@ -174,6 +182,7 @@ def choose_references(
     """
     if not isinstance(capture, Capture):
         capture = Capture.load(capture)
-    indices = select_references(capture.kinematics, k, method, seed, include_lifted=include_lifted)
+    indices = select_references(capture.kinematics, k, method, seed, include_lifted=include_lifted,
+                                source=f"capture {capture.path}")
     capture.set_reference_indices([int(i) for i in indices])
     return indices

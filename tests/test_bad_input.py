@@ -71,19 +71,203 @@ def shared(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 # ---- rows: each area keeps its own list, so additions do not collide -----------------------------------
 
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by its relative path, with its bytes (to check that nothing changed)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _same_as_shared(what: str) -> Callable[[Inputs], None]:
+    """A check: the row's private copy of a shared input (``Inputs.copy``) is byte for byte the original."""
+
+    def check(i: Inputs) -> None:
+        original = getattr(i, what)
+        assert _files(i.tmp / original.name) == _files(original), f"the {what} was modified"
+
+    return check
+
+
+def _damaged_capture(i: Inputs, how: str, rel: str = "frames/000002.png") -> Path:
+    """A copy of the shared capture with one PNG cut in half (``truncate``) or with compressed pixels that do
+    not inflate under valid chunk checksums (``pixels``: only a full decode finds it)."""
+    from tests.test_capture import corrupt_pixels
+
+    cap = i.copy("capture")
+    path = cap / rel
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[:120])
+    else:
+        corrupt_pixels(path)
+    return cap
+
+
+def _capture_json(i: Inputs, how: str) -> Path:
+    cap = i.copy("capture")
+    path = cap / "capture.json"
+    if how == "utf16":
+        path.write_text(path.read_text(encoding="utf-8"), encoding="utf-16")
+    else:
+        path.unlink()
+        path.mkdir()
+    return cap
+
+
+def _all_invalid(i: Inputs) -> Path:
+    import json
+
+    import numpy as np
+
+    cap = i.copy("capture")
+    with np.load(cap / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["valid"][:] = False
+    np.savez(cap / "kinematics.npz", **arrays)
+    meta = json.loads((cap / "capture.json").read_text())
+    meta["reference_indices"] = None  # references must be valid frames
+    (cap / "capture.json").write_text(json.dumps(meta))
+    (i.tmp / "capture.json.before").write_bytes((cap / "capture.json").read_bytes())
+    return cap
+
+
+def _capture_json_unchanged(i: Inputs) -> None:
+    assert (i.tmp / "capture" / "capture.json").read_bytes() == (i.tmp / "capture.json.before").read_bytes()
+
+
 CAPTURE_CASES: list[Case] = [
     Case("validate a folder that is not a capture", lambda i: ["validate", str(i.tmp)], ("capture.json", "missing")),
+    Case("validate a capture with a truncated PNG (header intact)",
+         lambda i: ["validate", str(_damaged_capture(i, "truncate"))], ("000002.png", "damaged")),
+    Case("validate a capture with a PNG whose pixels do not decode",
+         lambda i: ["validate", str(_damaged_capture(i, "pixels", "masks/000004.png"))], ("000004.png", "damaged")),
+    Case("validate a capture.json in UTF-16", lambda i: ["validate", str(_capture_json(i, "utf16"))],
+         ("capture.json", "UTF-8")),
+    Case("validate a capture.json that is a directory", lambda i: ["validate", str(_capture_json(i, "dir"))],
+         ("capture.json", "directory")),
+    Case("refs on a capture whose frames are all invalid", lambda i: ["refs", str(_all_invalid(i))],
+         ("capture", "re-track", "valid frames"), check=_capture_json_unchanged),
 ]
 
 GENERATOR_CASES: list[Case] = []
+
+def _unfinished_avatar(i: Inputs) -> Path:
+    """An avatar whose training stopped after 2 of its 4 iterations (as a Ctrl-C or a kill leaves it)."""
+    from liftavatar.avatar.train import TrainConfig, train_avatar
+
+    out = i.tmp / "unfinished"
+    config = TrainConfig(iters=4, val_every=0, checkpoint_every=0, progress=False)
+    train_avatar([i.capture], out, config, max_steps=2)
+    return out
+
+
+def _avatar_without(i: Inputs, tensor: str) -> Path:
+    """A copy of the shared avatar whose checkpoint lacks ``tensor`` (everything else, the header included, kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = i.copy("avatar")
+    path = out / "avatar.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != tensor}
+    save_file(tensors, str(path), metadata=metadata)
+    return out
+
+
+def _nothing_at(name: str) -> Callable[[Inputs], None]:
+    def check(i: Inputs) -> None:
+        assert not (i.tmp / name).exists(), f"{name} was written"
+
+    return check
+
+
+def _foreign_folder(i: Inputs) -> Path:
+    out = i.tmp / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's notes")
+    return out
+
+
+def _foreign_folder_untouched(i: Inputs) -> None:
+    assert _files(i.tmp / "notes") == {"notes.txt": b"the user's notes"}
+
+
+def _a_file(i: Inputs) -> Path:
+    (i.tmp / "avatar.bin").write_bytes(b"the user's file")
+    return i.tmp / "avatar.bin"
+
+
+def _file_untouched(i: Inputs) -> None:
+    assert (i.tmp / "avatar.bin").read_bytes() == b"the user's file"
+
+
+def _trained_without_validation(i: Inputs) -> None:
+    from liftavatar.avatar.model import load_avatar
+
+    avatar = load_avatar(i.tmp / "a")  # finished, so it loads
+    assert avatar.meta.step == 2 and not list((i.tmp / "a").glob("val/*.png"))
+
 
 AVATAR_CASES: list[Case] = [
     Case("avatar render from a folder that holds no avatar",
          lambda i: ["avatar", "render", str(i.tmp), "--kinematics", str(i.capture), "-o", str(i.tmp / "r")],
          ("no finished avatar",)),
+    Case("avatar train on a capture with a PNG whose pixels do not decode",
+         lambda i: ["avatar", "train", str(_damaged_capture(i, "pixels")), "-o", str(i.tmp / "a"), "--iters", "2"],
+         ("000002.png", "damaged"), check=_nothing_at("a")),
+    Case("avatar export of an avatar whose training was interrupted",
+         lambda i: ["avatar", "export", str(_unfinished_avatar(i)), "-o", str(i.tmp / "a.ply")],
+         ("unfinished", "2 of 4", "--resume", "--allow-unfinished"), check=_nothing_at("a.ply")),
+    Case("avatar render of an avatar whose training was interrupted",
+         lambda i: ["avatar", "render", str(_unfinished_avatar(i)), "--kinematics", str(i.capture), "-o",
+                    str(i.tmp / "r")],
+         ("unfinished", "2 of 4", "--resume"), check=_nothing_at("r")),
+    Case("avatar train -o an existing capture",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(i.copy("capture")), "--iters", "2"],
+         ("capture",), check=_same_as_shared("capture")),
+    Case("avatar train -o an existing capture, with --force",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(i.copy("capture")), "--iters", "2", "--force"],
+         ("capture", "--force"), check=_same_as_shared("capture")),
+    Case("avatar train -o a folder of someone else's files, with --force",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(_foreign_folder(i)), "--iters", "2", "--force"],
+         ("notes.txt",), check=_foreign_folder_untouched),
+    Case("avatar train -o an existing file",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(_a_file(i)), "--iters", "2"],
+         ("avatar.bin", "file"), check=_file_untouched),
+    Case("avatar train --val-every 0 means no validation",
+         lambda i: ["avatar", "train", str(i.capture), "-o", str(i.tmp / "a"), "--iters", "2", "--val-every", "0"],
+         code=0, check=_trained_without_validation),
+    Case("avatar render of an avatar file missing a tensor",
+         lambda i: ["avatar", "render", str(_avatar_without(i, "binding")), "--kinematics", str(i.capture), "-o",
+                    str(i.tmp / "r")],
+         ("avatar.safetensors", "binding"), check=_nothing_at("r")),
+    Case("avatar render -o an existing file",
+         lambda i: ["avatar", "render", str(i.avatar), "--kinematics", str(i.capture), "-o", str(_a_file(i))],
+         ("avatar.bin", "file"), check=_file_untouched),
+    Case("avatar export -o an existing directory",
+         lambda i: ["avatar", "export", str(i.avatar), "-o", str(_foreign_folder(i))],
+         ("notes", "directory"), check=_foreign_folder_untouched),
 ]
 
-EVAL_CASES: list[Case] = []
+def _json_dir(i: Inputs) -> Path:
+    target = i.tmp / "report"
+    target.mkdir()
+    (target / "keep.txt").write_text("the user's file")
+    return target
+
+
+def _json_dir_untouched(i: Inputs) -> None:
+    assert sorted(p.name for p in i.tmp.iterdir()) == ["report"], "something was left beside --json"
+    assert [p.name for p in (i.tmp / "report").iterdir()] == ["keep.txt"]
+    assert (i.tmp / "report" / "keep.txt").read_text() == "the user's file"
+
+
+EVAL_CASES: list[Case] = [
+    Case("eval against a capture with a PNG whose pixels do not decode",
+         lambda i: ["eval", str(i.capture), str(_damaged_capture(i, "pixels")), "--metrics", "psnr"],
+         ("000002.png", "damaged")),
+    Case("eval --json an existing directory",
+         lambda i: ["eval", str(i.capture), str(i.capture), "--metrics", "psnr", "--json", str(_json_dir(i))],
+         ("--json", "directory"), check=_json_dir_untouched),
+]
 
 CASES = CAPTURE_CASES + GENERATOR_CASES + AVATAR_CASES + EVAL_CASES
 

@@ -248,6 +248,31 @@ def _invalid_json(root: Path) -> Path:
     return root / "capture.json"
 
 
+def _truncate_png(rel: str) -> Callable[[Path], Path]:
+    """Cut a PNG in half: its header (size, mode) still reads, its pixels do not."""
+
+    def mutate(root: Path) -> Path:
+        path = root / rel
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path
+
+    return mutate
+
+
+def _utf16_json(root: Path) -> Path:
+    path = root / "capture.json"
+    path.write_text(path.read_text(encoding="utf-8"), encoding="utf-16")
+    return path
+
+
+def _json_is_a_directory(root: Path) -> Path:
+    path = root / "capture.json"
+    path.unlink()
+    path.mkdir()
+    return path
+
+
 def _invalid_reference(root: Path) -> Path:
     valid = np.ones(N, dtype=bool)
     valid[2] = False
@@ -279,6 +304,8 @@ BROKEN: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "truncated kinematics.npz": (_truncate_npz, ("cannot be read",)),
     "unknown schema_version": (_set_json(schema_version=2), ("schema_version 2",)),
     "invalid JSON": (_invalid_json, ("not valid JSON",)),
+    "capture.json in UTF-16": (_utf16_json, ("UTF-8",)),
+    "capture.json is a directory": (_json_is_a_directory, ("directory",)),
     "wrong key type": (_set_json(fps="25"), ("'fps'",)),
     "negative fps": (_set_json(fps=-1), ("'fps'",)),
     "unknown key": (_set_json(color="red"), ("'color'",)),
@@ -289,6 +316,8 @@ BROKEN: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "reference at invalid frame": (_invalid_reference, ("invalid",)),
     "image of wrong size": (_image("shading/000001.png", "RGB", (8, 16)), ("8×16", "[16, 16]")),
     "mask in wrong mode": (_image("masks/000000.png", "RGB", (H, W)), ("mode RGB", "L")),
+    "truncated frame PNG": (_truncate_png("frames/000002.png"), ("damaged",)),
+    "truncated mask PNG": (_truncate_png("masks/000001.png"), ("damaged",)),
 }
 
 
@@ -299,6 +328,48 @@ def test_broken_capture_names_its_file(capture_dir: Path, case: str) -> None:
     assert_capture_error(capture_dir, bad_file, *words)
     with pytest.raises(CaptureError):
         Capture.load(capture_dir)
+
+
+def corrupt_pixels(path: Path) -> None:
+    """Replace a PNG's compressed pixels with bytes that do not inflate, with valid chunk checksums: the
+    damage only a full decode finds (a buggy writer, not a truncated copy)."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    out, pos = bytearray(data[:8]), 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            body = b"\x78\x01" + bytes(len(body) - 2)  # a zlib header, then stored-block garbage
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        pos += 12 + length
+    path.write_bytes(bytes(out))
+
+
+def test_pixels_that_do_not_decode_are_caught_by_a_full_check_and_by_every_reader(capture_dir: Path) -> None:
+    bad = capture_dir / "frames" / "000002.png"
+    corrupt_pixels(bad)
+    # Loading checks every chunk's checksum, not the pixels: this capture loads...
+    capture = Capture.load(capture_dir)
+    # ...the full check (liftavatar validate) decodes and names the file...
+    message = assert_capture_error(capture_dir, bad, "damaged", decode=True)
+    assert "000002.png" in message
+    # ...and a reader turns the decode error into the same kind of sentence, not an OSError.
+    capture.frame(1)
+    with pytest.raises(CaptureError, match="000002.png"):
+        capture.frame(2)
+    with pytest.raises(CaptureError, match="000002.png"):
+        capture.frames()
+
+
+def test_a_png_damaged_after_loading_is_named_by_the_reader(capture_dir: Path) -> None:
+    capture = Capture.load(capture_dir)
+    _truncate_png("shading/000003.png")(capture_dir)
+    with pytest.raises(CaptureError, match="000003.png"):
+        capture.shading(3)
 
 
 def test_missing_capture_directory(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from liftavatar.io import atomic_write, save_png, to_uint8
-from liftavatar.avatar.model import Avatar, gaussians_world, render_avatar, triangle_frames
+from liftavatar.avatar.model import Avatar, AvatarError, gaussians_world, render_avatar, triangle_frames
 
 __all__ = ["VIDEO_SUFFIXES", "export_ply", "read_ply", "render_kinematics"]
 
@@ -40,11 +40,23 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
 
 @torch.no_grad()
 def export_ply(avatar: Avatar, path: str | Path) -> Path:
-    """Write ``avatar`` at the neutral pose to ``path`` (binary little-endian PLY, atomically)."""
+    """Write ``avatar`` at the neutral pose to ``path`` (binary little-endian PLY, atomically).
+
+    Raises:
+        AvatarError: ``path`` is a directory, or lies under a file.
+    """
     from plyfile import PlyData, PlyElement
 
     from liftavatar.face.rig import FaceRig
 
+    path = Path(path)
+    if path.is_dir():
+        raise AvatarError(f"{path}: is a directory; pass the path of the .ply file to write (for example "
+                          f"{path / 'avatar.ply'}).")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise AvatarError(f"{path}: a folder above it is a file; pass a .ply path under a folder.") from None
     rig = FaceRig.load()
     avatar = avatar.to("cpu")
     zeros = torch.zeros(1, 3)
@@ -76,8 +88,6 @@ def export_ply(avatar: Avatar, path: str | Path) -> Path:
     data = np.empty(n, dtype=[(name, dtype) for name, _, dtype in columns])
     for name, col, _ in columns:
         data[name] = col
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: PlyData([PlyElement.describe(data, "vertex")], byte_order="<").write(str(tmp)))
 
 
@@ -136,14 +146,21 @@ def render_kinematics(
         (out path, number of frames).
 
     Raises:
-        AvatarError: the capture's expression set differs from the avatar's.
+        AvatarError: the capture's expression set differs from the avatar's; ``out`` is a file where a folder
+            goes, or a folder where a video goes.
         CaptureError: the capture does not load.
     """
     from tqdm import tqdm
 
-    from liftavatar.avatar.model import AvatarError
     from liftavatar.capture import Capture
 
+    out = Path(out)
+    video = out.suffix.lower() in VIDEO_SUFFIXES
+    if video and out.is_dir():
+        raise AvatarError(f"{out}: is a directory; pass the path of the video file to write (-o).")
+    if not video and out.exists() and not out.is_dir():
+        raise AvatarError(f"{out}: is a file; pass a folder for the PNG frames, or a path ending in "
+                          f"{'/'.join(VIDEO_SUFFIXES)} for a video (-o).")
     capture = Capture.load(capture_path)
     names = list(capture.meta.expression_names)
     if names != list(avatar.meta.expression_names):
@@ -159,7 +176,6 @@ def render_kinematics(
     k = (fx * width / w0, fy * height / h0, cx * width / w0, cy * height / h0)
     n = capture.num_frames
     frames = render_frames(avatar.to(device), capture.kinematics, k, (height, width), background, batch, backend)
-    out = Path(out)
     stream = tqdm(frames, total=n, desc="render", unit="frame", disable=not progress)
     if out.suffix.lower() in VIDEO_SUFFIXES:
         from liftavatar.video import write_video

@@ -30,14 +30,24 @@ rigged head (hair on the shell, the neck), so without Gaussians there the masked
 loss would drag face Gaussians over the hair. ``AvatarConfig.parts`` can drop them.
 
 State is plain tensors (:class:`Avatar`); :func:`gaussians_world` is a pure function from
-(parameters, posed vertices) to world-space Gaussians. Saved as ``avatar.safetensors`` (tensors)
-plus ``avatar.json`` (config and metadata).
+(parameters, posed vertices) to world-space Gaussians.
+
+On disk (:func:`save_avatar`): one file, ``avatar.safetensors``, is the checkpoint: the avatar's
+tensors, the training state's tensors (``train.``-prefixed: Adam moments, densification statistics,
+kinematics corrections) and, in the safetensors header's metadata, the avatar's metadata and the
+training state's (JSON). It is written under a temporary name and renamed, so a checkpoint appears
+whole or not at all: parameters are never paired with another step's optimizer state, and a kill
+leaves the previous checkpoint. ``avatar.json`` and ``train_state.json`` beside it are readable
+copies written after it; nothing reads them back (they may lag it by one interrupted write).
+Avatars saved before this layout (four files, no metadata in the header) still load.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +58,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from liftavatar.errors import LiftAvatarError
-from liftavatar.io import atomic_write, write_json
+from liftavatar.io import atomic_write, json_safe, write_json
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AVATAR_FILE",
@@ -71,13 +83,22 @@ __all__ = [
     "render_avatar",
     "rgb_to_sh0",
     "intrinsics_matrix",
+    "read_checkpoint",
     "save_avatar",
     "triangle_frames",
 ]
 
 AVATAR_FILE = "avatar.safetensors"
+"""The checkpoint: every tensor, and both metadata records in its header."""
 AVATAR_META = "avatar.json"
+"""Readable copy of the avatar's metadata (written after the checkpoint; not read back)."""
+STATE_META = "train_state.json"
+"""Readable copy of the training state's metadata (written after the checkpoint; not read back)."""
+LEGACY_STATE_FILE = "train_state.safetensors"
+"""The training state's tensors in avatars saved before the one-file checkpoint."""
 AVATAR_FORMAT = 1
+_HEADER_TAG = "liftavatar-avatar"  # the safetensors metadata "format" of a one-file checkpoint
+TRAIN_PREFIX = "train."
 ALL_PARTS = ("face", "eyeball", "upper_teeth", "lower_teeth", "tongue", "cavity", "head", "neck")
 PARAM_NAMES = ("means", "scales", "quats", "opacities", "sh0", "shN")
 _MIN_TRIANGLE_SCALE = 1e-6  # metres; keeps degenerate triangles from collapsing their Gaussians
@@ -119,9 +140,18 @@ class AvatarMeta:
     step: int = 0
     """Training iterations done."""
     config: AvatarConfig = field(default_factory=AvatarConfig)
+    iters: int | None = None
+    """Training iterations the run was asked for; ``step < iters`` means unfinished (interrupted or
+    time-boxed). None: an avatar saved before this was recorded, taken as finished."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether training reached its target (see ``iters``)."""
+        return self.iters is None or self.step >= self.iters
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["finished"] = self.finished  # for readers of avatar.json; derived, not read back
         data["format"] = AVATAR_FORMAT
         return data
 
@@ -129,6 +159,7 @@ class AvatarMeta:
     def from_json(cls, data: dict[str, Any]) -> "AvatarMeta":
         data = dict(data)
         data.pop("format", None)
+        data.pop("finished", None)
         cfg = dict(data.pop("config"))
         cfg["parts"] = tuple(cfg["parts"])
         return cls(
@@ -458,8 +489,18 @@ def init_positions(rig, cfg: AvatarConfig, seed: int = 0) -> tuple[Tensor, Tenso
 # Saving and loading
 
 
-def save_avatar(avatar: Avatar, out_dir: str | Path) -> Path:
-    """Write ``avatar.safetensors`` and ``avatar.json`` into ``out_dir`` (each atomically)."""
+def save_avatar(
+    avatar: Avatar,
+    out_dir: str | Path,
+    train_meta: dict[str, Any] | None = None,
+    train_tensors: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write the checkpoint ``out_dir/avatar.safetensors`` in one atomic rename (see the module docstring),
+    then its readable copies ``avatar.json`` and, with ``train_meta``, ``train_state.json``.
+
+    ``train_meta`` (JSON-ready) and ``train_tensors`` are the training state that ``--resume`` continues
+    from; they are saved in the same file as the parameters, so the two always belong to the same step.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -467,19 +508,35 @@ def save_avatar(avatar: Avatar, out_dir: str | Path) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in avatar.params.items()}
     tensors["binding"] = avatar.binding.cpu().contiguous()
     tensors["identity"] = avatar.identity.cpu().contiguous()
-    atomic_write(out / AVATAR_FILE, lambda p: save_file(tensors, str(p)))
-    write_json(out / AVATAR_META, avatar.meta.to_json())
+    for name, value in (train_tensors or {}).items():
+        tensors[TRAIN_PREFIX + name] = value.detach().cpu().contiguous()
+    meta = avatar.meta.to_json()
+    header = {"format": _HEADER_TAG, "avatar": json.dumps(json_safe(meta))}
+    if train_meta is not None:
+        header["train_state"] = json.dumps(json_safe(train_meta))
+    atomic_write(out / AVATAR_FILE, lambda p: save_file(tensors, str(p), metadata=header))
+    # The checkpoint is complete; what follows only keeps the readable copies in step with it.
+    (out / LEGACY_STATE_FILE).unlink(missing_ok=True)  # superseded by the train.* tensors
+    write_json(out / AVATAR_META, meta)
+    if train_meta is not None:
+        write_json(out / STATE_META, train_meta)
+    else:
+        (out / STATE_META).unlink(missing_ok=True)
     return out
 
 
-def load_avatar(path: str | Path, device: str | torch.device = "cpu") -> Avatar:
-    """Load an avatar directory written by :func:`save_avatar` (or ``liftavatar avatar train``).
+def read_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", *, train_state: bool = False
+) -> tuple[Avatar, dict[str, Any] | None, dict[str, Tensor]]:
+    """Read an avatar directory as it is, finished or not: (avatar, training-state metadata or None, training-state
+    tensors without their prefix; read only with ``train_state``). Reads avatars saved before the one-file
+    checkpoint too (``avatar.json`` and ``train_state.json`` / ``.safetensors`` then hold what the header lacks).
 
     Raises:
-        AvatarError: the directory or its files are missing or unreadable.
+        AvatarError: the directory or checkpoint is missing, unreadable, lacks a tensor, or was trained with
+            another rig version.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     from liftavatar.face.rig import FaceRig
 
@@ -487,25 +544,97 @@ def load_avatar(path: str | Path, device: str | torch.device = "cpu") -> Avatar:
     weights, meta_path = root / AVATAR_FILE, root / AVATAR_META
     if not root.is_dir():
         raise AvatarError(f"{root}: no such avatar directory; pass the -o directory of `liftavatar avatar train`.")
-    if not weights.is_file() or not meta_path.is_file():
-        missing = weights if not weights.is_file() else meta_path
-        raise AvatarError(f"{missing}: missing, so {root} holds no finished avatar checkpoint; "
+    if not weights.is_file():
+        raise AvatarError(f"{weights}: missing, so {root} holds no finished avatar checkpoint; "
                           f"train one with `liftavatar avatar train CAPTURE -o {root}`.")
+    device = str(device)
     try:
-        meta = AvatarMeta.from_json(json.loads(meta_path.read_text()))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise AvatarError(f"{meta_path}: cannot be read as avatar metadata ({exc}); train the avatar again.") from None
-    try:
-        tensors = load_file(str(weights), device=str(device))
+        with safe_open(str(weights), framework="pt", device=device) as f:
+            header = f.metadata() or {}
+            keys = set(f.keys())
+            wanted = [k for k in keys if train_state or not k.startswith(TRAIN_PREFIX)]
+            tensors = {k: f.get_tensor(k) for k in wanted}
     except (SafetensorError, OSError) as exc:
         raise AvatarError(f"{weights}: cannot be read ({exc}); train the avatar again.") from None
+
+    legacy = header.get("format") != _HEADER_TAG
+    source = meta_path if legacy else weights
+    try:
+        if legacy:
+            if not meta_path.is_file():
+                raise AvatarError(f"{meta_path}: missing, so {root} holds no finished avatar checkpoint; "
+                                  f"train one with `liftavatar avatar train CAPTURE -o {root}`.")
+            meta = AvatarMeta.from_json(json.loads(meta_path.read_text(encoding="utf-8")))
+        else:
+            meta = AvatarMeta.from_json(json.loads(header["avatar"]))
+        train_meta = json.loads(header["train_state"]) if "train_state" in header else None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise AvatarError(f"{source}: cannot be read as avatar metadata ({exc!r}); train the avatar "
+                          f"again.") from None
     rig = FaceRig.load()
     if meta.rig.get("name") != rig.name or meta.rig.get("version") != rig.version:
-        raise AvatarError(f"{meta_path}: the avatar is bound to rig {meta.rig}, not this package's "
+        raise AvatarError(f"{source}: the avatar is bound to rig {meta.rig}, not this package's "
                           f"{rig.name} v{rig.version}; train it again with this version.")
+    missing = [k for k in (*PARAM_NAMES, "binding", "identity") if k not in keys]
+    if missing:
+        raise AvatarError(f"{weights}: holds no tensor {missing[0]!r}, so the file is damaged or not an avatar of "
+                          f"this package; train the avatar again.")
     params = {k: tensors[k] for k in PARAM_NAMES}
+    binding = tensors["binding"].long()
+    n = binding.shape[0] if binding.dim() == 1 else -1
+    misfit = [f"{k} {tuple(v.shape)}" for k, v in params.items() if v.dim() == 0 or v.shape[0] != n]
+    if n > 0 and not 0 <= int(binding.min()) <= int(binding.max()) < len(rig.faces):
+        misfit.append(f"binding indices up to {int(binding.max())} for {len(rig.faces)} rig triangles")
+    if n < 0 or misfit:
+        raise AvatarError(f"{weights}: its tensors do not fit together (binding {tuple(binding.shape)}, "
+                          f"{misfit[0] if misfit else 'not one index per Gaussian'}); train the avatar again.")
     faces = torch.as_tensor(rig.faces, dtype=torch.long, device=device)
-    return Avatar(params, tensors["binding"].long(), faces, tensors["identity"], meta)
+    avatar = Avatar(params, binding, faces, tensors["identity"], meta)
+
+    state: dict[str, Tensor] = {}
+    if train_state:
+        state = {k[len(TRAIN_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRAIN_PREFIX)}
+        if legacy:
+            train_meta, state = _read_legacy_state(root, device)
+    return avatar, train_meta, state
+
+
+def _read_legacy_state(root: Path, device: str) -> tuple[dict[str, Any] | None, dict[str, Tensor]]:
+    """The training state of an avatar saved before the one-file checkpoint (two files), or (None, {})."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta_path, tensors_path = root / STATE_META, root / LEGACY_STATE_FILE
+    if not meta_path.is_file() or not tensors_path.is_file():
+        return None, {}
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8")), load_file(str(tensors_path), device=device)
+    except (ValueError, SafetensorError, OSError) as exc:
+        raise AvatarError(f"{root}: its training state cannot be read ({exc}); train the avatar again with "
+                          f"--force.") from None
+
+
+def load_avatar(path: str | Path, device: str | torch.device = "cpu", *, allow_unfinished: bool = False) -> Avatar:
+    """Load the avatar of a directory written by :func:`save_avatar` (``liftavatar avatar train``), for use.
+
+    An unfinished avatar (its training interrupted or time-boxed before ``meta.iters``) is refused unless
+    ``allow_unfinished``; avatars saved before the target was recorded count as finished.
+
+    Raises:
+        AvatarError: see :func:`read_checkpoint`; or the avatar is unfinished.
+    """
+    avatar, train_meta, _ = read_checkpoint(path, device)
+    meta = avatar.meta
+    if not meta.finished:
+        progress = f"trained {meta.step} of {meta.iters} iterations"
+        if not allow_unfinished:
+            recorded = (train_meta or {}).get("captures")
+            captures = shlex.join(map(str, recorded)) if isinstance(recorded, list) and recorded else "CAPTURE ..."
+            raise AvatarError(f"{path}: the avatar is unfinished ({progress}); continue its training with "
+                              f"`liftavatar avatar train {captures} -o {path} --resume`, or pass --allow-unfinished "
+                              f"to use it as it is.")
+        logger.warning("note: %s is unfinished (%s); using it as it is, as asked.", path, progress)
+    return avatar
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,12 +25,19 @@ empties a triangle (its most opaque Gaussian stays, as in GaussianAvatars), and 
 periodic opacity reset never fires (``step % reset_every == 0 & step > 0`` parses as a chained
 comparison that is always false), so none is configured.
 
-Checkpoints (every ``checkpoint_every`` steps and at the end, each file written atomically):
-``avatar.safetensors`` + ``avatar.json`` (the model, usable by render/export) and
-``train_state.safetensors`` + ``train_state.json`` (Adam moments, densification statistics,
-kinematics refinements, step) for ``--resume``. Validation renders (ground truth | render of
-held-out frames, or of training frames when none are held out) go to ``val/step_XXXXXX.png`` and
-their PSNR to ``val/log.jsonl``.
+Checkpoints (every ``checkpoint_every`` steps, at the end, and on Ctrl-C): one file,
+``avatar.safetensors``, written atomically, holds the model (usable by render/export) and the
+training state for ``--resume`` (Adam moments, densification statistics, kinematics refinements,
+step, recipe, captures), so a kill at any moment leaves one whole checkpoint; ``avatar.json`` and
+``train_state.json`` are readable copies (see :mod:`liftavatar.avatar.model`). The avatar records
+the iterations it was asked for: one whose training stopped early is *unfinished*, and render and
+export refuse it unless allowed. Validation renders (ground truth | render of held-out frames, or of
+training frames when none are held out) go to ``val/step_XXXXXX.png`` and their PSNR to
+``val/log.jsonl``.
+
+Training writes into a new or empty folder, one an earlier run left before its first checkpoint, or
+one holding an avatar of ours (with ``force`` or ``resume``; other files there are left alone), never
+into a capture or a folder of other files, not even with ``force``.
 """
 
 from __future__ import annotations
@@ -48,26 +55,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from liftavatar.avatar.model import (
+    AVATAR_FILE,
     AVATAR_META,
+    LEGACY_STATE_FILE,
     PARAM_NAMES,
+    STATE_META,
     Avatar,
     AvatarConfig,
     AvatarError,
     AvatarMeta,
     init_avatar,
-    load_avatar,
+    read_checkpoint,
     render_avatar,
     rgb_to_sh0,
     save_avatar,
 )
-from liftavatar.capture import PROVENANCE_LIFTED, Capture
+from liftavatar.capture import META_FILE, PROVENANCE_LIFTED, Capture
 from liftavatar.errors import ConfigError
-from liftavatar.io import atomic_write, save_png, to_uint8, write_json
+from liftavatar.io import save_png, temporary_name, to_uint8
 
 __all__ = ["FrameSet", "TrainConfig", "TrainResult", "load_frames", "observed_repeats", "psnr", "ssim", "train_avatar"]
 
-STATE_FILE = "train_state.safetensors"
-STATE_META = "train_state.json"
+VAL_DIR = "val"
+# What training writes into its folder; anything else there means the folder is not an avatar of ours.
+_AVATAR_ENTRIES = frozenset({AVATAR_FILE, AVATAR_META, STATE_META, LEGACY_STATE_FILE, VAL_DIR})
 
 
 @dataclass
@@ -439,25 +450,53 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 12345) % (2**63)
 
 
-def _save_state(out: Path, step: int, params, optimizers, strategy_state, kin_delta, cfg: TrainConfig) -> None:
-    from safetensors.torch import save_file
-
+def _train_state(step: int, params, optimizers, strategy_state, kin_delta, cfg: TrainConfig,
+                 captures: Sequence[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(metadata, tensors) of the training state at ``step``, for :func:`save_avatar`."""
     tensors: dict[str, Tensor] = {}
     steps: dict[str, float] = {}
     for name, opt in optimizers.items():
         st = opt.state.get(params[name], {})
         if "exp_avg" in st:
-            tensors[f"opt.{name}.exp_avg"] = st["exp_avg"].detach().cpu().contiguous()
-            tensors[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
+            tensors[f"opt.{name}.exp_avg"] = st["exp_avg"]
+            tensors[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"]
             steps[name] = float(st["step"])
     for key in ("grad2d", "count"):
         if strategy_state.get(key) is not None:
-            tensors[f"strategy.{key}"] = strategy_state[key].detach().cpu().contiguous()
+            tensors[f"strategy.{key}"] = strategy_state[key]
     if kin_delta is not None:
-        tensors["kinematics_delta"] = kin_delta.detach().cpu().contiguous()
-    atomic_write(out / STATE_FILE, lambda p: save_file(tensors, str(p)))
-    meta = {"step": step, "adam_steps": steps, "config": asdict(cfg)}
-    write_json(out / STATE_META, meta)
+        tensors["kinematics_delta"] = kin_delta
+    return {"step": step, "adam_steps": steps, "config": asdict(cfg), "captures": list(captures)}, tensors
+
+
+def _check_out_dir(out: Path, resume: bool, force: bool) -> None:
+    """Refuse an output folder training must not write into, before anything is computed or written.
+
+    Ours: a folder with an avatar checkpoint (files beside it are the user's and left alone), or one that holds
+    nothing but what training writes (a run stopped before its first checkpoint). Never: a capture, or a folder
+    of other files, whatever ``force`` says.
+    """
+    if out.is_symlink() and not out.exists() or out.exists() and not out.is_dir():
+        raise AvatarError(f"{out}: is a file (or a broken link), not a folder; choose a new or empty folder for the "
+                          f"avatar (-o).")
+    if not out.exists():
+        if resume:
+            raise AvatarError(f"{out}: no such folder, so it holds no training state to resume; drop --resume "
+                              f"to start a new training there.")
+        return
+    if (out / META_FILE).exists():
+        raise AvatarError(f"{out}: holds a capture ({META_FILE}), and an avatar is never written into a capture, "
+                          f"not even with --force; choose a new or empty folder for the avatar (-o).")
+    if (out / AVATAR_FILE).exists():
+        if not resume and not force:
+            raise AvatarError(f"{out}: already holds an avatar; pass --force to replace it or --resume to continue "
+                              f"its training.")
+        return
+    ours = _AVATAR_ENTRIES | {temporary_name(out / name).name for name in _AVATAR_ENTRIES}
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
+    if foreign:
+        raise AvatarError(f"{out}: holds {foreign[0]!r} and no avatar, so training does not write there, not even "
+                          f"with --force; choose a new or empty folder for the avatar (-o).")
 
 
 def _config_from_json(data: dict[str, Any]) -> TrainConfig:
@@ -502,27 +541,32 @@ def train_avatar(
 
     Raises:
         AvatarError: bad captures (see :func:`load_frames`), an existing avatar at ``out_dir``
-            without ``force``/``resume``, or ``resume`` with no training state there.
+            without ``force``/``resume``, ``resume`` with no training state there, or an ``out_dir`` that
+            is a file, a capture or a folder of other files (see :func:`_check_out_dir`).
     """
     from liftavatar.face.rig import FaceRig
 
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
-    state_meta_path = out / STATE_META
+    _check_out_dir(out, resume, force)
     start_step = 0
     if resume:
-        if not state_meta_path.is_file() or not (out / STATE_FILE).is_file():
-            raise AvatarError(f"{out}: holds no training state ({STATE_META}) to resume; drop --resume to start "
+        if not (out / AVATAR_FILE).is_file():
+            raise AvatarError(f"{out}: holds no training state ({AVATAR_FILE}) to resume; drop --resume to start "
                               f"a new training there.")
-        saved = json.loads(state_meta_path.read_text())
-        stored = _config_from_json(saved["config"])
+        resumed, saved, saved_tensors = read_checkpoint(out, device="cpu", train_state=True)
+        if saved is None:
+            raise AvatarError(f"{out}: its avatar holds no training state to resume (saved without it); drop "
+                              f"--resume and pass --force to train it again.")
+        try:
+            stored = _config_from_json(saved["config"])
+            start_step = int(saved["step"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AvatarError(f"{out}: its training state cannot be read ({exc!r}); train it again with --force, "
+                              f"without --resume.") from None
         # The stored recipe wins; only the length and where it runs may change on resume.
         cfg = TrainConfig(**{**asdict(stored), "avatar": stored.avatar, "iters": cfg.iters,
                              "device": cfg.device, "backend": cfg.backend, "progress": cfg.progress})
-        start_step = int(saved["step"])
-    elif (out / AVATAR_META).exists() and not force:
-        raise AvatarError(f"{out}: already holds an avatar; pass --force to replace it or --resume to continue "
-                          f"its training.")
     if cfg.iters < 1:
         raise ConfigError(f"--iters {cfg.iters}: use 1 or more.")
     if not 0 <= cfg.observed_finish < 1:
@@ -550,14 +594,14 @@ def train_avatar(
     val_idx = [val_pool[int(j)] for j in np.unique(np.linspace(0, len(val_pool) - 1, min(cfg.val_frames, len(val_pool))).round())]
 
     if resume:
-        avatar = load_avatar(out, device="cpu")
+        avatar = resumed
         if avatar.meta.subject != frames.subject:
             raise AvatarError(f"{out}: the avatar is of {avatar.meta.subject!r}, the captures of {frames.subject!r}; "
                               f"resume with the captures it was trained on.")
     else:
         meta = AvatarMeta(subject=frames.subject, rig=frames.rig, expression_names=frames.expression_names,
                           size=frames.size, intrinsics=tuple(float(x) for x in frames.intrinsics[0]),
-                          fps=frames.fps, config=cfg.avatar)
+                          fps=frames.fps, config=cfg.avatar, iters=cfg.iters)
         avatar = init_avatar(rig, frames.identity, meta, seed=cfg.seed)
         avatar.params["sh0"] = rgb_to_sh0(initial_colors(avatar, frames.select(train_tensor.tolist())))[:, None, :]
     avatar = avatar.to(device)
@@ -575,9 +619,7 @@ def train_avatar(
         kin_opt = torch.optim.Adam([kin_delta], lr=cfg.lr_kinematics)
 
     if resume:
-        from safetensors.torch import load_file
-
-        st = load_file(str(out / STATE_FILE), device=str(device))
+        st = {k: v.to(device) for k, v in saved_tensors.items()}
         for name, opt in optimizers.items():
             if f"opt.{name}.exp_avg" in st:
                 opt.state[params[name]] = {
@@ -591,7 +633,8 @@ def train_avatar(
             kin_delta.data.copy_(st["kinematics_delta"])
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "val").mkdir(exist_ok=True)
+    (out / VAL_DIR).mkdir(exist_ok=True)
+    capture_paths = [str(p) for p in captures]
     faces = avatar.faces
     expr_all, rot_all, trans_all = (t.to(device) for t in (frames.expression, frames.rotation, frames.translation))
     intr_all = frames.intrinsics.to(device)
@@ -602,17 +645,18 @@ def train_avatar(
 
     def snapshot(step: int) -> Avatar:
         return Avatar({k: params[k].detach() for k in PARAM_NAMES}, params["binding"].detach(), faces, identity,
-                      AvatarMeta(**{**asdict(avatar.meta), "config": avatar.meta.config, "step": step}))
+                      AvatarMeta(**{**asdict(avatar.meta), "config": avatar.meta.config, "step": step,
+                                    "iters": cfg.iters}))
 
     def checkpoint(step: int) -> None:
-        save_avatar(snapshot(step).to("cpu"), out)
-        _save_state(out, step, params, optimizers, strategy_state, kin_delta, cfg)
+        state, tensors = _train_state(step, params, optimizers, strategy_state, kin_delta, cfg, capture_paths)
+        save_avatar(snapshot(step).to("cpu"), out, state, tensors)
 
     def validate(step: int) -> float:
         score, sheet = _validate(avatar, {k: params[k].detach() for k in PARAM_NAMES}, params["binding"], frames,
                                  val_idx, device, cfg.backend)
-        save_png(sheet, out / "val" / f"step_{step:06d}.png")
-        with open(out / "val" / "log.jsonl", "a") as f:
+        save_png(sheet, out / VAL_DIR / f"step_{step:06d}.png")
+        with open(out / VAL_DIR / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "psnr": score, "frames": [frames.names[i] for i in val_idx],
                                 "held_out": bool(held), "gaussians": int(params["means"].shape[0])}) + "\n")
         return score

@@ -315,19 +315,28 @@ def crop_intrinsics(frame_shape: tuple[int, int], fov: float, crop: tuple[float,
 
 
 class SelfieSegmenter:
-    """MediaPipe selfie segmentation (bundled model): foreground probability per pixel."""
+    """MediaPipe selfie segmentation (bundled model): foreground probability per pixel. MediaPipe's own log lines
+    are kept off the terminal (see :func:`liftavatar.face.landmarks.quiet_native_logs`)."""
 
     def __init__(self):
-        import mediapipe as mp
+        from liftavatar.face.landmarks import quiet_native_logs
 
-        self._model = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+        self._quiet = quiet_native_logs
+        with quiet_native_logs():
+            import mediapipe as mp
+
+            self._model = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+            # Its graph opens (and logs) on background threads: one blank frame waits for that, inside the block.
+            self._model.process(np.zeros((64, 64, 3), np.uint8))
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        mask = self._model.process(np.ascontiguousarray(image)).segmentation_mask
+        with self._quiet():
+            mask = self._model.process(np.ascontiguousarray(image)).segmentation_mask
         return to_uint8(mask)
 
     def close(self) -> None:
-        self._model.close()
+        with self._quiet():
+            self._model.close()
 
 
 # ----------------------------------------------------------------------------- the tracker

@@ -28,7 +28,8 @@ from liftavatar.io import json_safe, write_json
 from liftavatar.metrics.errors import MetricsError, MissingWeightsError
 from liftavatar.metrics.sources import FrameSet, check_pair, load_frames
 
-__all__ = ["ALL_METRICS", "EvalConfig", "evaluate", "evaluate_paths", "format_report", "write_report"]
+__all__ = ["ALL_METRICS", "EvalConfig", "check_report_path", "evaluate", "evaluate_paths", "format_report",
+           "write_report"]
 
 ALL_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "fid", "aed", "apd", "csim")
 UNITS = {"psnr": "dB", "ssim": "unitless (1 = identical)", "lpips": "unitless (0 = identical)",
@@ -251,6 +252,21 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_report_path(path: str | Path, option: str = "--json") -> Path:
+    """Raise :class:`MetricsError` unless a report can be written to ``path``: it is not a directory, and no
+    folder above it is a file. Called before anything is computed, so a bad target costs nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise MetricsError(f"{option} {path}: is a directory; pass the path of a .json file to write (for example "
+                           f"{path / 'eval.json'}).")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MetricsError(f"{option} {path}: {parent} is a file, not a folder; pass a path under a folder.")
+            break
+    return path
+
+
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
-    """Write the report as JSON atomically (temporary name, then rename)."""
-    return write_json(path, report)
+    """Write the report as JSON atomically (temporary name, then rename); see :func:`check_report_path`."""
+    return write_json(check_report_path(path), report)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from liftavatar.cli import main
 
@@ -106,3 +105,37 @@ def test_the_console_script_reports_bad_input_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "liftavatar.cli", "avatar", "export", str(tmp_path), "-o",
                              str(tmp_path / "a.ply")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_an_interrupted_training_is_not_taken_for_a_finished_avatar(capture, tmp_path, capsys, monkeypatch):
+    import liftavatar.avatar.train as train_module
+
+    out = tmp_path / "avatar"
+    calls = []
+    real_ssim = train_module.ssim
+
+    def ctrl_c_in_the_third_iteration(a, b):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_ssim(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "ssim", ctrl_c_in_the_third_iteration)
+        assert main(["avatar", "train", str(capture), "-o", str(out), "--iters", "6", "--size", "32",
+                     "--val-every", "0"]) == 130
+    summary = json.loads((out / "avatar.json").read_text())
+    assert (summary["step"], summary["iters"], summary["finished"]) == (2, 6, False)
+    capsys.readouterr()
+    _one_line_exit_2(["avatar", "export", str(out), "-o", str(tmp_path / "a.ply")], "trained 2 of 6 iterations",
+                     capsys)
+    _one_line_exit_2(["avatar", "render", str(out), "--kinematics", str(capture), "-o", str(tmp_path / "f")],
+                     f"liftavatar avatar train {capture} -o {out} --resume", capsys)
+    assert not (tmp_path / "a.ply").exists() and not (tmp_path / "f").exists()
+    # Asked for explicitly, the unfinished avatar is used, with a note.
+    assert main(["avatar", "export", str(out), "-o", str(tmp_path / "a.ply"), "--allow-unfinished"]) == 0
+    assert "unfinished" in capsys.readouterr().err and (tmp_path / "a.ply").is_file()
+    # Resumed to the end, it is finished.
+    assert main(["avatar", "train", str(capture), "-o", str(out), "--iters", "6", "--resume"]) == 0
+    assert json.loads((out / "avatar.json").read_text())["finished"] is True
+    assert main(["avatar", "export", str(out), "-o", str(tmp_path / "b.ply")]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -138,3 +139,60 @@ def test_loading_a_missing_checkpoint_names_it(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AvatarError, match="avatar.safetensors: missing"):
         load_avatar(tmp_path / "empty")
+
+
+def _to_legacy_layout(folder) -> None:
+    """Rewrite an avatar folder as this package wrote it before the one-file checkpoint: avatar.safetensors without
+    a header, avatar.json without iters, the training state in train_state.safetensors + train_state.json."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "avatar.safetensors"
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v for k, v in tensors.items() if not k.startswith("train.")}, str(path))
+    save_file({k[len("train."):]: v for k, v in tensors.items() if k.startswith("train.")},
+              str(folder / "train_state.safetensors"))
+    meta = json.loads(header["avatar"])
+    del meta["iters"], meta["finished"]
+    (folder / "avatar.json").write_text(json.dumps(meta))
+    (folder / "train_state.json").write_text(header["train_state"])
+
+
+def test_avatars_saved_before_the_one_file_checkpoint_load_and_resume(capture, tmp_path):
+    from liftavatar.avatar.train import TrainConfig, train_avatar
+
+    cfg = TrainConfig(iters=6, size=32, val_every=0, checkpoint_every=0, progress=False)
+    whole = tmp_path / "whole"
+    train_avatar([capture], whole, cfg)
+    old = tmp_path / "old"
+    train_avatar([capture], old, cfg, max_steps=3)
+    _to_legacy_layout(old)
+    legacy = load_avatar(old)  # no target recorded: taken as finished, as before
+    assert legacy.meta.iters is None and legacy.meta.step == 3
+    train_avatar([capture], old, cfg, resume=True)
+    assert not (old / "train_state.safetensors").exists(), "superseded by the one-file checkpoint"
+    a, b = load_avatar(whole), load_avatar(old)
+    assert b.meta.step == 6 and b.meta.iters == 6 and torch.equal(a.binding, b.binding)
+    for key in a.params:
+        torch.testing.assert_close(a.params[key], b.params[key], atol=1e-6, rtol=1e-5)
+
+
+def test_a_checkpoint_missing_a_tensor_or_with_misfit_tensors_is_named(avatar, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_avatar(avatar, tmp_path / "a")
+    path = tmp_path / "a" / "avatar.safetensors"
+    with safe_open(str(path), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v for k, v in tensors.items() if k != "opacities"}, str(path), metadata=header)
+    with pytest.raises(AvatarError, match="holds no tensor 'opacities'"):
+        load_avatar(tmp_path / "a")
+    save_file({**tensors, "opacities": tensors["opacities"][:-1]}, str(path), metadata=header)
+    with pytest.raises(AvatarError, match="do not fit together"):
+        load_avatar(tmp_path / "a")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AvatarError, match="cannot be read"):
+        load_avatar(tmp_path / "a")

@@ -58,9 +58,9 @@ def test_densification_keeps_every_gaussian_on_its_parents_triangle(trained, cap
 def test_resume_repeats_the_uninterrupted_run(capture, tmp_path):
     cfg = TrainConfig(iters=12, holdout_every=0, val_every=0, checkpoint_every=0, progress=False, refine_start=3,
                       refine_every=3, grow_grad2d=1e-6)
-    whole = train_avatar([capture], tmp_path / "whole", cfg)
+    train_avatar([capture], tmp_path / "whole", cfg)
     part = train_avatar([capture], tmp_path / "part", cfg, max_steps=7)
-    assert part.step == 7 and load_avatar(tmp_path / "part").meta.step == 7
+    assert part.step == 7 and load_avatar(tmp_path / "part", allow_unfinished=True).meta.step == 7
     resumed = train_avatar([capture], tmp_path / "part", cfg, resume=True)
     assert resumed.step == 12 and len(resumed.history) == 5
     a, b = load_avatar(tmp_path / "whole"), load_avatar(tmp_path / "part")
@@ -215,7 +215,111 @@ def test_kinematics_refinement_learns_per_frame_corrections(capture, tmp_path):
     cfg = TrainConfig(iters=4, size=32, refine_kinematics=True, lr_kinematics=1e-3, val_every=0,
                       checkpoint_every=0, progress=False)
     train_avatar([capture], tmp_path / "k", cfg)
-    delta = load_file(str(tmp_path / "k" / "train_state.safetensors"))["kinematics_delta"]
+    delta = load_file(str(tmp_path / "k" / "avatar.safetensors"))["train.kinematics_delta"]
     assert delta.shape == (12, 37 + 6)
     touched = (delta.abs().sum(-1) > 0).sum()
     assert 1 <= touched <= 4  # only the frames drawn in the 4 iterations moved
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: one atomic unit, whatever moment a kill comes
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the trainer catches it (KeyboardInterrupt would checkpoint)."""
+
+
+KILL_CFG = TrainConfig(iters=12, size=32, holdout_every=0, val_every=0, checkpoint_every=4, progress=False,
+                       refine_start=3, refine_every=3, grow_grad2d=1e-6)
+
+
+def _count_renames(monkeypatch, die_at: int | None = None) -> list[str]:
+    """Every atomic write ends in one os.replace; count them, and die instead of the ``die_at``-th."""
+    import os
+
+    real = os.replace
+    names: list[str] = []
+
+    def replace(src, dst):
+        names.append(os.path.basename(dst))
+        if len(names) == die_at:
+            raise Killed
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return names
+
+
+@pytest.fixture(scope="module")
+def kill_refs(capture, tmp_path_factory):
+    """The uninterrupted run, the same run stopped at steps 4 and 8, and how many renames one checkpoint makes."""
+    root = tmp_path_factory.mktemp("kill")
+    mp = pytest.MonkeyPatch()
+    renames = _count_renames(mp)
+    train_avatar([capture], root / "ref4", KILL_CFG, max_steps=4)  # one checkpoint: the final one
+    mp.undo()
+    train_avatar([capture], root / "ref8", KILL_CFG, max_steps=8)
+    train_avatar([capture], root / "whole", KILL_CFG)
+    return root, len(renames)
+
+
+def _assert_same_avatar(a, b) -> None:
+    assert torch.equal(a.binding, b.binding)
+    for key in a.params:
+        torch.testing.assert_close(a.params[key], b.params[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kill", [1, 2, 3, 4])
+def test_a_kill_while_a_checkpoint_is_written_leaves_a_whole_checkpoint_and_resume_continues_exactly(
+        capture, tmp_path, monkeypatch, kill_refs, kill):
+    root, per_checkpoint = kill_refs
+    if kill > per_checkpoint:
+        pytest.skip(f"a checkpoint makes {per_checkpoint} renames")
+    out = tmp_path / "run"
+    # The checkpoint at step 4 completes; the one at step 8 dies before its kill-th rename.
+    with monkeypatch.context() as m:
+        _count_renames(m, die_at=per_checkpoint + kill)
+        with pytest.raises(Killed):
+            train_avatar([capture], out, KILL_CFG)
+    on_disk = load_avatar(out, allow_unfinished=True)
+    if kill == 1:
+        assert on_disk.meta.step == 4, "nothing of the step-8 checkpoint may be visible"
+    assert on_disk.meta.step in (4, 8) and on_disk.meta.iters == 12
+    _assert_same_avatar(on_disk, load_avatar(root / f"ref{on_disk.meta.step}", allow_unfinished=True))
+    resumed = train_avatar([capture], out, KILL_CFG, resume=True)
+    assert resumed.step == 12 and len(resumed.history) == 12 - on_disk.meta.step
+    _assert_same_avatar(load_avatar(out), load_avatar(root / "whole"))
+
+
+def test_the_output_folder_holds_only_the_avatar_and_its_readable_summaries(kill_refs):
+    root, _ = kill_refs
+    assert sorted(p.name for p in (root / "whole").iterdir()) == ["avatar.json", "avatar.safetensors",
+                                                                   "train_state.json", "val"]
+    summary = json.loads((root / "whole" / "avatar.json").read_text())
+    assert (summary["step"], summary["iters"], summary["finished"]) == (12, 12, True)
+    state = json.loads((root / "ref8" / "train_state.json").read_text())
+    assert state["step"] == 8 and state["config"]["iters"] == 12
+    summary = json.loads((root / "ref8" / "avatar.json").read_text())
+    assert (summary["step"], summary["iters"], summary["finished"]) == (8, 12, False)
+
+
+def test_what_an_output_folder_may_hold(capture, tmp_path):
+    cfg = TrainConfig(iters=2, size=32, val_every=0, checkpoint_every=0, progress=False)
+    # A run stopped before its first checkpoint left only what training writes: a new run may use the folder.
+    early = tmp_path / "early"
+    (early / "val").mkdir(parents=True)
+    (early / "val" / "log.jsonl").write_text("")
+    train_avatar([capture], early, cfg)
+    # Beside an avatar of ours, the user's files are theirs: --force replaces the avatar and leaves them.
+    (early / "avatar.ply").write_bytes(b"the user's export")
+    train_avatar([capture], early, cfg, force=True)
+    assert (early / "avatar.ply").read_bytes() == b"the user's export"
+    with pytest.raises(AvatarError, match="already holds an avatar"):
+        train_avatar([capture], early, cfg)
+    # A folder with files and no avatar is not ours, --force or not.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README").write_text("mine")
+    with pytest.raises(AvatarError, match="'README' and no avatar"):
+        train_avatar([capture], other, cfg, force=True)
+    assert [p.name for p in other.iterdir()] == ["README"]

@@ -139,3 +139,23 @@ def test_given_kinematics_need_captures(gt, tmp_path, capsys):
     pred = write_folder(tmp_path / "pred", gt.frames())
     code, _, err = run_eval([str(pred), str(gt.path), "--kinematics", "given", "--metrics", "aed"], capsys)
     assert code == 2 and "--kinematics tracked" in err
+
+
+@pytest.mark.parametrize("where", ["directory", "under a file"])
+def test_an_unwritable_json_target_is_refused_before_anything_is_computed(gt, tmp_path, capsys, monkeypatch, where):
+    def computed(*args, **kwargs):
+        raise AssertionError("evaluated before the --json target was checked")
+
+    import sys
+
+    # The package's `evaluate` attribute is the function, so patch the module by its sys.modules entry.
+    monkeypatch.setattr(sys.modules["liftavatar.metrics.evaluate"], "evaluate", computed)
+    if where == "directory":
+        target = tmp_path / "report"
+        target.mkdir()
+    else:
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "report.json"
+    code, out, err = run_eval([str(gt.path), str(gt.path), "--metrics", "psnr", "--json", str(target)], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "--json" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["report"] if where == "directory" else ["file"])
