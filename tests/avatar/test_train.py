@@ -169,11 +169,18 @@ def test_defaults_are_the_benchmarked_recipe_and_old_states_keep_theirs(capture,
     out = tmp_path / "old"
     train_avatar([capture], out, TrainConfig(iters=2, size=32, val_every=0, checkpoint_every=0, progress=False),
                  max_steps=1)
-    state = json.loads((out / "train_state.json").read_text())
+    # What resume reads: the training state in the checkpoint's header, rewritten as an old run wrote it.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = out / "avatar.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(header["train_state"])
     for key in ("observed_share", "observed_finish"):
         del state["config"][key]
     state["config"]["lifted_weight"] = 1.0
-    (out / "train_state.json").write_text(json.dumps(state))
+    save_file(tensors, str(path), metadata={**header, "train_state": json.dumps(state)})
     train_avatar([capture], out, TrainConfig(iters=2, size=32, progress=False), resume=True)
     stored = json.loads((out / "train_state.json").read_text())["config"]
     assert (stored["lifted_weight"], stored["observed_finish"], stored["observed_share"]) == (1.0, 0.0, 0.0)
