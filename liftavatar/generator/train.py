@@ -64,8 +64,8 @@ from liftavatar.generator.data import (
     SyntheticDataConfig,
     as_float_images,
     collate,
-    num_controls,
 )
+from liftavatar.generator.inputs import num_controls
 from liftavatar.generator.speed import SpeedConfig
 from liftavatar.generator.transformer import (
     LiftAvatarTransformer,

@@ -388,6 +388,12 @@ class LiftAvatarTransformer(nn.Module):
         tokens_per_frame = (h // p_h) * (w // p_w)
         if prompt_embeds is None:
             prompt_embeds = self.prompt_embedding.unsqueeze(0).expand(b, -1, -1)
+        # Two paths compute one function. The plain one below re-states diffusers' forward and runs its blocks as
+        # they are, so a wrapped Wan2.1 is bitwise the base at initialisation and follows diffusers' own code; the
+        # fast one (speed.py) re-implements the blocks to do less work at real shapes, which only a GPU measures
+        # (benchmarks/generator_speed.py), so it cannot be shown here to cost nothing as a switch inside one path.
+        # tests/generator/test_speed_paths.py holds them equal (outputs and gradients, every injection, with and
+        # without references); test_train_and_sample.py::test_fast_path_trains_the_same_weights, training too.
         if self.speed.fast_path and p_t == 1:
             return self._forward_fast(latents, timestep, shading, frame_controls, prompt_embeds, k, t, h, w)
 

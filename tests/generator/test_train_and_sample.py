@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from liftavatar.errors import ConfigError
-from liftavatar.generator.data import CaptureClips, SyntheticClipStream, SyntheticDataConfig, generation_inputs
+from liftavatar.generator.data import CaptureClips, SyntheticClipStream, SyntheticDataConfig
+from liftavatar.generator.inputs import generation_inputs
 from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, window_starts
 from liftavatar.generator.train import TrainConfig, train
 
@@ -46,7 +47,9 @@ def test_overfitting_one_clip_then_sampling_reproduces_it(tmp_path, tiny_capture
     assert not torch.equal(video, pipe(inputs, steps=25, seed=1))
     # the UniPC solver reaches the clip in fewer steps; guidance over the controls also runs
     assert _psnr(pipe(inputs, steps=10, seed=0, solver="unipc"), clip["frames"]) >= 22.0
-    assert torch.isfinite(pipe(inputs, steps=4, seed=0, guidance=2.0)).all()
+    guided = pipe(inputs, steps=4, seed=0, guidance=2.0)
+    assert torch.isfinite(guided).all()
+    assert not torch.allclose(guided, pipe(inputs, steps=4, seed=0), atol=1e-4)  # guidance changes the samples
     assert (tmp_path / "overfit" / "loss.png").is_file()
     assert any((tmp_path / "overfit" / "logs").iterdir())  # TensorBoard events
 
@@ -121,8 +124,14 @@ def test_generation_inputs_and_bad_inputs(tmp_path, tiny_capture):
     bigger = synthesize(SynthSpec(seed=7401, preset="full", frames=2, size=2 * SIZE), tmp_path / "big", progress=False)
     with pytest.raises(ConfigError, match="resize them to one resolution"):
         pipe(generation_inputs(bigger, tiny_capture, k=2, method="uniform"), steps=1)
-    with pytest.raises(ConfigError, match="trained at"):
+    with pytest.raises(ConfigError, match=f"generates at {SIZE}x{SIZE}"):  # tensors given as they are
         pipe(generation_inputs(bigger, bigger, k=2, method="uniform"), steps=1)
+    # captures of other sizes (two of them here) are brought to the prior's size
+    resized = generation_inputs(bigger, tiny_capture, k=2, method="uniform", size=pipe.size)
+    assert resized.ref_frames.shape == (2, 3, SIZE, SIZE) and resized.shading.shape == (6, 3, SIZE, SIZE)
+    assert pipe(resized, steps=1).shape == (6, 3, SIZE, SIZE)
+    with pytest.raises(ConfigError, match="--steps 0"):
+        pipe(inputs, steps=0)
     wrong = GenerationInputs(inputs.ref_frames, inputs.ref_shading, inputs.ref_controls[:, :40], inputs.shading,
                              inputs.controls[:, :40])
     with pytest.raises(ConfigError, match="expression coefficients"):
@@ -252,3 +261,26 @@ def test_resume_with_another_model_names_the_weights_it_cannot_load(tmp_path, ti
     config.stop_after, config.resume, config.injection = None, True, "add"
     with pytest.raises(ConfigError, match="control_xattn"):
         train(config, progress=False)
+
+
+def test_clips_sampled_together_equal_clips_sampled_alone(tmp_path, tiny_capture):
+    """generate_clips (what `lift` calls) samples clip c as the pipeline samples it alone with seeds[c]: exactly
+    with one clip at a time, up to float rounding in batches."""
+    from liftavatar.generator.transformer import LiftAvatarTransformer
+
+    model = LiftAvatarTransformer.from_preset("tiny", 43, in_channels=12, out_channels=12)
+    for _, p in model.zero_initialised_parameters():  # so that the shading maps and controls matter
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(tmp_path / "prior", extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None},
+                                                     "frames": 3, "size": SIZE})
+    pipe = LiftAvatarPipeline.from_pretrained(tmp_path / "prior")
+    inputs = generation_inputs(tiny_capture, tiny_capture, k=2)
+    seeds = [4, 9]
+    alone = torch.cat([pipe(GenerationInputs(inputs.ref_frames, inputs.ref_shading, inputs.ref_controls,
+                                             inputs.shading[3 * c:3 * c + 3], inputs.controls[3 * c:3 * c + 3]),
+                            steps=2, seed=s) for c, s in enumerate(seeds)])
+    assert torch.equal(pipe.generate_clips(inputs, 3, seeds, steps=2, batch_size=1), alone)
+    torch.testing.assert_close(pipe.generate_clips(inputs, 3, seeds, steps=2, batch_size=2), alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(alone[:3], alone[3:], atol=1e-3)
+    with pytest.raises(ConfigError, match="one seed per clip"):
+        pipe.generate_clips(inputs, 3, [4], steps=1)
