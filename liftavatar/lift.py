@@ -141,13 +141,14 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
         resize_images,
         square_side,
     )
-    from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, video_to_uint8
+    from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, check_sampling, video_to_uint8
     from liftavatar.synth.kinematics import expression_keyframes
 
     config = config or LiftConfig()
     if config.num_expressions < 1:
         raise ConfigError(f"--num-expressions {config.num_expressions}: lift adds at least 1 expression; to use the "
                           "capture as it is, skip lifting.")
+    check_sampling(config.steps, config.guidance, config.solver, config.batch_size)
     prior = prior if isinstance(prior, PriorConfig) else PriorConfig(prior=prior)
     if device is not None:
         prior = replace(prior, device=device)

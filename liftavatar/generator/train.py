@@ -35,6 +35,7 @@ communication per step) and is gathered only when written.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import signal
 import time
@@ -74,6 +75,8 @@ from liftavatar.generator.transformer import (
     load_state_exactly,
 )
 from liftavatar.io import json_safe, write_json
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -287,7 +290,7 @@ def build_distributed_model(accelerator, config: TrainConfig, n_controls: int) -
         if plugin.activation_checkpointing and model.gradient_checkpointing:
             model.gradient_checkpointing = False
             if main:
-                print("activation checkpointing: the FSDP config's (whole WanTransformerBlocks); "
+                logger.info("activation checkpointing: the FSDP config's (whole WanTransformerBlocks); "
                       "--gradient-checkpointing is not applied on top")
         if accelerator.mixed_precision == "bf16" and config.train_mode == "lora":
             for name, p in model.named_parameters():  # the frozen base is computed in bf16 anyway
@@ -398,7 +401,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
                                config.pools or None, seed=config.seed)
         if main:
             for note in dataset.notes:
-                print(note)
+                logger.info(note)
         synthetic = None
     else:
         dataset = None
@@ -416,10 +419,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
                                    "or choose another --out")
         start_step, history = ckpt["step"], ckpt.get("history", [])
         if main:
-            print(f"resuming {out} from step {start_step}")
+            logger.info(f"resuming {out} from step {start_step}")
             written = ckpt.get("global_batch")
             if written is not None and written != global_batch:
-                print(f"note: the checkpoint was written with a global batch of {written} "
+                logger.warning(f"note: the checkpoint was written with a global batch of {written} "
                       f"({ckpt.get('processes')} process(es)); this run's is {global_batch} "
                       f"({procs} × {config.batch_size}), so the continuation differs from an uninterrupted "
                       "run; keep --batch-size × processes equal to continue it exactly.")
@@ -439,7 +442,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
             ema_state = shard_like(ckpt["ema"], ema_state)
 
     if progress and main:
-        print(f"LiftAvatarTransformer ({n_trainable / 1e6:.2f} M trainable) on "
+        logger.info(f"LiftAvatarTransformer ({n_trainable / 1e6:.2f} M trainable) on "
               f"{accelerator.num_processes} "
               f"process(es), {accelerator.distributed_type.value}, {device}, precision {accelerator.mixed_precision}"
               + (f", global batch {global_batch}" if procs > 1 else ""))
@@ -548,7 +551,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         if signalled or flag.stop:
             raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, continue with --resume")
         if main:
-            print(f"paused at step {step} of {config.steps} (checkpoint saved); continue with --resume")
+            logger.info(f"paused at step {step} of {config.steps} (checkpoint saved); continue with --resume")
         return None
     prior_dir = out / "prior"
     extra = prior_metadata(json_safe(asdict(config)), step, history, rig.expression_names)
