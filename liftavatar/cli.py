@@ -399,6 +399,8 @@ def _check_frames_output(out: Path, force: bool) -> None:
         if not force:
             raise ConfigError(f"-o {out}: the file exists; pass --force to replace it, or choose another -o.")
         return
+    if video:
+        raise ConfigError(f"-o {out}: a folder is there, not a video file; choose another -o.")
     if out.is_dir() and not out.is_symlink():
         if not any(out.iterdir()):
             return
@@ -425,6 +427,7 @@ def _write_frames(video, out: Path, fps: float, force: bool = False) -> Path:
     import shutil
     import uuid
 
+    from liftavatar.errors import ConfigError
     from liftavatar.generator.pipeline import video_to_uint8
     from liftavatar.io import save_png, temporary_name, write_text
 
@@ -437,7 +440,10 @@ def _write_frames(video, out: Path, fps: float, force: bool = False) -> Path:
         write_video(out, frames, fps)
         return out
     tmp = temporary_name(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted earlier write
+    if tmp.exists():  # an interrupted earlier write: ours only when it holds the marker
+        if not (tmp / GENERATED_MARKER).is_file():
+            raise ConfigError(f"-o {out}: {tmp} is in the way and `generate` did not write it; move it away.")
+        shutil.rmtree(tmp)
     tmp.mkdir()
     write_text(tmp / GENERATED_MARKER, "frames written by `liftavatar generate`; --force may replace this folder\n")
     for i, frame in enumerate(frames):
