@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from liftavatar.generator.data import generation_inputs
+from liftavatar.generator.inputs import generation_inputs
 from liftavatar.generator.pipeline import LiftAvatarPipeline, video_to_uint8
 from liftavatar.generator.prior import resolve_prior
 from liftavatar.metrics.identity import csim

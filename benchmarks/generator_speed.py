@@ -716,7 +716,7 @@ def case_steps_quality(b: Bench) -> dict:
         settings = settings[:2]
         prior_name = "random tiny model"
     else:
-        from liftavatar.generator.data import generation_inputs
+        from liftavatar.generator.inputs import generation_inputs
         from liftavatar.generator.prior import resolve_prior
         from liftavatar.synth.world import SynthSpec, synthesize
 

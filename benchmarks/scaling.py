@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from liftavatar.face.rig import FaceRig
-    from liftavatar.generator.data import num_controls
+    from liftavatar.generator.inputs import num_controls
     from liftavatar.generator.train import TrainConfig, build_distributed_model
 
     started = time.perf_counter()

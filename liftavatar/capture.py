@@ -785,6 +785,14 @@ class CaptureWriter:
             :meth:`has_frame`); otherwise the staging directory starts empty.
         workers: write PNGs on this many background threads (0: in the calling thread);
             :meth:`finalize` waits for them.
+        fingerprint: what the capture is made from (settings and input identities, JSON values;
+            see :mod:`liftavatar.fingerprint`), recorded in the staging directory's marker when it
+            is created. Resuming a staging directory recorded with another fingerprint (or none)
+            raises a :class:`CaptureError` naming the entries that differ, and keeps it as it is:
+            frames made from other inputs are never mixed with new ones. None: not checked.
+
+    Attributes:
+        resumed: True when an interrupted writer's staging directory was kept (``resume``).
     """
 
     def __init__(
@@ -794,7 +802,10 @@ class CaptureWriter:
         overwrite: bool = False,
         resume: bool = False,
         workers: int = 0,
+        fingerprint: Mapping[str, Any] | None = None,
     ) -> None:
+        from liftavatar.io import json_safe
+
         self.out_dir = Path(out_dir)
         # PNG encoding (zlib) releases the GIL, so a few threads overlap it with the caller's work.
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="png") if workers > 0 else None
@@ -814,7 +825,10 @@ class CaptureWriter:
             ) from None
         self.meta = meta
         self._check_target()
+        # Compared as it reads back from JSON (tuples become lists, paths strings).
+        self.fingerprint = None if fingerprint is None else json.loads(json.dumps(json_safe(dict(fingerprint))))
 
+        self.resumed = False
         if self.staging.exists():
             if not (self.staging / _STAGING_MARKER).is_file():
                 raise _error(
@@ -822,10 +836,14 @@ class CaptureWriter:
                     "exists but was not made by a CaptureWriter, so it is left alone",
                     "move it away or choose another output directory (-o)",
                 )
-            if not resume:
+            if resume:
+                self._check_fingerprint()
+                self.resumed = True
+            else:
                 shutil.rmtree(self.staging)
-        self.staging.mkdir(parents=True, exist_ok=True)
-        (self.staging / _STAGING_MARKER).touch()
+        if not self.resumed:
+            self.staging.mkdir(parents=True)
+            write_json(self.staging / _STAGING_MARKER, {"fingerprint": self.fingerprint})
         # A staging directory from a finalize that failed validation may hold capture.json.
         (self.staging / META_FILE).unlink(missing_ok=True)
         for folder in IMAGE_DIRS:
@@ -855,6 +873,37 @@ class CaptureWriter:
         pending, self._pending = self._pending, []
         for future in pending:
             future.result()
+
+    def _check_fingerprint(self) -> None:
+        """Raise unless the staging directory was started from what this writer is given (``fingerprint``)."""
+        if self.fingerprint is None:
+            return
+        try:
+            recorded = json.loads((self.staging / _STAGING_MARKER).read_text(encoding="utf-8"))["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None  # an empty marker: staged by a version that did not record its inputs
+        if recorded == self.fingerprint:
+            return
+        if not isinstance(recorded, dict):
+            raise _error(self.staging, "was staged without a record of its inputs, so it cannot be resumed safely",
+                         "run without --resume to start over")
+        differ = self._differing_keys(recorded, self.fingerprint)
+        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise _error(self.staging, f"was staged from other inputs ({shown} differ{'s' if len(differ) == 1 else ''})",
+                     "run without --resume to start over, or resume with the inputs and settings it was started with")
+
+    @staticmethod
+    def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+        """Dotted names of the entries two fingerprints disagree on (nested mappings are followed)."""
+        keys = list(a) + [k for k in b if k not in a]
+        out = []
+        for key in keys:
+            x, y = a.get(key), b.get(key)
+            if isinstance(x, Mapping) and isinstance(y, Mapping):
+                out += CaptureWriter._differing_keys(x, y, f"{prefix}{key}.")
+            elif x != y or (key in a) != (key in b):
+                out.append(f"{prefix}{key}")
+        return out
 
     def _check_target(self) -> None:
         """Raise if finalize would have to replace something it must not."""

@@ -292,36 +292,42 @@ def run_refs(cfg: Refs) -> None:
     print(f"stored in {cfg.capture / 'capture.json'} (reference_indices)")
 
 
+def _prior_config():
+    from liftavatar.generator.prior import PriorConfig
+
+    return PriorConfig
+
+
+def _sampler_config():
+    from liftavatar.generator.pipeline import SamplerConfig
+
+    return SamplerConfig
+
+
 @dataclass
 class Generate:
     """Generate a person (from reference frames) performing target kinematics, with a trained prior."""
 
     out: Out
-    """An .mp4 file, or a folder for PNG frames."""
+    """An .mp4 (.mov, .mkv, .webm, .avi) file, or a folder for PNG frames; frames at the target capture's size."""
     refs: Path
     """Capture whose reference frames show the person (its stored references, or chosen now)."""
     kinematics: Path
-    """Capture whose shading maps and kinematics are the targets."""
-    prior: Path | None = None
-    """Prior directory from `liftavatar train` (default: the embedded prior)."""
+    """Capture whose shading maps and kinematics are the targets (any square size: the prior sees its own)."""
+    prior: Annotated[_prior_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _prior_config()())
+    """Which prior, and where it runs (options without a prefix)."""
+    sampler: Annotated[_sampler_config(), tyro.conf.arg(name="")] = field(
+        default_factory=lambda: _sampler_config()(steps=25, solver="euler", batch_size=8))
+    """How it samples (options without a prefix)."""
     num_refs: int = 5
     """Number of reference frames K."""
     ref_method: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
-    steps: int = 25
-    """Solver steps."""
-    guidance: float = 1.0
-    """Classifier-free guidance scale over the controls (1 = off)."""
-    solver: Literal["euler", "unipc"] = "euler"
-    seed: int = 0
+    """How references are chosen when the capture does not store K of them: kmeans over expression + rotation;
+    random, uniform, farthest for ablations."""
     max_frames: int | None = None
     """Only the first N target frames."""
-    base: Path | None = None
-    """Local Wan2.1 weights a LoRA prior was trained on (default: the path it records)."""
-    vae: Path | None = None
-    """Local Wan VAE for a prior trained with it (default: the path it records)."""
-    device: str = "cpu"
-    batch_size: int = 8
-    """Windows generated at once."""
+    force: bool = False
+    """Replace OUT when it is a video file or a frames folder an earlier `generate` wrote (never anything else)."""
 
 
 def _lift_config():
@@ -335,27 +341,26 @@ class Lift:
     """Complete a capture in kinematic space: generate the expressions (and poses) it lacks, append them."""
 
     capture: tyro.conf.Positional[Path]
-    """Capture to lift (from `track` or `synth`), at the prior's resolution."""
+    """Capture to lift (from `track` or `synth`; any square size, the lifted frames get its size)."""
     out: Out
     """Capture directory to write: the original frames plus the lifted ones (provenance 1)."""
-    prior: Path | None = None
-    """Prior directory (default: the embedded prior)."""
+    prior: Annotated[_prior_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _prior_config()())
+    """Which prior, and where it runs (options without a prefix)."""
     config: Annotated[_lift_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _lift_config()())
-    """What to lift and how (its options appear without a prefix)."""
+    """What to lift and how it samples (options without a prefix)."""
     expressions_from: Path | None = None
     """Use another capture's expressions as the library instead of the rig's extreme presets."""
-    device: str = "cpu"
     force: bool = False
     """Replace an existing capture at OUT."""
     resume: bool = False
-    """Keep the clips an interrupted run already wrote."""
+    """Keep the clips an interrupted run already wrote (refused when it was started from other settings or inputs)."""
 
 
 def run_lift(cfg: Lift) -> None:
     from liftavatar.lift import lift
 
     start = time.perf_counter()
-    capture, report = lift(cfg.capture, cfg.out, cfg.prior, cfg.config, cfg.expressions_from, cfg.device,
+    capture, report = lift(cfg.capture, cfg.out, cfg.prior, cfg.config, cfg.expressions_from,
                            overwrite=cfg.force, resume=cfg.resume)
     print(f"coverage of held-out extreme expressions within {report['coverage_radius']}: "
           f"{report['coverage_before']:.1%} before, {report['coverage_after']:.1%} after")
@@ -372,43 +377,97 @@ def run_train(cfg) -> None:
 
 def run_generate(cfg: Generate) -> None:
     from liftavatar.capture import Capture
-    from liftavatar.generator.data import generation_inputs
+    from liftavatar.generator.inputs import generation_inputs, resize_images
     from liftavatar.generator.pipeline import LiftAvatarPipeline
-    from liftavatar.generator.prior import resolve_prior
 
-    prior = resolve_prior(cfg.prior)
-    pipe = LiftAvatarPipeline.from_pretrained(prior, device=cfg.device, base_path=cfg.base, vae_path=cfg.vae)
-    target = Capture.load(cfg.kinematics)
+    _check_frames_output(cfg.out, cfg.force)  # before minutes of generation, not after
+    target, references = Capture.load(cfg.kinematics), Capture.load(cfg.refs)
+    pipe = LiftAvatarPipeline.from_pretrained(cfg.prior)
     frames = range(min(target.num_frames, cfg.max_frames or target.num_frames))
-    inputs = generation_inputs(Capture.load(cfg.refs), target, cfg.num_refs, cfg.ref_method, cfg.seed, frames)
+    inputs = generation_inputs(references, target, cfg.num_refs, cfg.ref_method, cfg.sampler.seed, frames,
+                               size=pipe.size)
     start = time.perf_counter()
-    video = pipe(inputs, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, solver=cfg.solver,
-                 batch_size=cfg.batch_size, progress=True)
-    path = _write_frames(video, cfg.out, target.meta.fps)
+    video = pipe(inputs, **cfg.sampler.sampling(), progress=True)
+    path = _write_frames(resize_images(video, target.size), cfg.out, target.meta.fps, cfg.force)
     print(f"generated {len(video)} frames in {time.perf_counter() - start:.1f} s: {path}")
 
 
-def _write_frames(video, out: Path, fps: float) -> Path:
-    """(N, 3, H, W) float frames → an .mp4 or a folder of PNGs (written under a temporary name, then renamed)."""
-    from liftavatar.generator.pipeline import video_to_uint8
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+# Marks a frames folder as generate's own: --force replaces such a folder, and never any other.
+GENERATED_MARKER = ".liftavatar-generate"
 
+
+def _check_frames_output(out: Path, force: bool) -> None:
+    """Refuse an output `generate` must not write: an existing one without --force, and with --force anything but
+    a video file or a frames folder an earlier `generate` wrote (a capture, a foreign folder, another file)."""
+    from liftavatar.errors import ConfigError
+
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"-o {out}: {parent} is a file, not a folder; choose an output path in a folder.")
+    video = out.suffix.lower() in VIDEO_SUFFIXES
+    if not out.exists() and not out.is_symlink():
+        return
+    if video and out.is_file():
+        if not force:
+            raise ConfigError(f"-o {out}: the file exists; pass --force to replace it, or choose another -o.")
+        return
+    if video:
+        raise ConfigError(f"-o {out}: a folder is there, not a video file; choose another -o.")
+    if out.is_dir() and not out.is_symlink():
+        if not any(out.iterdir()):
+            return
+        if (out / GENERATED_MARKER).is_file():
+            if not force:
+                raise ConfigError(f"-o {out}: frames of an earlier `generate` are there; pass --force to replace "
+                                  "them, or choose another -o.")
+            return
+        what = "a capture" if (out / "capture.json").is_file() else "a folder `generate` did not write"
+        raise ConfigError(f"-o {out}: {what} is there, which is never replaced; choose another -o "
+                          "(a new folder for PNG frames, or an .mp4 file).")
+    kinds = ", ".join(VIDEO_SUFFIXES)
+    raise ConfigError(f"-o {out}: a file that is not a video ({kinds}) is there, which is never replaced; choose "
+                      "another -o (a new folder for PNG frames, or an .mp4 file).")
+
+
+def _write_frames(video, out: Path, fps: float, force: bool = False) -> Path:
+    """(N, 3, H, W) float frames in [0, 1] → an .mp4 (or another video suffix) or a folder of PNGs.
+
+    What is already at ``out`` is replaced only as :func:`_check_frames_output` allows. A folder is written
+    under a temporary name with :data:`GENERATED_MARKER` inside, and renamed into place complete; the folder
+    it replaces is moved aside first and deleted last."""
+    import os
+    import shutil
+    import uuid
+
+    from liftavatar.errors import ConfigError
+    from liftavatar.generator.pipeline import video_to_uint8
+    from liftavatar.io import save_png, temporary_name, write_text
+
+    _check_frames_output(out, force)
     frames = video_to_uint8(video)
-    if out.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi"):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() in VIDEO_SUFFIXES:
         from liftavatar.video import write_video
 
         write_video(out, frames, fps)
         return out
-    from liftavatar.io import save_png
-
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(out)
+    if tmp.exists():  # an interrupted earlier write: ours only when it holds the marker
+        if not (tmp / GENERATED_MARKER).is_file():
+            raise ConfigError(f"-o {out}: {tmp} is in the way and `generate` did not write it; move it away.")
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_text(tmp / GENERATED_MARKER, "frames written by `liftavatar generate`; --force may replace this folder\n")
     for i, frame in enumerate(frames):
         save_png(frame, tmp / f"{i:06d}.png")
+    old = None
     if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
 
 

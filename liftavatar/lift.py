@@ -8,9 +8,14 @@
    the observed frame nearest to it, in expression and pose; with ``poses="wide"`` the head also
    turns toward a wider pose than the capture shows.
 3. **Generation.** The rig, with the capture's tracked identity and camera, is rendered into
-   shading maps and masks; the prior generates the person from K reference frames of the capture.
+   shading maps and masks at the capture's size; the prior generates the person from K reference
+   frames of the capture at its own resolution (references and target shading maps resized to it,
+   the generated frames resized back: :mod:`liftavatar.generator.inputs`), so a capture of any
+   square size can be lifted and keeps its resolution.
 4. **Output.** A new Capture: the original frames, then the lifted ones (provenance 1) with the
-   kinematics they were generated from. Clips are written as they finish; ``resume`` keeps them.
+   kinematics they were generated from. Clips are written as they finish; ``resume`` keeps them,
+   and only them: the staging directory records what the clips are made from (settings, prior,
+   source capture, expression library) and a resume with anything else is refused.
 
 Coverage before and after is the share of a held-out set of library expressions that lies within
 ``coverage_radius`` (L2 distance in coefficient space) of some frame.
@@ -18,8 +23,9 @@ Coverage before and after is the share of a held-out set of library expressions 
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,12 +36,27 @@ from tqdm import tqdm
 
 import liftavatar
 from liftavatar.capture import PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter, Kinematics
-from liftavatar.errors import ConfigError
+from liftavatar.errors import ConfigError, LiftAvatarError
+from liftavatar.generator.pipeline import SamplerConfig, Solver
+from liftavatar.generator.prior import PriorConfig
 from liftavatar.io import write_json
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LiftConfig:
+class LiftConfig(SamplerConfig):
+    """What `lift` adds, and how it samples: the sampler's fields (:class:`SamplerConfig`) with lift's defaults."""
+
+    steps: int = 10
+    """Solver steps. UniPC at 10 steps lost 0.23 dB against Euler at 25 (2 held-out subjects) at 2.5× the speed."""
+    solver: Solver = "unipc"
+    """Flow-matching solver: unipc, or euler."""
+    seed: int = 0
+    """Seed of what lift draws: the expression library, the wider poses, the references when chosen now, and the
+    noise (clip c: seed + c)."""
+    batch_size: int = 1
+    """Clips sampled at once: faster on a GPU, more memory; the frames are the same up to float rounding."""
     num_expressions: int = 100
     """Target expressions to add (the paper's gains plateau at about 100)."""
     poses: Literal["observed", "wide"] = "observed"
@@ -43,15 +64,16 @@ class LiftConfig:
     refs: int = 5
     """Reference frames K."""
     ref_selection: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
-    steps: int = 10
-    """Solver steps. UniPC at 10 steps lost 0.23 dB against Euler at 25 (2 held-out subjects) at 2.5× the speed."""
-    guidance: float = 1.0
-    solver: Literal["euler", "unipc"] = "unipc"
-    seed: int = 0
+    """How references are chosen when the capture does not store K of them: kmeans over expression + rotation;
+    random, uniform, farthest for ablations."""
     library_size: int = 2000
     """Expression library entries drawn from the rig's extreme presets (ignored with expressions_from)."""
     coverage_radius: float = 0.5
     """Coverage counts held-out expressions within this L2 distance of some frame."""
+
+
+# LiftConfig fields that do not change the lifted frames: a resume may change them.
+_NOT_IN_FINGERPRINT = ("batch_size", "coverage_radius")
 
 
 def farthest_targets(library: np.ndarray, observed: np.ndarray, count: int) -> np.ndarray:
@@ -99,30 +121,47 @@ def target_trajectories(kinematics: Kinematics, targets: np.ndarray, frames: int
             np.concatenate(translations).astype(np.float32))
 
 
-def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = None,
-         config: LiftConfig | None = None, expressions_from: str | Path | None = None, device: str = "cpu",
+def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | Path | None = None,
+         config: LiftConfig | None = None, expressions_from: str | Path | None = None, device: str | None = None,
          overwrite: bool = False, resume: bool = False, progress: bool = True) -> tuple[Capture, dict]:
-    """Lift ``capture_path`` into ``out`` (see the module docstring). Returns the new capture and a report."""
+    """Lift ``capture_path`` into ``out`` (see the module docstring). Returns the new capture and a report.
+
+    ``prior``: a :class:`PriorConfig`, or a prior directory (None: the embedded prior); ``device``, when given,
+    overrides the config's. Every refusal (bad settings, capture, prior or library) comes before anything is
+    written; ``resume`` continues only a staging directory made from the same settings and inputs."""
     from liftavatar.face.control import render_controls
     from liftavatar.face.rig import FaceRig
-    from liftavatar.generator.data import _images, kinematic_controls, reference_indices, reference_inputs
-    from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, video_to_uint8
-    from liftavatar.generator.prior import resolve_prior
+    from liftavatar.fingerprint import capture_identity
+    from liftavatar.generator.inputs import (
+        image_tensor,
+        kinematic_controls,
+        num_controls,
+        reference_indices,
+        reference_inputs,
+        resize_images,
+        square_side,
+    )
+    from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, check_sampling, video_to_uint8
     from liftavatar.synth.kinematics import expression_keyframes
 
     config = config or LiftConfig()
+    if config.num_expressions < 1:
+        raise ConfigError(f"--num-expressions {config.num_expressions}: lift adds at least 1 expression; to use the "
+                          "capture as it is, skip lifting.")
+    check_sampling(config.steps, config.guidance, config.solver, config.batch_size)
+    prior = prior if isinstance(prior, PriorConfig) else PriorConfig(prior=prior)
+    if device is not None:
+        prior = replace(prior, device=device)
     capture = Capture.load(capture_path)
     rig = FaceRig.load()
     if list(capture.meta.expression_names) != list(rig.expression_names):
         raise ConfigError(f"{capture.path}: its expression coefficients are not this rig's; lift captures made by "
                           "`liftavatar track` or `synth`.")
+    side = square_side(capture, "lift")
     kin = capture.kinematics
     observed = kin.expression[kin.valid & (kin.provenance != PROVENANCE_LIFTED)]
     if len(observed) == 0:
         raise ConfigError(f"{capture.path}: no valid observed frames to lift from; track a video with a visible face.")
-    pipe = LiftAvatarPipeline.from_pretrained(resolve_prior(prior), device=device)
-    frames = pipe.window
-
     if expressions_from is not None:
         library = Capture.load(expressions_from).kinematics
         library = library.expression[library.valid]
@@ -130,42 +169,56 @@ def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = N
         library = expression_keyframes("extreme", config.library_size, rig.expression_names, seed=config.seed)
     held_out = expression_keyframes("extreme", 500, rig.expression_names, seed=config.seed + 1)
     picks = farthest_targets(library, observed, config.num_expressions)
-    rng = np.random.default_rng(config.seed)
-    expression, rotation, translation = target_trajectories(kin, library[picks], frames, config.poses, rng)
     ref_idx, note = reference_indices(capture, config.refs, config.ref_selection, config.seed)
     if note and progress:
-        print(note)
+        logger.info(note)
+    pipe = LiftAvatarPipeline.from_pretrained(prior)
+    pipe.check_controls(num_controls(len(rig.expression_names)), f"{capture.path} (with the prior {prior.path})")
+    frames = pipe.window
+    size = pipe.size or side  # the prior generates at its own resolution; the capture keeps its own
 
+    rng = np.random.default_rng(config.seed)
+    expression, rotation, translation = target_trajectories(kin, library[picks], frames, config.poses, rng)
     n0, n_new = capture.num_frames, len(expression)
     meta = CaptureMeta(**{**asdict(capture.meta), "num_frames": n0 + n_new,
                           "creator": {"verb": "lift", "version": liftavatar.__version__,
-                                      "config": {**asdict(config), "prior": str(resolve_prior(prior)),
+                                      "config": {**asdict(config), "prior": str(prior.path),
                                                  "source": str(capture.path)}}})
-    refs = reference_inputs(capture, ref_idx)
-    with CaptureWriter(out, meta, overwrite=overwrite, resume=resume) as writer:
-        for i in range(n0):
-            if not writer.has_frame(i):
-                writer.add_frame(i, capture.frame(i), capture.mask(i), capture.shading(i))
-        clips = config.num_expressions
-        bar = tqdm(total=clips, desc="lift", unit="expression", disable=not progress)
-        for c in range(clips):
-            sl = slice(c * frames, (c + 1) * frames)
-            if all(writer.has_frame(n0 + j) for j in range(sl.start, sl.stop)):
-                bar.update(1)
-                continue
-            verts = rig.vertices(kin.identity, expression[sl], rotation[sl], translation[sl]).to(device)
-            maps = render_controls(verts, capture.meta.intrinsics, capture.size, rig)
-            shading, masks = maps.shading, maps.mask
-            inputs = GenerationInputs(**refs, shading=_images(shading),
-                                      controls=torch.from_numpy(kinematic_controls(expression[sl], rotation[sl],
-                                                                                   translation[sl])))
-            video = pipe(inputs, steps=config.steps, guidance=config.guidance, seed=config.seed + c,
-                         solver=config.solver)
-            rgb = video_to_uint8(video)
-            for j in range(frames):
-                writer.add_frame(n0 + c * frames + j, rgb[j], masks[j], shading[j])
-            bar.update(1)
-        bar.close()
+    refs = reference_inputs(capture, ref_idx, size)
+    fingerprint = {**{k: v for k, v in asdict(config).items() if k not in _NOT_IN_FINGERPRINT},
+                   **prior.identity(), "source": capture_identity(capture.path),
+                   "expressions_from": None if expressions_from is None else capture_identity(expressions_from)}
+    writer = CaptureWriter(out, meta, overwrite=overwrite, resume=resume, fingerprint=fingerprint)
+    clips = config.num_expressions
+    span = lambda c: range(c * frames, (c + 1) * frames)  # noqa: E731  (clip c's rows of the lifted arrays)
+    todo = [c for c in range(clips) if not all(writer.has_frame(n0 + j) for j in span(c))]
+    generated = False
+    with writer:
+        try:
+            for i in range(n0):
+                if not writer.has_frame(i):
+                    writer.add_frame(i, capture.frame(i), capture.mask(i), capture.shading(i))
+            bar = tqdm(total=clips, initial=clips - len(todo), desc="lift", unit="expression", disable=not progress)
+            for chunk in range(0, len(todo), config.batch_size):
+                chosen = todo[chunk:chunk + config.batch_size]
+                rows = np.concatenate([span(c) for c in chosen])
+                verts = rig.vertices(kin.identity, expression[rows], rotation[rows], translation[rows])
+                maps = render_controls(verts.to(prior.device), capture.meta.intrinsics, capture.size, rig)
+                controls = kinematic_controls(expression[rows], rotation[rows], translation[rows])
+                inputs = GenerationInputs(**refs, shading=resize_images(image_tensor(maps.shading), size),
+                                          controls=torch.from_numpy(controls))
+                video = pipe.generate_clips(inputs, frames, [config.seed + c for c in chosen], config.steps,
+                                            config.guidance, config.solver, config.batch_size)
+                generated = True
+                rgb = video_to_uint8(resize_images(video, capture.size))
+                for k, row in enumerate(rows):
+                    writer.add_frame(n0 + row, rgb[k], maps.mask[k], maps.shading[k])
+                bar.update(len(chosen))
+            bar.close()
+        except LiftAvatarError:
+            if not generated and not writer.resumed:
+                writer.discard()  # a refusal before any generation leaves nothing behind
+            raise
         lifted = Kinematics(
             expression=np.concatenate([kin.expression, expression]),
             rotation=np.concatenate([kin.rotation, rotation]),
@@ -177,7 +230,7 @@ def lift(capture_path: str | Path, out: str | Path, prior: str | Path | None = N
         result = writer.finalize(lifted, reference_indices=ref_idx.tolist())
     report = {
         "source": str(capture.path), "lifted_expressions": config.num_expressions, "lifted_frames": n_new,
-        "frames_per_expression": frames, "coverage_radius": config.coverage_radius,
+        "frames_per_expression": frames, "generated_size": size, "coverage_radius": config.coverage_radius,
         "coverage_before": coverage(held_out, observed, config.coverage_radius),
         "coverage_after": coverage(held_out, np.concatenate([observed, expression]), config.coverage_radius),
     }

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from liftavatar.face.rig import FaceRig
 from liftavatar.generator.checkpoint import complete_checkpoints
-from liftavatar.generator.data import num_controls
+from liftavatar.generator.inputs import num_controls
 from liftavatar.generator.train import prior_metadata
 from liftavatar.generator.transformer import LiftAvatarTransformer
 

@@ -146,7 +146,91 @@ CAPTURE_CASES: list[Case] = [
          ("capture", "re-track", "valid frames"), check=_capture_json_unchanged),
 ]
 
-GENERATOR_CASES: list[Case] = []
+def _generate(i: Inputs, out: Path, *extra: str, prior: Path | None = None) -> list[str]:
+    return ["generate", "-o", str(out), "--prior", str(prior or i.prior), "--refs", str(i.capture), "--kinematics",
+            str(i.capture), "--num-refs", "2", "--steps", "1", *extra]
+
+
+def _lift(i: Inputs, *extra: str, capture: Path | None = None, prior: Path | None = None) -> list[str]:
+    return ["lift", str(capture or i.capture), "-o", str(i.tmp / "lifted"), "--prior", str(prior or i.prior),
+            "--refs", "2", "--steps", "1", *extra]
+
+
+def _file(i: Inputs, name: str) -> Path:
+    path = i.tmp / name
+    path.write_text("precious\n")
+    return path
+
+
+def _intact_capture(path: Path) -> Callable[[Inputs], None]:
+    def check(i: Inputs) -> None:
+        import numpy as np
+
+        from liftavatar.capture import Capture
+
+        copy, original = Capture.load(i.tmp / path), Capture.load(i.capture)
+        assert copy.num_frames == original.num_frames and np.array_equal(copy.frames(), original.frames())
+    return check
+
+
+def _intact_file(name: str) -> Callable[[Inputs], None]:
+    def check(i: Inputs) -> None:
+        assert (i.tmp / name).read_text() == "precious\n"
+    return check
+
+
+def _truncated_prior(i: Inputs) -> Path:
+    prior = i.copy("prior", "truncated")
+    weights = prior / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return prior
+
+
+def _prior_of_another_rig(i: Inputs) -> Path:
+    from liftavatar.generator.transformer import LiftAvatarTransformer
+
+    LiftAvatarTransformer.from_preset("tiny", 40, in_channels=12, out_channels=12).save_pretrained(
+        i.tmp / "prior40", extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None}, "frames": 3, "size": SIZE})
+    return i.tmp / "prior40"
+
+
+def _not_square(i: Inputs) -> Path:
+    from dataclasses import replace
+
+    from liftavatar.capture import Capture, write_capture
+
+    src = Capture.load(i.capture)
+    meta = replace(src.meta, size=(SIZE, SIZE - 8), reference_indices=None)
+    crop = lambda images: images[:, :, : SIZE - 8]  # noqa: E731
+    write_capture(i.tmp / "wide", meta, src.kinematics, crop(src.frames()), crop(src.masks()), crop(src.shadings()))
+    return i.tmp / "wide"
+
+
+def _nothing_written(i: Inputs) -> None:
+    assert not (i.tmp / "lifted").exists() and not (i.tmp / "lifted.partial").exists()
+
+
+GENERATOR_CASES: list[Case] = [
+    Case("generate -o an existing capture (it was deleted)", lambda i: _generate(i, i.copy("capture", "victim")),
+         ("capture", "never replaced"), check=_intact_capture(Path("victim"))),
+    Case("generate --force -o an existing capture", lambda i: _generate(i, i.copy("capture", "victim"), "--force"),
+         ("capture", "never replaced"), check=_intact_capture(Path("victim"))),
+    Case("generate -o an existing video without --force (it was overwritten)",
+         lambda i: _generate(i, _file(i, "old.mp4")), ("exists", "--force"), check=_intact_file("old.mp4")),
+    Case("generate -o an existing file that is not a video", lambda i: _generate(i, _file(i, "notes.txt")),
+         ("notes.txt", "not a video"), check=_intact_file("notes.txt")),
+    Case("generate -o a path under a file", lambda i: _generate(i, _file(i, "notes.txt") / "frames"),
+         ("notes.txt", "is a file"), check=_intact_file("notes.txt")),
+    Case("generate with a truncated safetensors file in --prior",
+         lambda i: _generate(i, i.tmp / "out.mp4", prior=_truncated_prior(i)), ("model.safetensors", "truncated")),
+    Case("lift --num-expressions 0", lambda i: _lift(i, "--num-expressions", "0"), ("--num-expressions 0",),
+         check=_nothing_written),
+    Case("lift a capture that is not square", lambda i: _lift(i, "--num-expressions", "1", capture=_not_square(i)),
+         ("wide", "not square"), check=_nothing_written),
+    Case("lift with a prior of another rig leaves no OUT.partial",
+         lambda i: _lift(i, "--num-expressions", "1", prior=_prior_of_another_rig(i)), ("controls", "prior40"),
+         check=_nothing_written),
+]
 
 def _unfinished_avatar(i: Inputs) -> Path:
     """An avatar whose training stopped after 2 of its 4 iterations (as a Ctrl-C or a kill leaves it)."""

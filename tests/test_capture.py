@@ -564,6 +564,34 @@ def test_resume_keeps_written_frames(tmp_path: Path) -> None:
     assert not os.listdir(fresh.staging / "frames")
 
 
+def test_resume_refuses_a_staging_directory_of_other_inputs(tmp_path: Path) -> None:
+    out = tmp_path / "capture"
+    frames, masks, shadings = make_images()
+    made_from = {"seed": 1, "steps": 10, "prior": {"weights": "abc", "dtype": "float32"}, "poses": ("a", "b")}
+    with pytest.raises(RuntimeError), CaptureWriter(out, make_meta(), fingerprint=made_from) as writer:
+        writer.add_frame(0, frames[0], masks[0], shadings[0])
+        raise RuntimeError("interrupted")
+    staged = tmp_path / "capture.partial" / "frames" / "000000.png"
+    kept = staged.read_bytes()
+
+    other = {**made_from, "seed": 2, "prior": {"weights": "def", "dtype": "float32"}}
+    with pytest.raises(CaptureError, match=r"staged from other inputs \(seed, prior\.weights differ\); "
+                                           r"run without --resume to start over"):
+        CaptureWriter(out, make_meta(), resume=True, fingerprint=other)
+    assert staged.read_bytes() == kept, "never mixed, never cleared"
+    writer = CaptureWriter(out, make_meta(), resume=True, fingerprint=dict(made_from))
+    assert writer.resumed and writer.has_frame(0) and not writer.has_frame(1)
+
+    # a staging directory that recorded nothing (an older writer's empty marker) is not resumed blindly
+    (writer.staging / ".liftavatar-partial").write_text("")
+    with pytest.raises(CaptureError, match="without a record of its inputs"):
+        CaptureWriter(out, make_meta(), resume=True, fingerprint=made_from)
+    # without --resume it starts over, and records what it is made from
+    fresh = CaptureWriter(out, make_meta(), fingerprint=other)
+    assert not fresh.resumed and not fresh.has_frame(0)
+    assert CaptureWriter(out, make_meta(), resume=True, fingerprint=other).resumed
+
+
 def test_background_writers_give_the_same_capture(tmp_path: Path, capture_dir: Path) -> None:
     frames, masks, shadings = make_images()
     with CaptureWriter(tmp_path / "threaded", make_meta(), workers=2) as writer:

@@ -1,13 +1,15 @@
 """Kinematic-space completion: target choice, coverage, and `lift` end to end on a tiny prior."""
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from liftavatar.capture import PROVENANCE_LIFTED, Capture
+from liftavatar.capture import PROVENANCE_LIFTED, Capture, Kinematics
 from liftavatar.cli import main
-from liftavatar.errors import ConfigError
+from liftavatar.errors import CaptureError, ConfigError
 from liftavatar.lift import LiftConfig, coverage, farthest_targets, lift
 from liftavatar.synth.world import SynthSpec, synthesize
 
@@ -30,13 +32,19 @@ def test_coverage_counts_queries_within_the_radius():
     assert coverage(query, np.zeros((0, 2)), 0.5) == 0.0
 
 
-@pytest.fixture(scope="module")
-def tiny_prior_and_capture(tmp_path_factory):
+def _tiny_prior(path, seed=0, size=SIZE, frames=3):
+    """An untrained tiny prior for ``size``² frames (pixel codec ×2), windows of ``frames``."""
     from liftavatar.generator.transformer import LiftAvatarTransformer
 
+    LiftAvatarTransformer.from_preset("tiny", 43, in_channels=12, out_channels=12, seed=seed).save_pretrained(
+        path, extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None}, "frames": frames, "size": size})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_prior_and_capture(tmp_path_factory):
     root = tmp_path_factory.mktemp("lift")
-    LiftAvatarTransformer.from_preset("tiny", 43, in_channels=12, out_channels=12).save_pretrained(
-        root / "prior", extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None}, "frames": 3, "size": SIZE})
+    _tiny_prior(root / "prior")
     capture = synthesize(SynthSpec(seed=7403, preset="sparse", frames=8, size=SIZE), root / "capture", progress=False)
     return root / "prior", capture
 
@@ -50,7 +58,6 @@ def test_lift_appends_lifted_frames_and_raises_coverage(tmp_path, tiny_prior_and
     assert (k.provenance[:8] == capture.kinematics.provenance).all()
     assert (k.provenance[8:] == PROVENANCE_LIFTED).all() and k.valid.all()
     assert np.allclose(k.expression[:8], capture.kinematics.expression)
-    assert report["coverage_after"] >= report["coverage_before"]
     assert np.array_equal(out.frame(3), capture.frame(3))
     assert out.mask(9).max() > 0  # masks of the rendered rig
     assert len(out.meta.reference_indices) == 2
@@ -92,4 +99,102 @@ def test_lift_a_capture_tracked_from_an_mp4(tmp_path):
                        LiftConfig(num_expressions=2, refs=2, steps=1), progress=False)
     assert out.num_frames == tracked.num_frames + 4
     assert (out.kinematics.provenance[-4:] == PROVENANCE_LIFTED).all()
-    assert report["coverage_after"] >= report["coverage_before"]
+    assert out.size == tracked.size and report["generated_size"] == 64
+
+
+def test_coverage_rises_where_targets_are_added_and_only_there(tmp_path, tiny_prior_and_capture):
+    """Coverage counts the held-out expressions near some frame: lifting toward held-out expressions must raise it;
+    lifting a capture whose library is its own expressions can add nothing new and must leave it unchanged."""
+    from liftavatar.face.rig import FaceRig
+    from liftavatar.synth.kinematics import expression_keyframes
+
+    prior, capture = tiny_prior_and_capture
+    config = LiftConfig(num_expressions=2, refs=2, steps=1)
+    # lift's held-out set for this seed (lift.py: seed + 1), as a library capture of the same subject
+    held_out = expression_keyframes("extreme", 500, FaceRig.load().expression_names, seed=config.seed + 1)
+    library = tmp_path / "library"
+    shutil.copytree(capture.path, library)
+    k = capture.kinematics
+    Kinematics(held_out[:capture.num_frames].astype(np.float32), k.rotation, k.translation, k.valid, k.provenance,
+               k.identity, k.landmarks2d).save_npz(library / "kinematics.npz")
+    _, toward = lift(capture.path, tmp_path / "toward", prior, config, expressions_from=library, progress=False)
+    assert toward["coverage_after"] >= toward["coverage_before"] + config.num_expressions / 500
+    _, own = lift(capture.path, tmp_path / "own", prior, config, expressions_from=capture.path, progress=False)
+    assert own["coverage_after"] == own["coverage_before"]
+
+
+def test_lift_a_capture_larger_than_the_prior_keeps_its_size(tmp_path, tiny_prior_and_capture):
+    """A 64² capture and a 32² prior: the prior generates at 32², the lifted capture is 64² throughout."""
+    from liftavatar.face.control import render_controls
+    from liftavatar.face.rig import FaceRig
+
+    prior, _ = tiny_prior_and_capture
+    big = synthesize(SynthSpec(seed=7403, preset="sparse", frames=6, size=2 * SIZE), tmp_path / "big", progress=False)
+    out, report = lift(big.path, tmp_path / "lifted", prior, LiftConfig(num_expressions=2, refs=2, steps=1),
+                       progress=False)
+    n0 = big.num_frames
+    assert out.size == (2 * SIZE, 2 * SIZE) and out.num_frames == n0 + 6 and report["generated_size"] == SIZE
+    for read in ("frames", "masks", "shadings"):  # the observed frames are copied unchanged
+        np.testing.assert_array_equal(getattr(out, read)(range(n0)), getattr(big, read)())
+    assert out.frames(range(n0, n0 + 6)).shape == (6, 2 * SIZE, 2 * SIZE, 3)
+    # the lifted shading maps and masks are rendered at the capture's size, not enlarged from the prior's
+    rig, k = FaceRig.load(), out.kinematics
+    rows = slice(n0, n0 + 6)
+    maps = render_controls(rig.vertices(k.identity, k.expression[rows], k.rotation[rows], k.translation[rows]),
+                           out.meta.intrinsics, out.size, rig)
+    np.testing.assert_array_equal(out.shadings(range(n0, n0 + 6)), maps.shading)
+    np.testing.assert_array_equal(out.masks(range(n0, n0 + 6)), maps.mask)
+
+
+def test_lift_resume_continues_only_the_run_it_was_started_as(tmp_path, tiny_prior_and_capture, monkeypatch):
+    import liftavatar.face.control as control
+
+    prior, capture = tiny_prior_and_capture
+    out, config, n0 = tmp_path / "lifted", LiftConfig(num_expressions=3, refs=2, steps=1), capture.num_frames
+    real, calls = control.render_controls, []
+
+    def render(*args, interrupt_at=None, **kw):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(control, "render_controls", lambda *a, **kw: render(*a, interrupt_at=2, **kw))
+    with pytest.raises(KeyboardInterrupt):  # interrupted while rendering the second clip's shading maps
+        lift(capture.path, out, prior, config, progress=False)
+    first = out.with_name("lifted.partial") / "frames" / f"{n0:06d}.png"
+    kept = first.read_bytes()
+    monkeypatch.setattr(control, "render_controls", render)
+
+    for kw, what in ((dict(config=replace(config, seed=1)), "seed"),
+                     (dict(prior=_tiny_prior(tmp_path / "other_prior", seed=1)), "prior")):
+        with pytest.raises(CaptureError, match=rf"other inputs \({what} differs\).*without --resume"):
+            lift(capture.path, out, **{"prior": prior, "config": config, **kw}, resume=True, progress=False)
+        assert first.read_bytes() == kept and not out.exists()
+
+    calls.clear()
+    lifted, _ = lift(capture.path, out, prior, config, resume=True, progress=False)
+    assert len(calls) == 2, "only the two clips not written yet are rendered and generated"
+    assert (lifted.path / "frames" / first.name).read_bytes() == kept
+    assert lifted.num_frames == n0 + 9
+
+
+def test_lift_loads_a_lora_prior_from_a_moved_base_with_base_and_dtype(tmp_path, tiny_prior_and_capture, capsys):
+    """`lift` takes what `generate` takes to load a prior: --base (a LoRA prior's Wan weights), --vae, --dtype."""
+    from diffusers import WanTransformer3DModel
+
+    from liftavatar.generator.transformer import BASE_PRESETS, LiftAvatarTransformer
+
+    _, capture = tiny_prior_and_capture
+    WanTransformer3DModel(**{**BASE_PRESETS["tiny"], "in_channels": 12, "out_channels": 12}).save_pretrained(
+        tmp_path / "base")
+    model = LiftAvatarTransformer.from_base(tmp_path / "base", 43)
+    model.add_lora(rank=4)
+    model.save_pretrained(tmp_path / "lora", extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None},
+                                                    "frames": 3, "size": SIZE})
+    (tmp_path / "base").rename(tmp_path / "moved")
+    argv = ["lift", str(capture.path), "-o", str(tmp_path / "out"), "--prior", str(tmp_path / "lora"),
+            "--num-expressions", "1", "--refs", "2", "--steps", "1"]
+    assert main(argv) == 2 and "--base PATH" in capsys.readouterr().err
+    assert main([*argv, "--base", str(tmp_path / "moved"), "--dtype", "bfloat16"]) == 0
+    assert Capture.load(tmp_path / "out").num_frames == capture.num_frames + 3

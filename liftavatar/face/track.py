@@ -383,7 +383,10 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
         rig={"name": rig.name, "version": rig.version}, expression_names=list(rig.expression_names),
         creator={"verb": "track", "version": liftavatar.__version__, "config": {**asdict(config), "input": str(source)}},
     )
-    writer = CaptureWriter(out_dir, meta, overwrite=overwrite, resume=resume, workers=2)
+    if not source.exists():
+        raise TrackError(f"{source}: no such file or folder; pass a video file or a folder of images.")
+    writer = CaptureWriter(out_dir, meta, overwrite=overwrite, resume=resume, workers=2,
+                           fingerprint=_fingerprint(source, config))
     state_path = writer.staging / STATE_FILE
     appearance = AppearanceModel.default(rig) if config.appearance else None
     try:
@@ -447,6 +450,17 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
             state_path.unlink(missing_ok=True)
             capture = writer.finalize(kinematics)
     return capture, report
+
+
+def _fingerprint(source: Path, config: TrackConfig) -> dict:
+    """What a tracked capture is made from, recorded by its CaptureWriter so that ``resume`` reuses landmarks and
+    frames of the same input and settings only: the config (but the device, which changes results by float
+    rounding only) and the input's identity (:func:`liftavatar.fingerprint.input_identity`: a video's path,
+    size and content hash; a folder's path and its images' names and sizes)."""
+    from liftavatar.fingerprint import input_identity
+
+    settings = {k: v for k, v in asdict(config).items() if k != "device"}
+    return {**settings, "input": input_identity(source, IMAGE_SUFFIXES if source.is_dir() else None)}
 
 
 def _write_batch(writer: CaptureWriter, batch, segmenter, rig, fit, intrinsics, config: TrackConfig,

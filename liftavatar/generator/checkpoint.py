@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from liftavatar.errors import ConfigError
@@ -159,6 +160,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         optimizer = optimizer_from_flat(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
         ema_path = path / "ema.safetensors"
         ema = load_file(str(ema_path)) if ema_path.is_file() else None
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
+    except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as exc:
         raise ConfigError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from the one before.") from exc
     return {**state, "model": model, "optimizer": optimizer, "ema": ema}

@@ -4,7 +4,7 @@ A clip is a dict of tensors (images float in [0, 1], channels first):
 
     frames       (F, 3, H, W)   target frames
     shading      (F, 3, H, W)   their shading maps
-    controls     (F, D)         their kinematic controls (:func:`kinematic_controls`)
+    controls     (F, D)         their kinematic controls (:func:`liftavatar.generator.inputs.kinematic_controls`)
     masks        (F, 1, H, W)   foreground masks
     ref_frames   (K, 3, H, W)   reference frames of the same subject
     ref_shading  (K, 3, H, W)
@@ -30,39 +30,16 @@ from torch.utils.data import Dataset, IterableDataset
 from liftavatar.capture import PROVENANCE_SYNTHETIC, Capture, Kinematics
 from liftavatar.errors import ConfigError
 from liftavatar.face.rig import FaceRig
-from liftavatar.synth.kinematics import CAMERA_DISTANCE_M, sample_kinematics
+from liftavatar.generator.inputs import image_tensor, kinematic_controls, reference_indices, reference_inputs
+from liftavatar.synth.kinematics import sample_kinematics
 from liftavatar.synth.subject import Subject, make_subject
 from liftavatar.synth.world import render_subject_tensors
-
-# Translation enters the controls relative to the usual head position, in decimetres, so that all
-# control components are of order one.
-_TRANSLATION_ORIGIN = np.array([0.0, 0.0, CAMERA_DISTANCE_M], np.float32)
-_TRANSLATION_SCALE = 10.0
-
-
-def kinematic_controls(expression: np.ndarray, rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
-    """Per-frame control vectors (N, E + 6): expression, axis-angle rotation (rad), translation (dm from rest)."""
-    expression = np.asarray(expression, np.float32)
-    t = (np.asarray(translation, np.float32) - _TRANSLATION_ORIGIN) * _TRANSLATION_SCALE
-    return np.concatenate([expression, np.asarray(rotation, np.float32), t], axis=-1)
-
-
-def num_controls(num_expressions: int) -> int:
-    return num_expressions + 6
-
 
 def _quantised(images: torch.Tensor) -> torch.Tensor:
     """(B, H, W[, C]) float in [0, 1] → (B, C, H, W), rounded to 8 bits as a Capture's PNGs are."""
     if images.ndim == 3:
         images = images.unsqueeze(-1)
     return (images.clamp(0, 1) * 255).round().div(255).permute(0, 3, 1, 2).contiguous()
-
-
-def _images(array: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) uint8 → (N, C, H, W) float in [0, 1]."""
-    if array.ndim == 3:
-        array = array[..., None]
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 255.0
 
 
 @dataclass
@@ -287,49 +264,8 @@ class CaptureClips(Dataset):
         idx = list(range(start, start + self.frames))
         k = capture.kinematics
         return dict(
-            frames=_images(capture.frames(idx)), shading=_images(capture.shadings(idx)),
+            frames=image_tensor(capture.frames(idx)), shading=image_tensor(capture.shadings(idx)),
             controls=torch.from_numpy(kinematic_controls(k.expression[idx], k.rotation[idx], k.translation[idx])),
-            masks=_images(capture.masks(idx)), **reference_inputs(pool, ref_idx),
+            masks=image_tensor(capture.masks(idx)), **reference_inputs(pool, ref_idx),
         )
 
-
-
-def reference_indices(capture: Capture, k: int, method: str = "kmeans", seed: int = 0) -> tuple[np.ndarray, str | None]:
-    """The capture's stored references when there are ``k`` of them, else chosen now (with a note saying so)."""
-    stored = capture.meta.reference_indices
-    if stored is not None and len(stored) == k and method == "kmeans":
-        return np.asarray(stored), None
-    from liftavatar.refs import select_references
-
-    idx = select_references(capture.kinematics, k, method, seed=seed)
-    why = "none stored; store them with `liftavatar refs`" if stored is None else f"{len(stored)} stored"
-    return idx, f"{capture.path}: references {idx.tolist()} chosen by {method} ({why})"
-
-
-def reference_inputs(capture: Capture, indices: np.ndarray) -> dict[str, torch.Tensor]:
-    """``ref_frames``, ``ref_shading`` (K, 3, H, W) and ``ref_controls`` (K, D) of these frames of a capture."""
-    k, idx = capture.kinematics, np.asarray(indices)
-    return dict(ref_frames=_images(capture.frames(idx.tolist())), ref_shading=_images(capture.shadings(idx.tolist())),
-                ref_controls=torch.from_numpy(kinematic_controls(k.expression[idx], k.rotation[idx],
-                                                                 k.translation[idx])))
-
-
-def generation_inputs(ref_capture: Capture, target_capture: Capture, k: int = 5, method: str = "kmeans",
-                      seed: int = 0, frames: Sequence[int] | None = None):
-    """GenerationInputs from two Captures: references from one, target shading + kinematics from the other."""
-    from liftavatar.generator.pipeline import GenerationInputs
-
-    if list(ref_capture.meta.expression_names) != list(target_capture.meta.expression_names):
-        raise ConfigError(f"{target_capture.path}: its {len(target_capture.meta.expression_names)} expression "
-                          f"coefficients differ from the references' {len(ref_capture.meta.expression_names)}; "
-                          "use kinematics made with the same rig.")
-    ref_idx, note = reference_indices(ref_capture, k, method, seed)
-    if note:
-        print(note)
-    idx = list(range(target_capture.num_frames)) if frames is None else list(frames)
-    tk = target_capture.kinematics
-    return GenerationInputs(
-        **reference_inputs(ref_capture, ref_idx),
-        shading=_images(target_capture.shadings(idx)),
-        controls=torch.from_numpy(kinematic_controls(tk.expression[idx], tk.rotation[idx], tk.translation[idx])),
-    )

@@ -11,9 +11,9 @@ the seams in pixel space.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,11 +22,46 @@ from tqdm import tqdm
 from liftavatar.errors import ConfigError
 from liftavatar.io import to_uint8
 from liftavatar.generator.codec import CodecConfig, build_codec
+from liftavatar.generator.prior import PriorConfig
 from liftavatar.generator.speed import SpeedConfig
 from liftavatar.generator.transformer import LiftAvatarTransformer, group_controls, read_config
 
 Solver = Literal["euler", "unipc"]
 Controls = Literal["both", "shading", "coefficients"]
+
+
+@dataclass
+class SamplerConfig:
+    """How the prior samples: one config for `generate`, `lift` and the bench (the defaults are `generate`'s;
+    :class:`liftavatar.lift.LiftConfig` extends it with lift's own)."""
+
+    steps: int = 25
+    """Solver steps."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale over the controls (1 = off)."""
+    solver: Solver = "euler"
+    """Flow-matching solver: euler, or unipc (as good in fewer steps)."""
+    seed: int = 0
+    """Seed of the noise (and of the reference frames' choice when they are chosen now)."""
+    batch_size: int = 8
+    """Windows (generate) or clips (lift) sampled at once: faster on a GPU, more memory; the frames are the same
+    up to float rounding."""
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampler's fields as :meth:`LiftAvatarPipeline.__call__` takes them (also from a subclass)."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplerConfig)}
+
+
+def check_sampling(steps: int, guidance: float, solver: str, batch_size: int) -> None:
+    """A :class:`ConfigError` naming the option when a sampler setting is out of range."""
+    if steps < 1:
+        raise ConfigError(f"--steps {steps}: the solver needs at least 1 step.")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: sample at least 1 at a time.")
+    if not np.isfinite(guidance):
+        raise ConfigError(f"--guidance {guidance}: use a finite scale (1 = off).")
+    if solver not in ("euler", "unipc"):
+        raise ConfigError(f"--solver {solver}: use euler or unipc.")
 
 
 def make_scheduler(solver: Solver, shift: float):
@@ -82,37 +117,54 @@ class LiftAvatarPipeline:
         self.dtype = dtype
 
     @classmethod
-    def from_pretrained(cls, prior: str | Path, device: str = "cpu", base_path: str | None = None,
-                        vae_path: str | None = None, dtype: torch.dtype = torch.float32,
-                        speed: SpeedConfig | None = None) -> LiftAvatarPipeline:
-        """Load a prior directory (``config.json`` + safetensors) written by `liftavatar train`."""
-        config = read_config(prior)
-        extra = config.extra
+    def from_pretrained(cls, prior: PriorConfig | str | Path | None = None, speed: SpeedConfig | None = None,
+                        **fields: Any) -> LiftAvatarPipeline:
+        """Load a prior written by `liftavatar train` (``config.json`` + safetensors) as :class:`PriorConfig` says.
+
+        ``prior``: a :class:`PriorConfig`, or the prior directory (None: the embedded prior) with the config's
+        other fields (``base``, ``vae``, ``dtype``, ``device``) as keywords, which also override a given
+        config's. ``speed``: how the transformer runs (:class:`SpeedConfig`; None: the plain path)."""
+        config = prior if isinstance(prior, PriorConfig) else PriorConfig(prior=prior)
+        config = replace(config, **fields) if fields else config
+        path = config.path
+        extra = read_config(path).extra
         codec_cfg = CodecConfig(**extra.get("codec", {"kind": "pixel", "factor": 4}))
-        if vae_path:
-            codec_cfg.vae_path = vae_path
-        model = LiftAvatarTransformer.from_pretrained(prior, base_path=base_path)
+        if config.vae:
+            codec_cfg.vae_path = str(config.vae)
+        model = LiftAvatarTransformer.from_pretrained(path, base_path=config.base)
         return cls(model, build_codec(codec_cfg), window=int(extra.get("frames", 8)),
-                   shift=float(extra.get("shift", 1.0)), device=device, dtype=dtype, speed=speed)
+                   shift=float(extra.get("shift", 1.0)), device=config.device, dtype=config.torch_dtype, speed=speed)
 
     @property
     def size(self) -> int | None:
+        """The square resolution (pixels a side) the prior was trained at, when it records one."""
         return self.model.config.extra.get("size")
 
+    @property
+    def num_controls(self) -> int:
+        """Kinematic controls per frame the prior expects (its rig's expression coefficients + 6 pose)."""
+        return self.model.config.num_controls
+
+    def check_controls(self, got: int, what: str) -> None:
+        """A :class:`ConfigError` naming ``what`` unless it gives ``got`` = :attr:`num_controls` controls a frame."""
+        d = self.num_controls
+        if got != d:
+            raise ConfigError(f"{what}: {got} kinematic controls per frame, the prior expects {d} "
+                              f"({d - 6} expression coefficients + pose); use kinematics of the prior's rig, "
+                              "or a prior trained on this one.")
+
     def check_inputs(self, inputs: GenerationInputs) -> None:
-        d = self.model.config.num_controls
         for name in ("ref_controls", "controls"):
-            got = getattr(inputs, name).shape[-1]
-            if got != d:
-                raise ConfigError(f"{name}: {got} kinematic controls per frame, the prior expects {d} "
-                                  f"({d - 6} expression coefficients + pose); use kinematics of the prior's rig.")
+            self.check_controls(getattr(inputs, name).shape[-1], name)
         hw_ref, hw = tuple(inputs.ref_frames.shape[-2:]), tuple(inputs.shading.shape[-2:])
         if hw_ref != hw:
             raise ConfigError(f"references are {hw_ref[0]}x{hw_ref[1]} but target shading maps {hw[0]}x{hw[1]}; "
                               "resize them to one resolution.")
+        # Tensors given directly must be at the prior's size; Captures of any size are resized to it
+        # (liftavatar.generator.inputs.generation_inputs(..., size=pipe.size)).
         if self.size and hw != (self.size, self.size):
-            raise ConfigError(f"frames of {hw[0]}x{hw[1]}: this prior was trained at {self.size}x{self.size}; "
-                              f"use captures of that size (e.g. `liftavatar track --size {self.size}`).")
+            raise ConfigError(f"images of {hw[0]}x{hw[1]}: this prior generates at {self.size}x{self.size}; "
+                              f"resize the inputs to it (generation_inputs(..., size={self.size}) does).")
         if len(inputs.ref_frames) < 1:
             raise ConfigError("no reference frames; pass at least one.")
 
@@ -128,17 +180,14 @@ class LiftAvatarPipeline:
         together, so each alone is a condition the prior never saw in training.
         """
         self.check_inputs(inputs)
+        check_sampling(steps, guidance, solver, batch_size)
         if controls not in ("both", "shading", "coefficients"):
             raise ConfigError(f"controls={controls!r}: use both, shading or coefficients.")
         n = inputs.shading.shape[0]
         # The VAE needs its trained 4n + 1 window (short inputs are padded); pixel latents may be shorter.
         window = min(self.window, n) if self.codec.temporal_factor == 1 else self.window
         starts = window_starts(n, window, overlap)
-        dev, tf = self.device, self.codec.temporal_factor
-        as5 = lambda x: x.to(dev).permute(1, 0, 2, 3).unsqueeze(0)  # noqa: E731  (F, C, H, W) → (1, C, F, H, W)
-        ref_latents = self.codec.encode_frames(as5(inputs.ref_frames)).to(self.dtype)
-        ref_shading = self.codec.encode_frames(as5(inputs.ref_shading)).to(self.dtype)
-        ref_controls = group_controls(inputs.ref_controls.to(dev).unsqueeze(0).float(), 1).expand(-1, -1, tf, -1)
+        refs = self._encode_references(inputs)
 
         out = torch.zeros(n, 3, *inputs.shading.shape[-2:])
         weight = torch.zeros(n, 1, 1, 1)
@@ -146,18 +195,13 @@ class LiftAvatarPipeline:
         bar = tqdm(total=len(starts), desc="generate", unit="window", disable=not progress)
         for chunk in range(0, len(starts), batch_size):
             chunk_starts = starts[chunk:chunk + batch_size]
-            shading = torch.cat([as5(_pad(inputs.shading[s:s + window], window)) for s in chunk_starts])
-            kinematics = torch.stack([_pad(inputs.controls[s:s + window], window) for s in chunk_starts]).to(dev).float()
-            shading_latents = self.codec.encode(shading).to(self.dtype)
-            if controls == "coefficients":
-                shading_latents = torch.zeros_like(shading_latents)
-            video = self._sample(shading_latents, group_controls(kinematics, tf),
-                                 ref_latents, ref_shading, ref_controls, steps, guidance,
-                                 [_window_seed(seed, s) for s in chunk_starts], solver,
-                                 drop_coefficients=controls == "shading")
+            video = self._generate([_pad(inputs.shading[s:s + window], window) for s in chunk_starts],
+                                   [_pad(inputs.controls[s:s + window], window) for s in chunk_starts],
+                                   [_window_seed(seed, s) for s in chunk_starts], refs, steps, guidance, solver,
+                                   controls)
             for i, s in enumerate(chunk_starts):
                 length = min(window, n - s)
-                frames = video[i].permute(1, 0, 2, 3)[:length].float().cpu()
+                frames = video[i, :length]
                 w = ramp[:length].view(-1, 1, 1, 1)
                 if s == 0:
                     w = torch.where(torch.arange(length).view(-1, 1, 1, 1) < overlap, torch.ones_like(w), w)
@@ -168,6 +212,53 @@ class LiftAvatarPipeline:
             bar.update(len(chunk_starts))
         bar.close()
         return out / weight.clamp_min(1e-8)
+
+    @torch.no_grad()
+    def generate_clips(self, inputs: GenerationInputs, clip_frames: int, seeds: list[int], steps: int = 25,
+                       guidance: float = 1.0, solver: Solver = "euler", batch_size: int = 8) -> torch.Tensor:
+        """Independent clips that share the references (what `lift` generates): the targets of ``inputs`` are
+        C = len(seeds) clips of ``clip_frames`` frames (at most the prior's window) one after another, and
+        clip c is sampled as ``self(clip_c, seed=seeds[c])`` samples it, ``batch_size`` clips at once (equal
+        frames up to float rounding). Returns (C · clip_frames, 3, H, W) float in [0, 1] on the CPU."""
+        self.check_inputs(inputs)
+        check_sampling(steps, guidance, solver, batch_size)
+        n, count = inputs.shading.shape[0], len(seeds)
+        if not 1 <= clip_frames <= self.window or n != count * clip_frames:
+            raise ConfigError(f"{n} target frames are not {count} clips of {clip_frames} frames (at most the "
+                              f"prior's window of {self.window}); pass one seed per clip.")
+        window = clip_frames if self.codec.temporal_factor == 1 else self.window
+        refs = self._encode_references(inputs)
+        clips = []
+        for chunk in range(0, count, batch_size):
+            chosen = range(chunk, min(count, chunk + batch_size))
+            frames = [slice(c * clip_frames, (c + 1) * clip_frames) for c in chosen]
+            video = self._generate([_pad(inputs.shading[f], window) for f in frames],
+                                   [_pad(inputs.controls[f], window) for f in frames],
+                                   [_window_seed(seeds[c], 0) for c in chosen], refs, steps, guidance, solver)
+            clips += [v[:clip_frames] for v in video]
+        return torch.cat(clips)
+
+    def _encode_references(self, inputs: GenerationInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The references' latents, shading latents and grouped controls, each with a batch axis of 1."""
+        tf = self.codec.temporal_factor
+        ref_latents = self.codec.encode_frames(_as_video(inputs.ref_frames, self.device)).to(self.dtype)
+        ref_shading = self.codec.encode_frames(_as_video(inputs.ref_shading, self.device)).to(self.dtype)
+        ref_controls = group_controls(inputs.ref_controls.to(self.device).unsqueeze(0).float(), 1).expand(-1, -1, tf, -1)
+        return ref_latents, ref_shading, ref_controls
+
+    def _generate(self, shading: list[torch.Tensor], controls: list[torch.Tensor], seeds: list[int],
+                  refs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], steps: int, guidance: float, solver: Solver,
+                  which: Controls = "both") -> torch.Tensor:
+        """Windows of (F, 3, H, W) target shading maps and (F, D) controls, sampled together from noise of
+        ``seeds`` → (B, F, 3, H, W) float frames on the CPU."""
+        tf = self.codec.temporal_factor
+        shading_latents = self.codec.encode(torch.cat([_as_video(x, self.device) for x in shading])).to(self.dtype)
+        if which == "coefficients":
+            shading_latents = torch.zeros_like(shading_latents)
+        kinematics = torch.stack(controls).to(self.device).float()
+        video = self._sample(shading_latents, group_controls(kinematics, tf), *refs, steps, guidance, seeds, solver,
+                             drop_coefficients=which == "shading")
+        return video.permute(0, 2, 1, 3, 4).float().cpu()
 
     def _sample(self, shading, controls, ref_latents, ref_shading, ref_controls, steps, guidance, seeds, solver,
                 drop_coefficients: bool = False):
@@ -194,6 +285,11 @@ class LiftAvatarPipeline:
                 v = self.model(latents, timestep, shading, controls, *refs, drop_coefficients=only_shading)
             latents = scheduler.step(v.float(), t, latents.float(), return_dict=False)[0].to(self.dtype)
         return self.codec.decode(latents.float())
+
+
+def _as_video(frames: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(F, C, H, W) frames → (1, C, F, H, W), the codec's layout, on ``device``."""
+    return frames.to(device).permute(1, 0, 2, 3).unsqueeze(0)
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:

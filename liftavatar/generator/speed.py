@@ -346,6 +346,10 @@ def block_forward(block: nn.Module, hidden: torch.Tensor, context: torch.Tensor,
                   rotary) -> torch.Tensor:
     """``WanTransformerBlock.forward`` with the timestep modulation given per group of tokens.
 
+    A second copy of diffusers' block, kept beside the plain path (LiftAvatarTransformer.forward calls the
+    block itself) because its savings are measured on a GPU only; tests/generator/test_speed_paths.py holds
+    the two paths equal, so a change to one must be made to the other (and to diffusers' version it follows).
+
     Args:
         hidden: (B, L, dim) tokens, L = G groups of equal size (latent frames).
         context: (B, S, dim) embedded text states.

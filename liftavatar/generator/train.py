@@ -35,6 +35,7 @@ communication per step) and is gathered only when written.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import signal
 import time
@@ -64,15 +65,18 @@ from liftavatar.generator.data import (
     SyntheticDataConfig,
     as_float_images,
     collate,
-    num_controls,
 )
+from liftavatar.generator.inputs import num_controls
 from liftavatar.generator.speed import SpeedConfig
 from liftavatar.generator.transformer import (
     LiftAvatarTransformer,
     TransformerConfig,
     group_controls,
+    load_state_exactly,
 )
 from liftavatar.io import json_safe, write_json
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,28 +209,64 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], c
 
 
 def build_model(config: TrainConfig, n_controls: int) -> LiftAvatarTransformer:
-    if config.base is not None:
-        model = LiftAvatarTransformer.from_base(config.base, n_controls, config.injection, config.base_config,
-                                                seed=config.seed)
+    """The model a run starts from: a preset or ``--base``, warm-started from ``--init-from`` (every tensor of
+    that prior loaded, see :func:`warm_start`), with ``--prompt-embedding`` and LoRA applied."""
+    start = None
+    if config.init_from is not None:
+        start = LiftAvatarTransformer.from_pretrained(config.init_from, base_path=config.base)
+    base, base_config = config.base, config.base_config
+    if base is None and start is not None and start.uses_lora:
+        # A LoRA prior is an adapter of the base it records (from_pretrained found it there): build on that base,
+        # so the adapter continues where it was trained and the new prior records the base again.
+        base, base_config = start.config.base_path, None
+    if base is not None:
+        model = LiftAvatarTransformer.from_base(base, n_controls, config.injection, base_config, seed=config.seed)
     else:
         overrides = {}
         if config.codec == "pixel":
             overrides = dict(in_channels=3 * config.pixel_factor ** 2, out_channels=3 * config.pixel_factor ** 2)
         model = LiftAvatarTransformer.from_preset(config.preset, n_controls, config.injection, seed=config.seed,
                                                   **overrides)
-    if config.init_from is not None:
-        start = LiftAvatarTransformer.from_pretrained(config.init_from, base_path=config.base)
-        if start.config.base != model.config.base or start.config.num_controls != n_controls:
-            raise ConfigError(f"--init-from {config.init_from}: that prior has another shape than --preset "
-                              f"{config.preset}; start from a prior of the same preset and codec.")
-        model.load_state_dict(start.state_dict(), strict=False)
+    if start is not None:
+        warm_start(model, start, config)
     if config.prompt_embedding is not None:
         model.load_prompt_embedding(config.prompt_embedding)
-    if config.train_mode == "lora":
+    if config.train_mode == "lora" and not model.uses_lora:
         model.add_lora(config.lora_rank)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+def warm_start(model: LiftAvatarTransformer, start: LiftAvatarTransformer, config: TrainConfig) -> None:
+    """Load every tensor of the prior ``start`` into the new ``model`` (built without LoRA), or raise a
+    :class:`ConfigError` naming the tensors that have no place in it (another preset, injection or codec).
+
+    A LoRA prior continues as a LoRA run: ``model`` gets an adapter of the prior's rank and targets and its
+    weights. Into a full run, a LoRA prior's adapter is merged into the base weights first (diffusers'
+    ``fuse_lora``), so the run starts from the function the prior computes. A full prior loads as it is; a
+    LoRA run adds its fresh adapter afterwards (LoRA B starts at zero, so the function is the prior's)."""
+    source = f"--init-from {config.init_from}"
+    if start.uses_lora:
+        lora = start.config.lora
+        if config.train_mode == "lora":
+            if lora["r"] != config.lora_rank:
+                raise ConfigError(f"{source}: a LoRA prior of rank {lora['r']}, but this run asks for --lora-rank "
+                                  f"{config.lora_rank}; pass --lora-rank {lora['r']} to continue its adapter.")
+            model.add_lora(rank=lora["r"], alpha=lora["lora_alpha"], targets=tuple(lora["target_modules"]))
+        else:
+            start.base.fuse_lora()
+            start.base.unload_lora()
+            start.config.lora = None
+    state = start.state_dict()
+    prompt = state.get("prompt_embedding")
+    if prompt is not None and prompt.shape != model.prompt_embedding.shape \
+            and prompt.shape[1:] == model.prompt_embedding.shape[1:]:
+        # The number of prompt tokens is the prior's (a precomputed text-encoder output has its own), not the preset's.
+        model.prompt_embedding = torch.nn.Parameter(prompt.clone())
+        model.config.prompt_tokens = prompt.shape[0]
+    load_state_exactly(model, state, source, fix="start from a prior of the same preset (or --base), injection "
+                                                 "and codec, or train without --init-from")
 
 
 def build_distributed_model(accelerator, config: TrainConfig, n_controls: int) -> LiftAvatarTransformer:
@@ -250,7 +290,7 @@ def build_distributed_model(accelerator, config: TrainConfig, n_controls: int) -
         if plugin.activation_checkpointing and model.gradient_checkpointing:
             model.gradient_checkpointing = False
             if main:
-                print("activation checkpointing: the FSDP config's (whole WanTransformerBlocks); "
+                logger.info("activation checkpointing: the FSDP config's (whole WanTransformerBlocks); "
                       "--gradient-checkpointing is not applied on top")
         if accelerator.mixed_precision == "bf16" and config.train_mode == "lora":
             for name, p in model.named_parameters():  # the frozen base is computed in bf16 anyway
@@ -361,7 +401,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
                                config.pools or None, seed=config.seed)
         if main:
             for note in dataset.notes:
-                print(note)
+                logger.info(note)
         synthetic = None
     else:
         dataset = None
@@ -374,13 +414,15 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     if existing:
         ckpt = load_checkpoint(existing[-1])
         if not any(p.is_meta for p in model.parameters()):  # an empty replica gets rank 0's weights
-            model.load_state_dict(ckpt["model"], strict=False)
+            load_state_exactly(model, ckpt["model"], existing[-1], required=trainable_keys,
+                               fix=f"resume with the settings {out} was started with (its train_config.json), "
+                                   "or choose another --out")
         start_step, history = ckpt["step"], ckpt.get("history", [])
         if main:
-            print(f"resuming {out} from step {start_step}")
+            logger.info(f"resuming {out} from step {start_step}")
             written = ckpt.get("global_batch")
             if written is not None and written != global_batch:
-                print(f"note: the checkpoint was written with a global batch of {written} "
+                logger.warning(f"note: the checkpoint was written with a global batch of {written} "
                       f"({ckpt.get('processes')} process(es)); this run's is {global_batch} "
                       f"({procs} × {config.batch_size}), so the continuation differs from an uninterrupted "
                       "run; keep --batch-size × processes equal to continue it exactly.")
@@ -400,7 +442,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
             ema_state = shard_like(ckpt["ema"], ema_state)
 
     if progress and main:
-        print(f"LiftAvatarTransformer ({n_trainable / 1e6:.2f} M trainable) on "
+        logger.info(f"LiftAvatarTransformer ({n_trainable / 1e6:.2f} M trainable) on "
               f"{accelerator.num_processes} "
               f"process(es), {accelerator.distributed_type.value}, {device}, precision {accelerator.mixed_precision}"
               + (f", global batch {global_batch}" if procs > 1 else ""))
@@ -509,7 +551,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         if signalled or flag.stop:
             raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, continue with --resume")
         if main:
-            print(f"paused at step {step} of {config.steps} (checkpoint saved); continue with --resume")
+            logger.info(f"paused at step {step} of {config.steps} (checkpoint saved); continue with --resume")
         return None
     prior_dir = out / "prior"
     extra = prior_metadata(json_safe(asdict(config)), step, history, rig.expression_names)

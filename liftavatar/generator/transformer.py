@@ -31,7 +31,7 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import torch
 import torch.nn as nn
@@ -263,26 +263,28 @@ class LiftAvatarTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_path: str | Path | None = None) -> LiftAvatarTransformer:
-        """Load a prior directory written by :meth:`save_pretrained` (``base_path`` overrides the recorded one)."""
-        from safetensors.torch import load_file
+        """Load a prior directory written by :meth:`save_pretrained` (``base_path`` overrides the recorded one).
 
+        Every tensor of the prior must find its place in the model its config describes, and every weight the
+        model needs from it must be there; a damaged or foreign file is a :class:`ConfigError` naming it."""
         directory = Path(directory)
         config = read_config(directory)
         lora = config.lora
+        incomplete = "the prior is incomplete or not of this config; copy or train it again"
         if lora is None:
             weights = directory / WEIGHTS_NAME
             shards = sorted(directory.glob(SHARD_PATTERN))
             if weights.is_file():
-                state = load_file(str(weights))
+                state = read_weights(weights)
             elif shards:  # fp16 shards of a shipped prior (scripts/export_prior.py)
-                state = {k: v for shard in shards for k, v in load_file(str(shard)).items()}
+                state = {k: v for shard in shards for k, v in read_weights(shard).items()}
             else:
                 raise ConfigError(f"{directory}: no {WEIGHTS_NAME}; pass a prior directory written by `liftavatar train`.")
             config.lora = None
             model = cls(config)
             own = model.state_dict()
             state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-            _load_exact(model, state, weights, strict=True)
+            load_state_exactly(model, state, weights if weights.is_file() else directory, fix=incomplete)
             return model
         path = base_path or config.base_path
         if not path or not Path(path).exists():
@@ -294,7 +296,8 @@ class LiftAvatarTransformer(nn.Module):
         weights = directory / ADAPTER_NAME
         if not weights.is_file():
             raise ConfigError(f"{directory}: no {ADAPTER_NAME}; the LoRA prior is incomplete, train it again.")
-        _load_exact(model, load_file(str(weights)), weights, strict=False)
+        # The base's own weights come from the base; the adapter file holds everything else.
+        load_state_exactly(model, read_weights(weights), weights, required=model.trainable_state_dict(), fix=incomplete)
         return model
 
     # ---- forward ------------------------------------------------------------------------------
@@ -385,6 +388,12 @@ class LiftAvatarTransformer(nn.Module):
         tokens_per_frame = (h // p_h) * (w // p_w)
         if prompt_embeds is None:
             prompt_embeds = self.prompt_embedding.unsqueeze(0).expand(b, -1, -1)
+        # Two paths compute one function. The plain one below re-states diffusers' forward and runs its blocks as
+        # they are, so a wrapped Wan2.1 is bitwise the base at initialisation and follows diffusers' own code; the
+        # fast one (speed.py) re-implements the blocks to do less work at real shapes, which only a GPU measures
+        # (benchmarks/generator_speed.py), so it cannot be shown here to cost nothing as a switch inside one path.
+        # tests/generator/test_speed_paths.py holds them equal (outputs and gradients, every injection, with and
+        # without references); test_train_and_sample.py::test_fast_path_trains_the_same_weights, training too.
         if self.speed.fast_path and p_t == 1:
             return self._forward_fast(latents, timestep, shading, frame_controls, prompt_embeds, k, t, h, w)
 
@@ -567,16 +576,38 @@ def read_config(directory: str | Path) -> TransformerConfig:
         raise ConfigError(f"{path}: not a LiftAvatar prior config ({exc}); train the prior again.") from exc
 
 
-def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], source: Path, strict: bool) -> None:
-    own = model.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            raise ConfigError(f"{source}: weight {key} does not belong to this model; the prior and its config disagree.")
-        if own[key].shape != value.shape:
-            raise ConfigError(f"{source}: weight {key} has shape {tuple(value.shape)}, the config expects "
-                              f"{tuple(own[key].shape)}; the prior is of another shape.")
-    missing = [k for k in own if k not in state and (strict or not k.startswith("base.") or "lora_" in k)]
-    if missing:
-        raise ConfigError(f"{source}: {len(missing)} weights missing (first: {missing[0]}); the prior is incomplete.")
-    model.load_state_dict(state, strict=False)
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, truncated or corrupt file is a :class:`ConfigError` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{path}: not a readable safetensors file ({exc}); the file is damaged or truncated, "
+                          "copy it again (or train again).") from None
+
+
+def _names(keys: list[str], shown: int = 3) -> str:
+    more = f", … ({len(keys)} in all)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def load_state_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path,
+                       required: Iterable[str] | None = None, fix: str = "the weights are not of this model") -> None:
+    """Load ``state`` into ``model`` so that nothing is dropped silently (``load_state_dict(strict=False)`` drops
+    what it cannot place): every tensor of ``state`` must have a place of its shape in the model, and every key
+    of ``required`` (default: all of the model's) must be in ``state``. Otherwise a :class:`ConfigError`
+    ``"{source}: <what, naming the keys>; {fix}."``."""
+    own = model.state_dict()
+    foreign = [k for k in state if k not in own]
+    if foreign:
+        raise ConfigError(f"{source}: {len(foreign)} weights have no place in this model ({_names(foreign)}); {fix}.")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise ConfigError(f"{source}: weight {key} has shape {tuple(value.shape)}, the model expects "
+                              f"{tuple(own[key].shape)} (another shape); {fix}.")
+    missing = [k for k in (own if required is None else required) if k not in state]
+    if missing:
+        raise ConfigError(f"{source}: {len(missing)} weights missing ({_names(missing)}); {fix}.")
+    model.load_state_dict(state, strict=False)

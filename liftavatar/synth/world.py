@@ -165,6 +165,17 @@ class SynthSpec:
     kinematics_from: str | None = None
 
 
+def spec_fingerprint(spec: SynthSpec) -> dict:
+    """What a synthesized capture is made from, recorded by its CaptureWriter so that ``resume`` continues only
+    the same spec: the spec, with the content (not the path) of the capture whose kinematics it performs."""
+    from liftavatar.fingerprint import capture_identity
+
+    fingerprint = asdict(spec)
+    if spec.kinematics_from is not None:
+        fingerprint["kinematics_from"] = capture_identity(spec.kinematics_from)
+    return fingerprint
+
+
 def synthesize(
     spec: SynthSpec, out_dir: str | Path, overwrite: bool = False, resume: bool = False, device: str = "cpu",
     progress: bool = True, batch_size: int = 8,
@@ -198,7 +209,8 @@ def synthesize(
         creator={"verb": "synth", "version": liftavatar.__version__, "config": asdict(spec)},
     )
     landmarks = np.zeros((len(kin), rig.num_landmarks, 2), np.float32)
-    with CaptureWriter(out_dir, meta, overwrite=overwrite, resume=resume, workers=2) as writer:
+    with CaptureWriter(out_dir, meta, overwrite=overwrite, resume=resume, workers=2,
+                       fingerprint=spec_fingerprint(spec)) as writer:
         done = {i for i in range(len(kin)) if writer.has_frame(i)} if resume else set()
         for start, batch in render_sequence(subject, kin, spec.size, intrinsics, rig, batch_size,
                                             spec.supersample, device, skip=done, progress=progress):

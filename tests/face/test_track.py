@@ -110,6 +110,32 @@ def test_interrupted_run_resumes_without_redoing_frames(clip, tmp_path, monkeypa
     assert capture.num_frames == 12
 
 
+def test_resume_on_another_input_is_refused(clip, tmp_path, monkeypatch):
+    """--resume reuses landmarks and frames of the same video only: another one is refused, the staging kept."""
+    from liftavatar.errors import CaptureError
+
+    video, truth = clip
+    other = tmp_path / "other.mp4"
+    write_video(other, truth.frames()[::-1], truth.meta.fps)
+    out, config = tmp_path / "cap", TrackConfig(size=64, fov=30.0)
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    original = track_module._write_batch
+    monkeypatch.setattr(track_module, "_write_batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):  # after the landmarks, before any frame
+        track(video, out, config, progress=False, batch_size=4)
+    monkeypatch.setattr(track_module, "_write_batch", original)
+    state = out.with_name(out.name + ".partial") / track_module.STATE_FILE
+    kept = state.read_bytes()
+    with pytest.raises(CaptureError, match=r"other inputs \(input\.path, input\..* differ\).*without --resume"):
+        track(other, out, config, progress=False, resume=True)
+    with pytest.raises(CaptureError, match=r"\(size differs\)"):
+        track(video, out, TrackConfig(size=128, fov=30.0), progress=False, resume=True)
+    assert state.read_bytes() == kept and not out.exists()
+
+
 def test_several_faces_follow_the_most_prominent(tmp_path):
     head = skimage.data.astronaut()[0:300, 110:350]
     smaller = np.asarray(Image.fromarray(head).resize((180, 225)))

@@ -24,7 +24,8 @@ def test_train_then_generate_an_mp4(tmp_path, tiny_capture, capsys):
     assert main(["generate", "-o", str(folder), "--prior", str(run / "prior"), "--refs", str(tiny_capture.path),
                  "--kinematics", str(tiny_capture.path), "--num-refs", "2", "--steps", "1", "--max-frames", "3",
                  "--guidance", "2.0"]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in folder.iterdir()) == [".liftavatar-generate", "000000.png", "000001.png",
+                                                       "000002.png"]  # the marker that lets --force replace it
 
 
 def test_generate_bad_inputs_exit_2(tmp_path, tiny_capture, capsys):
@@ -39,3 +40,25 @@ def test_generate_bad_inputs_exit_2(tmp_path, tiny_capture, capsys):
                  "--num-refs", "9"]) == 2
     assert "more than the 6 valid" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_generate_from_captures_of_other_sizes_writes_the_targets_size(tmp_path, tiny_capture):
+    """A 32² prior, references from a 32² capture, targets from a 64² one: frames come out at 64²."""
+    from PIL import Image
+
+    from liftavatar.generator.transformer import LiftAvatarTransformer
+    from liftavatar.synth.world import SynthSpec, synthesize
+
+    LiftAvatarTransformer.from_preset("tiny", 43, in_channels=12, out_channels=12).save_pretrained(
+        tmp_path / "prior", extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None}, "frames": 4, "size": SIZE})
+    big = synthesize(SynthSpec(seed=7401, preset="full", frames=3, size=2 * SIZE), tmp_path / "big", progress=False)
+    out = tmp_path / "frames"
+    assert main(["generate", "-o", str(out), "--prior", str(tmp_path / "prior"), "--refs", str(tiny_capture.path),
+                 "--kinematics", str(big.path), "--num-refs", "2", "--steps", "1"]) == 0
+    frames = sorted(out.glob("*.png"))
+    assert len(frames) == 3 and all(Image.open(p).size == (2 * SIZE, 2 * SIZE) for p in frames)
+    # --force replaces frames an earlier `generate` wrote
+    assert main(["generate", "-o", str(out), "--prior", str(tmp_path / "prior"), "--refs", str(tiny_capture.path),
+                 "--kinematics", str(tiny_capture.path), "--num-refs", "2", "--steps", "1", "--max-frames", "2",
+                 "--force"]) == 0
+    assert [Image.open(p).size for p in sorted(out.glob("*.png"))] == [(SIZE, SIZE)] * 2

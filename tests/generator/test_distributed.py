@@ -52,14 +52,15 @@ def _free_port() -> str:
 
 
 def _launch(prefix: list[str], *commands: list[str]) -> str:
-    """Run the commands one after another in one launched process group; their stdout."""
+    """Run the commands one after another in one launched process group; their output (stdout, then stderr,
+    where the trainer's notes go)."""
     argv = [*prefix, LAUNCHER]
     for i, command in enumerate(commands):
         argv += ([":::"] if i else []) + command
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def _torchrun() -> list[str]:
@@ -187,4 +188,4 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_capture):
     assert 0 < step < 100000
     done = subprocess.run(args + ["--steps", str(step + 2), "--resume"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"from step {step}" in done.stdout and (out / "prior" / "model.safetensors").is_file()
+    assert f"from step {step}" in done.stderr and (out / "prior" / "model.safetensors").is_file()

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from liftavatar.errors import ConfigError
-from liftavatar.generator.data import CaptureClips, SyntheticClipStream, SyntheticDataConfig, generation_inputs
+from liftavatar.generator.data import CaptureClips, SyntheticClipStream, SyntheticDataConfig
+from liftavatar.generator.inputs import generation_inputs
 from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, window_starts
 from liftavatar.generator.train import TrainConfig, train
 
@@ -46,7 +47,9 @@ def test_overfitting_one_clip_then_sampling_reproduces_it(tmp_path, tiny_capture
     assert not torch.equal(video, pipe(inputs, steps=25, seed=1))
     # the UniPC solver reaches the clip in fewer steps; guidance over the controls also runs
     assert _psnr(pipe(inputs, steps=10, seed=0, solver="unipc"), clip["frames"]) >= 22.0
-    assert torch.isfinite(pipe(inputs, steps=4, seed=0, guidance=2.0)).all()
+    guided = pipe(inputs, steps=4, seed=0, guidance=2.0)
+    assert torch.isfinite(guided).all()
+    assert not torch.allclose(guided, pipe(inputs, steps=4, seed=0), atol=1e-4)  # guidance changes the samples
     assert (tmp_path / "overfit" / "loss.png").is_file()
     assert any((tmp_path / "overfit" / "logs").iterdir())  # TensorBoard events
 
@@ -121,8 +124,14 @@ def test_generation_inputs_and_bad_inputs(tmp_path, tiny_capture):
     bigger = synthesize(SynthSpec(seed=7401, preset="full", frames=2, size=2 * SIZE), tmp_path / "big", progress=False)
     with pytest.raises(ConfigError, match="resize them to one resolution"):
         pipe(generation_inputs(bigger, tiny_capture, k=2, method="uniform"), steps=1)
-    with pytest.raises(ConfigError, match="trained at"):
+    with pytest.raises(ConfigError, match=f"generates at {SIZE}x{SIZE}"):  # tensors given as they are
         pipe(generation_inputs(bigger, bigger, k=2, method="uniform"), steps=1)
+    # captures of other sizes (two of them here) are brought to the prior's size
+    resized = generation_inputs(bigger, tiny_capture, k=2, method="uniform", size=pipe.size)
+    assert resized.ref_frames.shape == (2, 3, SIZE, SIZE) and resized.shading.shape == (6, 3, SIZE, SIZE)
+    assert pipe(resized, steps=1).shape == (6, 3, SIZE, SIZE)
+    with pytest.raises(ConfigError, match="--steps 0"):
+        pipe(inputs, steps=0)
     wrong = GenerationInputs(inputs.ref_frames, inputs.ref_shading, inputs.ref_controls[:, :40], inputs.shading,
                              inputs.controls[:, :40])
     with pytest.raises(ConfigError, match="expression coefficients"):
@@ -157,3 +166,121 @@ def test_identity_shards_give_each_batch_one_slice_of_the_identities():
         assert all((seed - 100) % 3 == batch % 3 and 100 <= seed < 110 for seed in seeds)
     plain = SyntheticClipStream(SyntheticDataConfig(seed_range=(100, 110)))
     assert len({plain._subject_seed(d) for d in range(60)}) > 5
+
+
+# ---- warm start (--init-from) and resume load every tensor or say which ones they cannot ------------------------
+
+D = 43
+
+
+def _tiny_base(path):
+    from diffusers import WanTransformer3DModel
+
+    from liftavatar.generator.transformer import BASE_PRESETS
+
+    torch.manual_seed(5)
+    WanTransformer3DModel(**BASE_PRESETS["tiny"]).save_pretrained(path)
+    return path
+
+
+def _moved(model):
+    """Every zero-initialised module (and LoRA B) moved, so that a dropped tensor changes the function."""
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for _, p in model.zero_initialised_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _forward(model):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    with torch.no_grad():
+        return model.eval()(r(1, 48, 2, 8, 8), torch.tensor([500.0]), r(1, 48, 2, 8, 8), r(1, 2, 1, D),
+                            r(1, 48, 1, 8, 8), r(1, 48, 1, 8, 8), r(1, 1, 1, D))
+
+
+def _warm(tmp_path, prior, **kw):
+    from liftavatar.generator.train import build_model
+
+    return build_model(TrainConfig(out=tmp_path / "run", init_from=prior, **kw), D)
+
+
+@pytest.fixture(scope="module")
+def lora_prior(tmp_path_factory):
+    from liftavatar.generator.transformer import LiftAvatarTransformer
+
+    root = tmp_path_factory.mktemp("warm")
+    base = _tiny_base(root / "base")
+    model = LiftAvatarTransformer.from_base(base, D)
+    model.add_lora(rank=4)
+    _moved(model).save_pretrained(root / "lora_prior")
+    return base, root / "lora_prior", model
+
+
+def test_warm_start_from_a_lora_prior_keeps_its_adapter(tmp_path, lora_prior):
+    base, prior, trained = lora_prior
+    want = trained.state_dict()
+    for kw in ({"base": base}, {}):  # with --base, and without: the base the prior records
+        model = _warm(tmp_path, prior, train_mode="lora", lora_rank=4, **kw)
+        got = model.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), kw
+        assert model.config.base_path == str(base.resolve())
+    # a full run from a LoRA prior starts from its merged weights: the same function
+    full = _warm(tmp_path, prior, base=base, train_mode="full")
+    assert not full.uses_lora
+    torch.testing.assert_close(_forward(full), _forward(trained), rtol=0, atol=1e-5)
+
+
+def test_warm_start_from_a_full_prior_into_a_lora_run(tmp_path, lora_prior):
+    from liftavatar.generator.transformer import LiftAvatarTransformer
+
+    base, _, _ = lora_prior
+    full = _moved(LiftAvatarTransformer.from_base(base, D, seed=7))
+    full.save_pretrained(tmp_path / "full_prior")
+    model = _warm(tmp_path, tmp_path / "full_prior", base=base, train_mode="lora", lora_rank=4)
+    assert model.uses_lora
+    torch.testing.assert_close(_forward(model), _forward(full), rtol=0, atol=1e-6)
+
+
+def test_warm_start_that_cannot_load_every_tensor_names_them(tmp_path, lora_prior):
+    from liftavatar.generator.transformer import LiftAvatarTransformer
+
+    base, prior, _ = lora_prior
+    with pytest.raises(ConfigError, match="--lora-rank 4"):
+        _warm(tmp_path, prior, base=base, train_mode="lora", lora_rank=8)
+    LiftAvatarTransformer.from_preset("tiny", D, "both").save_pretrained(tmp_path / "both")
+    with pytest.raises(ConfigError, match="control_xattn"):  # its cross-attention adapters have no home in "add"
+        _warm(tmp_path, tmp_path / "both", preset="tiny", injection="add")
+
+
+def test_resume_with_another_model_names_the_weights_it_cannot_load(tmp_path, tiny_capture):
+    config = _config(tmp_path, tiny_capture, "resume_other", steps=2, save_every=1, stop_after=1)
+    assert train(config, progress=False) is None
+    config.stop_after, config.resume, config.injection = None, True, "add"
+    with pytest.raises(ConfigError, match="control_xattn"):
+        train(config, progress=False)
+
+
+def test_clips_sampled_together_equal_clips_sampled_alone(tmp_path, tiny_capture):
+    """generate_clips (what `lift` calls) samples clip c as the pipeline samples it alone with seeds[c]: exactly
+    with one clip at a time, up to float rounding in batches."""
+    from liftavatar.generator.transformer import LiftAvatarTransformer
+
+    model = LiftAvatarTransformer.from_preset("tiny", 43, in_channels=12, out_channels=12)
+    for _, p in model.zero_initialised_parameters():  # so that the shading maps and controls matter
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(tmp_path / "prior", extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None},
+                                                     "frames": 3, "size": SIZE})
+    pipe = LiftAvatarPipeline.from_pretrained(tmp_path / "prior")
+    inputs = generation_inputs(tiny_capture, tiny_capture, k=2)
+    seeds = [4, 9]
+    alone = torch.cat([pipe(GenerationInputs(inputs.ref_frames, inputs.ref_shading, inputs.ref_controls,
+                                             inputs.shading[3 * c:3 * c + 3], inputs.controls[3 * c:3 * c + 3]),
+                            steps=2, seed=s) for c, s in enumerate(seeds)])
+    assert torch.equal(pipe.generate_clips(inputs, 3, seeds, steps=2, batch_size=1), alone)
+    torch.testing.assert_close(pipe.generate_clips(inputs, 3, seeds, steps=2, batch_size=2), alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(alone[:3], alone[3:], atol=1e-3)
+    with pytest.raises(ConfigError, match="one seed per clip"):
+        pipe.generate_clips(inputs, 3, [4], steps=1)

@@ -191,8 +191,10 @@ def test_save_and_load_round_trip_and_shape_errors(tmp_path):
     model = LiftAvatarTransformer.from_preset("tiny", D, seed=3)
     model.save_pretrained(tmp_path / "prior")
     loaded = LiftAvatarTransformer.from_pretrained(tmp_path / "prior")
-    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), k
+    want, got = model.state_dict(), loaded.state_dict()
+    assert got.keys() == want.keys()  # zip() over the two would stop silently at the shorter one
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
     # a prior whose weights are of another shape than its config says
     cfg = json.loads((tmp_path / "prior" / "config.json").read_text())
     cfg["base"]["ffn_dim"] = 256

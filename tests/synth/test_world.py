@@ -72,10 +72,12 @@ def test_kinematics_from_renders_another_subject_with_the_same_motion(sparse_cap
 
 def test_resume_keeps_written_frames(sparse_capture, tmp_path):
     from liftavatar.capture import CaptureWriter
+    from liftavatar.synth.world import spec_fingerprint
 
     out = tmp_path / "resumed"
     spec = SynthSpec(seed=7, preset="sparse", frames=10, size=64)
-    staging = CaptureWriter(out, sparse_capture.meta).staging  # what an interrupted run leaves
+    # what an interrupted run of this spec leaves
+    staging = CaptureWriter(out, sparse_capture.meta, fingerprint=spec_fingerprint(spec)).staging
     for i in range(4):
         for folder, image in (("frames", sparse_capture.frame(i)), ("masks", sparse_capture.mask(i)),
                               ("shading", sparse_capture.shading(i))):
