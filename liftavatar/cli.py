@@ -20,24 +20,20 @@ from liftavatar.errors import LiftAvatarError
 Out = Annotated[Path, tyro.conf.arg(aliases=("-o",))]
 
 
+def _synth_spec():
+    from liftavatar.synth.world import SynthSpec
+
+    return SynthSpec
+
+
 @dataclass
 class Synth:
     """Render a synthetic subject into a Capture with ground-truth kinematics (provenance 2)."""
 
     out: Out
     """Capture directory to write."""
-    seed: int = 0
-    """Subject seed: identity, appearance, lighting and background (also seeds the kinematics)."""
-    preset: Literal["sparse", "extreme", "full"] = "sparse"
-    """Kinematics preset: sparse (phone video), extreme (unseen expressions, wide poses), full."""
-    frames: int = 100
-    """Number of frames (ignored with --kinematics-from)."""
-    size: int = 256
-    """Square image size in pixels."""
-    fps: float = 25.0
-    """Frame rate of the trajectory."""
-    kinematics_from: Path | None = None
-    """Render this subject performing another capture's kinematics (the ground-truth oracle)."""
+    spec: Annotated[_synth_spec(), tyro.conf.arg(name="")] = field(default_factory=lambda: _synth_spec()())
+    """What to render (options without a prefix)."""
     video: bool = False
     """Also write OUT/video.mp4 of the frames."""
     preview: bool = False
@@ -45,38 +41,34 @@ class Synth:
     force: bool = False
     """Replace an existing capture at OUT."""
     resume: bool = False
-    """Keep frames an interrupted run already wrote."""
+    """Keep frames an interrupted run already wrote (refused when it was started with other settings)."""
     device: str = "cpu"
     """Torch device for rendering (cpu, cuda)."""
 
 
+def _track_config():
+    from liftavatar.face.track import TrackConfig
+
+    return TrackConfig
+
+
 @dataclass
 class Track:
-    """Track a monocular head video (or a folder of same-sized images) into a Capture."""
+    """Track a monocular head video (or a folder of photos of one person) into a Capture."""
 
     input: tyro.conf.Positional[Path]
-    """Video file (mp4, mov, webm, avi, mkv) or folder of images."""
+    """Video file (mp4, mov, webm, avi, mkv, m4v) or folder of images."""
     out: Out
     """Capture directory to write."""
-    size: int = 512
-    """Side of the square output frames, pixels."""
-    fps: float | None = None
-    """Resample the video to at most this frame rate."""
-    max_frames: int | None = None
-    """Stop after this many frames."""
-    fov: float = 60.0
-    """Horizontal field of view of the input camera, degrees (phone front camera ~60°)."""
+    config: Annotated[_track_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _track_config()())
+    """How to track (options without a prefix)."""
     preview: bool = False
     """Also write OUT/preview.png: frames with the fitted mesh overlaid, and the shading maps."""
     force: bool = False
     """Replace an existing capture at OUT."""
     resume: bool = False
-    """Continue an interrupted run: keep its landmarks and written frames."""
-    appearance: bool = True
-    """Read the expression from the face's pixels too (the packaged appearance network, a prior in the
-    fit); --no-appearance fits the landmarks alone."""
-    device: str = "cpu"
-    """Torch device for fitting and rendering."""
+    """Continue an interrupted run: keep its landmarks and written frames (refused when it was started on another
+    input or with other settings)."""
 
 
 @dataclass
@@ -171,12 +163,10 @@ class Bench:
 
 
 def run_synth(cfg: Synth) -> None:
-    from liftavatar.synth.world import SynthSpec, synthesize
+    from liftavatar.synth.world import synthesize
 
-    spec = SynthSpec(seed=cfg.seed, preset=cfg.preset, frames=cfg.frames, size=cfg.size, fps=cfg.fps,
-                     kinematics_from=str(cfg.kinematics_from) if cfg.kinematics_from else None)
     start = time.perf_counter()
-    capture = synthesize(spec, cfg.out, overwrite=cfg.force, resume=cfg.resume, device=cfg.device)
+    capture = synthesize(cfg.spec, cfg.out, overwrite=cfg.force, resume=cfg.resume, device=cfg.device)
     print(f"wrote {capture.num_frames} frames of {capture.meta.subject} to {capture.path} "
           f"({time.perf_counter() - start:.1f} s)")
     _extras(capture, video=cfg.video, preview=cfg.preview)
@@ -196,11 +186,9 @@ def _extras(capture, video: bool, preview: bool) -> None:
 
 
 def run_track(cfg: Track) -> None:
-    from liftavatar.face.track import TrackConfig, track
+    from liftavatar.face.track import track
 
-    config = TrackConfig(size=cfg.size, fps=cfg.fps, max_frames=cfg.max_frames, fov=cfg.fov, device=cfg.device,
-                         appearance=cfg.appearance)
-    capture, report = track(cfg.input, cfg.out, config, overwrite=cfg.force, resume=cfg.resume)
+    capture, report = track(cfg.input, cfg.out, cfg.config, overwrite=cfg.force, resume=cfg.resume)
     print(report.summary())
     print(f"wrote {capture.path}")
     if cfg.preview:
@@ -238,19 +226,23 @@ def _finish(results: dict, started: float) -> None:
     print(f"report: {Path(results['report']).resolve()}")
 
 
+# Bench options named differently from the BenchConfig fields they set (the rest share their names).
+_BENCH_FIELDS = {"iters": "avatar_iters", "steps": "lift_steps"}
+# Bench options that steer the command, not the run's configuration.
+_BENCH_COMMAND_ONLY = ("out", "quick", "workers", "until", "only", "force")
+
+
 def run_bench(cfg: Bench) -> None:
+    from dataclasses import asdict
+
     from liftavatar.bench import full_config, quick_config, run_bench as bench
 
-    overrides = {"subjects": cfg.subjects, "curve": cfg.curve, "lifted": cfg.lifted, "avatar_iters": cfg.iters,
-                 "lift_steps": cfg.steps, "train_frames": cfg.train_frames, "extreme_frames": cfg.extreme_frames,
-                 "seen_frames": cfg.seen_frames, "seed_base": cfg.seed_base, "lifted_weight": cfg.lifted_weight,
-                 "observed_finish": cfg.observed_finish,
-                 "observed_share": cfg.observed_share, "lift_poses": cfg.lift_poses,
-                 "track_appearance": cfg.track_appearance, "kinematics": cfg.kinematics,
-                 "prior": str(cfg.prior) if cfg.prior else None}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = {_BENCH_FIELDS.get(name, name): value for name, value in asdict(cfg).items()
+                 if name not in _BENCH_COMMAND_ONLY and value is not None}
+    if "prior" in overrides:
+        overrides["prior"] = str(overrides["prior"])
     make = quick_config if cfg.quick else full_config
-    config = make(**overrides, device=cfg.device, workers=_workers(cfg.workers, cfg.device))
+    config = make(**overrides, workers=_workers(cfg.workers, cfg.device))
     started = time.perf_counter()
     results = bench(config, cfg.out, force=cfg.force, until=cfg.until, only=cfg.only)
     if "stopped_after" in results:
@@ -378,9 +370,10 @@ def run_train(cfg) -> None:
 def run_generate(cfg: Generate) -> None:
     from liftavatar.capture import Capture
     from liftavatar.generator.inputs import generation_inputs, resize_images
-    from liftavatar.generator.pipeline import LiftAvatarPipeline
+    from liftavatar.generator.pipeline import LiftAvatarPipeline, video_to_uint8
+    from liftavatar.video import check_frames_output, write_frames
 
-    _check_frames_output(cfg.out, cfg.force)  # before minutes of generation, not after
+    check_frames_output(cfg.out, cfg.force)  # before minutes of generation, not after
     target, references = Capture.load(cfg.kinematics), Capture.load(cfg.refs)
     pipe = LiftAvatarPipeline.from_pretrained(cfg.prior)
     frames = range(min(target.num_frames, cfg.max_frames or target.num_frames))
@@ -388,93 +381,20 @@ def run_generate(cfg: Generate) -> None:
                                size=pipe.size)
     start = time.perf_counter()
     video = pipe(inputs, **cfg.sampler.sampling(), progress=True)
-    path = _write_frames(resize_images(video, target.size), cfg.out, target.meta.fps, cfg.force)
+    path = write_frames(video_to_uint8(resize_images(video, target.size)), cfg.out, target.meta.fps, cfg.force)
     print(f"generated {len(video)} frames in {time.perf_counter() - start:.1f} s: {path}")
-
-
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-# Marks a frames folder as generate's own: --force replaces such a folder, and never any other.
-GENERATED_MARKER = ".liftavatar-generate"
-
-
-def _check_frames_output(out: Path, force: bool) -> None:
-    """Refuse an output `generate` must not write: an existing one without --force, and with --force anything but
-    a video file or a frames folder an earlier `generate` wrote (a capture, a foreign folder, another file)."""
-    from liftavatar.errors import ConfigError
-
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"-o {out}: {parent} is a file, not a folder; choose an output path in a folder.")
-    video = out.suffix.lower() in VIDEO_SUFFIXES
-    if not out.exists() and not out.is_symlink():
-        return
-    if video and out.is_file():
-        if not force:
-            raise ConfigError(f"-o {out}: the file exists; pass --force to replace it, or choose another -o.")
-        return
-    if video:
-        raise ConfigError(f"-o {out}: a folder is there, not a video file; choose another -o.")
-    if out.is_dir() and not out.is_symlink():
-        if not any(out.iterdir()):
-            return
-        if (out / GENERATED_MARKER).is_file():
-            if not force:
-                raise ConfigError(f"-o {out}: frames of an earlier `generate` are there; pass --force to replace "
-                                  "them, or choose another -o.")
-            return
-        what = "a capture" if (out / "capture.json").is_file() else "a folder `generate` did not write"
-        raise ConfigError(f"-o {out}: {what} is there, which is never replaced; choose another -o "
-                          "(a new folder for PNG frames, or an .mp4 file).")
-    kinds = ", ".join(VIDEO_SUFFIXES)
-    raise ConfigError(f"-o {out}: a file that is not a video ({kinds}) is there, which is never replaced; choose "
-                      "another -o (a new folder for PNG frames, or an .mp4 file).")
-
-
-def _write_frames(video, out: Path, fps: float, force: bool = False) -> Path:
-    """(N, 3, H, W) float frames in [0, 1] → an .mp4 (or another video suffix) or a folder of PNGs.
-
-    What is already at ``out`` is replaced only as :func:`_check_frames_output` allows. A folder is written
-    under a temporary name with :data:`GENERATED_MARKER` inside, and renamed into place complete; the folder
-    it replaces is moved aside first and deleted last."""
-    import os
-    import shutil
-    import uuid
-
-    from liftavatar.errors import ConfigError
-    from liftavatar.generator.pipeline import video_to_uint8
-    from liftavatar.io import save_png, temporary_name, write_text
-
-    _check_frames_output(out, force)
-    frames = video_to_uint8(video)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() in VIDEO_SUFFIXES:
-        from liftavatar.video import write_video
-
-        write_video(out, frames, fps)
-        return out
-    tmp = temporary_name(out)
-    if tmp.exists():  # an interrupted earlier write: ours only when it holds the marker
-        if not (tmp / GENERATED_MARKER).is_file():
-            raise ConfigError(f"-o {out}: {tmp} is in the way and `generate` did not write it; move it away.")
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_text(tmp / GENERATED_MARKER, "frames written by `liftavatar generate`; --force may replace this folder\n")
-    for i, frame in enumerate(frames):
-        save_png(frame, tmp / f"{i:06d}.png")
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-    return out
 
 
 def _train_config():
     from liftavatar.generator.train import TrainConfig
 
     return TrainConfig
+
+
+def _eval_config():
+    from liftavatar.metrics.evaluate import EvalConfig
+
+    return EvalConfig
 
 
 @dataclass
@@ -485,36 +405,20 @@ class Eval:
     """Predicted frames: a Capture, a folder of images or a video."""
     gt: tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="GT")]]
     """Ground-truth frames, in the same order: a Capture (adds masks and kinematics), a folder or a video."""
+    config: Annotated[_eval_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _eval_config()())
+    """What to compute (options without a prefix)."""
     json: Path | None = None
     """Write the full report (per-frame values included) to this JSON file."""
-    metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "fid", "aed", "apd", "csim")
-    """Metrics to compute."""
-    kinematics: Literal["tracked", "given"] = "tracked"
-    """AED/APD from the tracker run on both sides, or from the kinematics both Captures carry."""
-    masked: bool = True
-    """Also report PSNR/SSIM/LPIPS over the ground truth's foreground masks (when it is a Capture)."""
-    lpips_weights: Path | None = None
-    """Folder with torchvision's alexnet-owt-7be5be79.pth and LPIPS v0.1 alex.pth (or LIFTAVATAR_LPIPS_WEIGHTS)."""
-    fid_weights: Path | None = None
-    """pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or LIFTAVATAR_FID_WEIGHTS)."""
-    fov: float = 60.0
-    """Horizontal field of view (degrees) assumed for tracking when neither side is a Capture."""
     max_frames: int | None = None
     """Compare only the first this many frames."""
-    device: str = "cpu"
-    """Torch device for LPIPS, FID and rig fitting."""
 
 
 def run_eval(cfg: Eval) -> None:
-    from liftavatar.metrics.evaluate import (EvalConfig, check_report_path, evaluate_paths, format_report,
-                                             write_report)
+    from liftavatar.metrics.evaluate import check_report_path, evaluate_paths, format_report, write_report
 
     if cfg.json is not None:
         check_report_path(cfg.json)  # before minutes of metrics, not after
-    config = EvalConfig(metrics=tuple(cfg.metrics), kinematics=cfg.kinematics, masked=cfg.masked,
-                        lpips_weights=str(cfg.lpips_weights) if cfg.lpips_weights else None,
-                        fid_weights=str(cfg.fid_weights) if cfg.fid_weights else None, fov=cfg.fov, device=cfg.device)
-    report = evaluate_paths(cfg.pred, cfg.gt, config, max_frames=cfg.max_frames)
+    report = evaluate_paths(cfg.pred, cfg.gt, cfg.config, max_frames=cfg.max_frames)
     print(format_report(report))
     if cfg.json is not None:
         print(f"wrote {write_report(report, cfg.json)}")
@@ -524,41 +428,27 @@ def run_eval(cfg: Eval) -> None:
 from typing import Union as _Union  # noqa: E402
 
 
+def _avatar_train_config():
+    from liftavatar.avatar.train import TrainConfig
+
+    return TrainConfig
+
+
 @dataclass
 class AvatarTrain:
-    """Train a mesh-rigged 3D Gaussian avatar on one subject's captures."""
+    """Train a mesh-rigged 3D Gaussian avatar on one subject's captures (the defaults are the benchmarked recipe)."""
 
     captures: tyro.conf.Positional[tuple[Path, ...]]
     """Capture directories of one subject (observed and lifted frames)."""
     out: Out
     """Avatar directory to write (checkpoints, validation renders)."""
-    iters: int = 3000
-    """Training iterations (one frame each)."""
-    size: int | None = None
-    """Train at this image height in pixels (default: the captures' size)."""
-    lifted_weight: float = AVATAR_DEFAULTS.lifted_weight
-    """Loss weight of lifted frames (provenance 1) relative to filmed ones."""
-    observed_share: float = AVATAR_DEFAULTS.observed_share
-    """Observed frames are repeated so that they make about this share of the draws (0: every frame once)."""
-    observed_finish: float = AVATAR_DEFAULTS.observed_finish
-    """The last share of the iterations draws observed frames only (a polish on the filmed frames)."""
-    refine_kinematics: bool = False
-    """Also optimise a per-frame correction of the tracked kinematics."""
-    holdout_every: int = 0
-    """Hold out every k-th frame for validation (0: validate on training frames)."""
-    sh_degree: int = 1
-    """Spherical-harmonics degree of the colours."""
-    val_every: int = 500
-    """Validate (render held-out or training frames, log their PSNR) every this many iterations; 0: never."""
-    checkpoint_every: int = 500
-    """Checkpoint every this many iterations (and always at the end and on Ctrl-C); 0: only then."""
-    seed: int = 0
+    config: Annotated[_avatar_train_config(), tyro.conf.arg(name="")] = field(
+        default_factory=lambda: _avatar_train_config()())
+    """How to train (options without a prefix; --avatar.* build the avatar)."""
     resume: bool = False
     """Continue the training state in OUT."""
     force: bool = False
     """Replace an avatar already in OUT."""
-    device: str = "cpu"
-    """Torch device (cuda uses gsplat, cpu the PyTorch rasterizer)."""
     threads: int | None = 1
     """Torch CPU threads (the CPU rasterizer's many small ops measured 18 it/s on 1 thread, 0.4 on 2 of a busy
     2-core machine); None keeps torch's default."""
@@ -578,6 +468,8 @@ class AvatarRender:
     """Image height in pixels (default: the kinematics capture's)."""
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """RGB in [0, 1] behind the avatar."""
+    force: bool = False
+    """Replace OUT when it is a video file or a frames folder an earlier render wrote (never anything else)."""
     allow_unfinished: bool = False
     """Render an avatar whose training stopped before its iterations were done (interrupted or time-boxed)."""
     device: str = "cpu"
@@ -614,31 +506,27 @@ class AvatarCommand:
 
 def run_avatar(cfg: AvatarCommand) -> None:
     cmd = cfg.command
-    if getattr(cmd, "threads", None) and not cmd.device.startswith("cuda"):
+    device = cmd.config.device if isinstance(cmd, AvatarTrain) else getattr(cmd, "device", "cpu")
+    if getattr(cmd, "threads", None) and not device.startswith("cuda"):
         import torch
 
         torch.set_num_threads(cmd.threads)
     if isinstance(cmd, AvatarTrain):
-        from liftavatar.avatar.model import AvatarConfig
-        from liftavatar.avatar.train import TrainConfig, train_avatar
+        from liftavatar.avatar.train import train_avatar
 
-        config = TrainConfig(iters=cmd.iters, size=cmd.size, lifted_weight=cmd.lifted_weight,
-                             observed_share=cmd.observed_share, observed_finish=cmd.observed_finish,
-                             refine_kinematics=cmd.refine_kinematics,
-                             holdout_every=cmd.holdout_every, val_every=cmd.val_every,
-                             checkpoint_every=cmd.checkpoint_every, seed=cmd.seed, device=cmd.device,
-                             avatar=AvatarConfig(sh_degree=cmd.sh_degree))
-        result = train_avatar(cmd.captures, cmd.out, config, resume=cmd.resume, force=cmd.force)
+        result = train_avatar(cmd.captures, cmd.out, cmd.config, resume=cmd.resume, force=cmd.force)
         val = "no validation" if result.val_psnr is None else f"validation PSNR {result.val_psnr:.2f} dB"
         print(f"trained {result.step} iterations ({result.iters_per_second:.1f} it/s), {result.num_gaussians} "
               f"Gaussians, {val}; avatar: {result.out_dir}")
     elif isinstance(cmd, AvatarRender):
         from liftavatar.avatar.export import render_kinematics
         from liftavatar.avatar.model import load_avatar
+        from liftavatar.video import check_frames_output
 
+        check_frames_output(cmd.out, cmd.force)  # before loading and rendering, not after
         avatar = load_avatar(cmd.avatar, device=cmd.device, allow_unfinished=cmd.allow_unfinished)
         out, n = render_kinematics(avatar, cmd.kinematics, cmd.out, size=cmd.size, background=cmd.background,
-                                   device=cmd.device)
+                                   device=cmd.device, force=cmd.force)
         print(f"rendered {n} frames: {out}")
     else:
         from liftavatar.avatar.export import export_ply

@@ -19,7 +19,8 @@ import numpy as np
 from liftavatar.errors import ConfigError, VideoError
 from liftavatar.io import temporary_name
 
-__all__ = ["VideoInfo", "probe_video", "read_video", "write_video"]
+__all__ = ["FRAMES_MARKER", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "VideoInfo", "check_frames_output", "probe_video",
+           "read_video", "write_frames", "write_video"]
 
 _CORRUPT_FIX = "re-export or re-copy the video"
 # Frame timestamps are floats from rational pts; this slack keeps a frame that lands exactly on
@@ -226,3 +227,87 @@ def _check_frame(
             f"{path}: frame {index} is {frame.shape[0]}×{frame.shape[1]}, but the first frame is "
             f"{size[0]}×{size[1]}; resize the frames to one size."
         )
+
+
+# ----------------------------------------------------------------------------------------------- frame sequences
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+"""Suffixes of video files: read as videos, and an output with one is written as a video (anything else is a
+folder of PNG frames)."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+"""Suffixes of image files, as a folder of frames or photos holds them."""
+FRAMES_MARKER = ".liftavatar-frames"
+"""Marks a frames folder as written by :func:`write_frames`: ``force`` replaces such a folder, and never another."""
+
+
+def check_frames_output(out: Path | str, force: bool = False) -> None:
+    """Refuse an output :func:`write_frames` must not write: an existing one without ``force``, and with ``force``
+    anything but a video file or a frames folder an earlier :func:`write_frames` wrote (a capture, a foreign
+    folder, another file). Call it before the work that makes the frames, so that a refusal costs nothing.
+
+    Raises:
+        ConfigError: one sentence naming ``out`` and what to do.
+    """
+    out = Path(out)
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"-o {out}: {parent} is a file, not a folder; choose an output path in a folder.")
+    video = out.suffix.lower() in VIDEO_SUFFIXES
+    if not out.exists() and not out.is_symlink():
+        return
+    if video and out.is_file():
+        if not force:
+            raise ConfigError(f"-o {out}: the file exists; pass --force to replace it, or choose another -o.")
+        return
+    if video:
+        raise ConfigError(f"-o {out}: a folder is there, not a video file; choose another -o.")
+    if out.is_dir() and not out.is_symlink():
+        if not any(out.iterdir()):
+            return
+        if (out / FRAMES_MARKER).is_file():
+            if not force:
+                raise ConfigError(f"-o {out}: frames written earlier are there; pass --force to replace them, or "
+                                  "choose another -o.")
+            return
+        what = "a capture" if (out / "capture.json").is_file() else "a folder of other files"
+        raise ConfigError(f"-o {out}: {what} is there, which is never replaced; choose another -o (a new folder "
+                          "for PNG frames, or an .mp4 file).")
+    raise ConfigError(f"-o {out}: a file that is not a video ({', '.join(VIDEO_SUFFIXES)}) is there, which is never "
+                      "replaced; choose another -o (a new folder for PNG frames, or an .mp4 file).")
+
+
+def write_frames(frames: Iterable[np.ndarray], out: Path | str, fps: float, force: bool = False) -> Path:
+    """Write (H, W, 3) uint8 RGB frames as a video (``out`` ends in one of :data:`VIDEO_SUFFIXES`) or as a folder
+    of ``000000.png`` … frames, replacing what is at ``out`` only as :func:`check_frames_output` allows.
+
+    A folder is written under a temporary name with :data:`FRAMES_MARKER` inside and renamed into place whole;
+    the folder it replaces is moved aside first and deleted last, so an interruption leaves the old frames or
+    the new ones, never a mix."""
+    import shutil
+    import uuid
+
+    from liftavatar.io import save_png, write_text
+
+    out = Path(out)
+    check_frames_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        write_video(out, frames, fps)
+        return out
+    tmp = temporary_name(out)
+    if tmp.exists():  # an interrupted earlier write: ours only when it holds the marker
+        if not (tmp / FRAMES_MARKER).is_file():
+            raise ConfigError(f"-o {out}: {tmp} is in the way and was not written by liftavatar; move it away.")
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_text(tmp / FRAMES_MARKER, "frames written by liftavatar; --force may replace this folder\n")
+    for i, frame in enumerate(frames):
+        save_png(frame, tmp / f"{i:06d}.png")
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+    return out

@@ -290,6 +290,22 @@ def _trained_without_validation(i: Inputs) -> None:
     assert avatar.meta.step == 2 and not list((i.tmp / "a").glob("val/*.png"))
 
 
+def _render_twice(i: Inputs, force: bool) -> list[str]:
+    """Render once (a folder of frames), mark its first frame, and return the command that renders there again."""
+    argv = ["avatar", "render", str(i.avatar), "--kinematics", str(i.capture), "-o", str(i.tmp / "r")]
+    assert main(argv) == 0
+    (i.tmp / "r" / "000000.png").write_bytes(b"marked")
+    return argv + (["--force"] if force else [])
+
+
+def _first_render_kept(i: Inputs) -> None:
+    assert (i.tmp / "r" / "000000.png").read_bytes() == b"marked"
+
+
+def _second_render_written(i: Inputs) -> None:
+    assert (i.tmp / "r" / "000000.png").read_bytes() != b"marked" and len(list((i.tmp / "r").glob("*.png"))) == 6
+
+
 AVATAR_CASES: list[Case] = [
     Case("avatar render from a folder that holds no avatar",
          lambda i: ["avatar", "render", str(i.tmp), "--kinematics", str(i.capture), "-o", str(i.tmp / "r")],
@@ -329,7 +345,16 @@ AVATAR_CASES: list[Case] = [
     Case("avatar export -o an existing directory",
          lambda i: ["avatar", "export", str(i.avatar), "-o", str(_foreign_folder(i))],
          ("notes", "directory"), check=_foreign_folder_untouched),
+    Case("avatar render -o an existing capture, even with --force",
+         lambda i: ["avatar", "render", str(i.avatar), "--kinematics", str(i.capture), "-o", str(i.copy("capture")),
+                    "--force"],
+         ("capture", "never replaced"), check=_same_as_shared("capture")),
+    Case("avatar render -o frames it rendered before, without --force",
+         lambda i: _render_twice(i, force=False), ("--force",), check=_first_render_kept),
+    Case("avatar render -o frames it rendered before, with --force",
+         lambda i: _render_twice(i, force=True), code=0, check=_second_render_written),
 ]
+
 
 def _json_dir(i: Inputs) -> Path:
     target = i.tmp / "report"

@@ -30,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liftavatar.io import atomic_write, save_png, to_uint8
+from liftavatar.io import atomic_write, to_uint8
+from liftavatar.video import check_frames_output, write_frames
 from liftavatar.avatar.model import Avatar, AvatarError, gaussians_world, render_avatar, triangle_frames
 
-__all__ = ["VIDEO_SUFFIXES", "export_ply", "read_ply", "render_kinematics"]
-
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+__all__ = ["export_ply", "read_ply", "render_kinematics"]
 
 
 @torch.no_grad()
@@ -133,34 +132,30 @@ def render_kinematics(
     batch: int = 8,
     backend: str = "auto",
     progress: bool = True,
+    force: bool = False,
 ) -> tuple[Path, int]:
     """Render ``avatar`` performing the kinematics of the capture at ``capture_path``.
 
     The avatar keeps its own identity; the capture supplies expression, head rotation and
     translation per frame and its camera (intrinsics rescaled to ``size``, the image height in
     pixels; default the capture's size). Frames the capture marks invalid are rendered as plain
-    background. ``out`` ending in .mp4/.mov/.mkv is written as a video (H.264), anything else as a
-    folder of ``000000.png`` … frames.
+    background. ``out`` is written by :func:`liftavatar.video.write_frames`: a video (H.264) when it ends in a
+    video suffix, else a folder of ``000000.png`` … frames; what is there is replaced only with ``force``, and
+    only when it is a video or frames an earlier render wrote.
 
     Returns:
         (out path, number of frames).
 
     Raises:
-        AvatarError: the capture's expression set differs from the avatar's; ``out`` is a file where a folder
-            goes, or a folder where a video goes.
+        AvatarError: the capture's expression set differs from the avatar's.
+        ConfigError: ``out`` may not be written (see :func:`liftavatar.video.check_frames_output`).
         CaptureError: the capture does not load.
     """
     from tqdm import tqdm
 
     from liftavatar.capture import Capture
 
-    out = Path(out)
-    video = out.suffix.lower() in VIDEO_SUFFIXES
-    if video and out.is_dir():
-        raise AvatarError(f"{out}: is a directory; pass the path of the video file to write (-o).")
-    if not video and out.exists() and not out.is_dir():
-        raise AvatarError(f"{out}: is a file; pass a folder for the PNG frames, or a path ending in "
-                          f"{'/'.join(VIDEO_SUFFIXES)} for a video (-o).")
+    check_frames_output(out, force)  # before rendering, not after
     capture = Capture.load(capture_path)
     names = list(capture.meta.expression_names)
     if names != list(avatar.meta.expression_names):
@@ -177,13 +172,4 @@ def render_kinematics(
     n = capture.num_frames
     frames = render_frames(avatar.to(device), capture.kinematics, k, (height, width), background, batch, backend)
     stream = tqdm(frames, total=n, desc="render", unit="frame", disable=not progress)
-    if out.suffix.lower() in VIDEO_SUFFIXES:
-        from liftavatar.video import write_video
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_video(out, stream, capture.meta.fps)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(stream):
-            save_png(image, out / f"{i:06d}.png")
-    return out, n
+    return write_frames(stream, out, capture.meta.fps, force), n

@@ -110,43 +110,63 @@ class TrainConfig:
     mask_weight: float = 0.1
     """Weight of L1 between the rendered alpha and the capture's mask."""
     position_weight: float = 0.01
+    """Weight of the penalty on local positions beyond ``position_threshold`` (GaussianAvatars' ε_position)."""
     position_threshold: float = 1.0
     """Local positions beyond this many triangle sizes from the centroid are penalised."""
     scale_weight: float = 1.0
+    """Weight of the penalty on local scales above ``scale_threshold`` (GaussianAvatars' ε_scaling)."""
     scale_threshold: float = 0.6
     """Local scales above this many triangle sizes are penalised."""
     lr_means: float = 5e-3
+    """Initial learning rate of the local positions (Adam; local units: triangle sizes)."""
     lr_means_final: float = 5e-5
     """Position learning rate decays exponentially from lr_means to this (local units / step)."""
     lr_scales: float = 1.7e-2
+    """Learning rate of the log local scales."""
     lr_quats: float = 1e-3
+    """Learning rate of the local rotations (quaternions)."""
     lr_opacities: float = 5e-2
+    """Learning rate of the opacity logits."""
     lr_sh0: float = 1e-2
+    """Learning rate of the base colours (SH degree 0)."""
     lr_shN: float = 5e-4
+    """Learning rate of the higher SH coefficients."""
     densify: bool = True
+    """Clone, split and prune Gaussians (gsplat's DefaultStrategy, keeping every triangle's binding)."""
     refine_start: int = 300
+    """First iteration that densifies."""
     refine_stop: float = 0.6
     """Stop densifying after this fraction of the iterations."""
     refine_every: int = 100
+    """Densify every this many iterations."""
     grow_grad2d: float = 2e-4
     """Mean image-plane gradient (gsplat's normalised units) above which a Gaussian is cloned or split."""
     grow_scale: float = 0.25
     """Local scale (triangle sizes) separating clone (below) from split (above)."""
     prune_opacity: float = 0.005
+    """Gaussians below this opacity are pruned (the most opaque of each triangle stays)."""
     max_gaussians: int = 100_000
+    """Densification stops growing at this many Gaussians."""
     refine_kinematics: bool = False
     """Optimise a per-frame correction of expression, rotation and translation (training frames)."""
     lr_kinematics: float = 1e-4
+    """Learning rate of the per-frame kinematics corrections."""
     holdout_every: int = 0
     """Hold out every k-th valid frame for validation (0: none held out)."""
     val_every: int = 500
+    """Validate (render held-out or training frames, log their PSNR) every this many iterations; 0: never."""
     val_frames: int = 4
+    """Frames rendered at each validation."""
     checkpoint_every: int = 500
+    """Checkpoint every this many iterations (and always at the end and on Ctrl-C); 0: only then."""
     seed: int = 0
+    """Seed of the initial Gaussians and of the frame drawn at each iteration."""
     device: str = "cpu"
+    """Torch device (cuda uses gsplat, cpu the PyTorch rasterizer)."""
     backend: str = "auto"
     """Rasterizer: auto (gsplat on CUDA, torch on CPU), gsplat, torch."""
     progress: bool = True
+    """Show a progress bar."""
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
 
 

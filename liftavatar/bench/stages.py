@@ -188,10 +188,14 @@ def _refs_done(cfg: BenchConfig, sdir: Path) -> bool:
 
 
 def lift_config(cfg: BenchConfig, count: int):
+    """The run's lifting in the configs `liftavatar lift` takes: the prior (:class:`PriorConfig`) and what to lift
+    (:class:`LiftConfig`, whose sampling fields are :class:`SamplerConfig`'s)."""
+    from liftavatar.generator.prior import PriorConfig
     from liftavatar.lift import LiftConfig
 
-    return LiftConfig(num_expressions=count, poses=cfg.lift_poses, refs=cfg.refs, steps=cfg.lift_steps,
-                      solver=cfg.lift_solver, seed=cfg.lift_seed)
+    prior = PriorConfig(prior=cfg.prior, device=cfg.device)
+    return prior, LiftConfig(num_expressions=count, poses=cfg.lift_poses, refs=cfg.refs, steps=cfg.lift_steps,
+                             solver=cfg.lift_solver, seed=cfg.lift_seed)
 
 
 def lift_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
@@ -201,10 +205,9 @@ def lift_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
 
     top = max(cfg.points())
     out = sdir / "lifted"
-    config = lift_config(cfg, top)
+    prior, config = lift_config(cfg, top)
     if not is_capture(out):
-        lift(sdir / "train", out, cfg.prior, config, device=cfg.device, overwrite=False, resume=True,
-             progress=progress)
+        lift(sdir / "train", out, prior, config, overwrite=False, resume=True, progress=progress)
     lifted = Capture.load(out)
     report = json.loads((out / "lift_report.json").read_text())
     window = int(report["frames_per_expression"])

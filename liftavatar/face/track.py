@@ -45,9 +45,8 @@ from liftavatar.face.landmarks import FaceMeshDetector
 from liftavatar.face.control import render_controls
 from liftavatar.face.rig import FaceRig
 from liftavatar.io import save_npz, to_uint8
+from liftavatar.video import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v")
 STATE_FILE = "track_state.npz"  # lives in the staging directory only, removed before finalize
 
 

@@ -14,11 +14,10 @@ from PIL import Image
 
 from liftavatar.capture import META_FILE, Capture, Kinematics
 from liftavatar.metrics.errors import MetricsError
+from liftavatar.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
-__all__ = ["FrameSet", "load_frames", "check_pair", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
+__all__ = ["FrameSet", "load_frames", "check_pair"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v")
 
 
 @dataclass(eq=False)

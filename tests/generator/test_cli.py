@@ -24,7 +24,7 @@ def test_train_then_generate_an_mp4(tmp_path, tiny_capture, capsys):
     assert main(["generate", "-o", str(folder), "--prior", str(run / "prior"), "--refs", str(tiny_capture.path),
                  "--kinematics", str(tiny_capture.path), "--num-refs", "2", "--steps", "1", "--max-frames", "3",
                  "--guidance", "2.0"]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == [".liftavatar-generate", "000000.png", "000001.png",
+    assert sorted(p.name for p in folder.iterdir()) == [".liftavatar-frames", "000000.png", "000001.png",
                                                        "000002.png"]  # the marker that lets --force replace it
 
 
