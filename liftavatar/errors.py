@@ -14,7 +14,7 @@ class CaptureError(LiftAvatarError):
 
 
 class VideoError(LiftAvatarError):
-    """A video file cannot be read or written."""
+    """A video or image file cannot be read or written."""
 
 
 class ConfigError(LiftAvatarError):

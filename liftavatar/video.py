@@ -1,4 +1,4 @@
-"""Video decode and encode through PyAV (FFmpeg).
+"""Frames in and out: video decode and encode through PyAV (FFmpeg), image files, frame sequences on disk.
 
 Frames cross this border as (H, W, 3) uint8 RGB arrays, row 0 at the top of the picture.
 """
@@ -20,7 +20,7 @@ from liftavatar.errors import ConfigError, VideoError
 from liftavatar.io import temporary_name
 
 __all__ = ["FRAMES_MARKER", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "VideoInfo", "check_frames_output", "probe_video",
-           "read_video", "write_frames", "write_video"]
+           "read_image", "read_video", "write_frames", "write_video"]
 
 _CORRUPT_FIX = "re-export or re-copy the video"
 # Frame timestamps are floats from rational pts; this slack keeps a frame that lands exactly on
@@ -230,6 +230,24 @@ def _check_frame(
 
 
 # ----------------------------------------------------------------------------------------------- frame sequences
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, upright: the EXIF orientation a phone records is applied.
+
+    Raises:
+        VideoError: the file is missing or is not a readable image.
+    """
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except FileNotFoundError:
+        raise VideoError(f"{path}: no such file; check the path.") from None
+    except (OSError, ValueError) as exc:
+        raise VideoError(f"{path}: not a readable image ({exc}); remove it from the folder or re-export it.") from None
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 """Suffixes of video files: read as videos, and an output with one is written as a video (anything else is a

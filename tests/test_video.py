@@ -141,3 +141,19 @@ def test_truncated_mp4_index_at_start(tmp_path: Path) -> None:
     frames = read_video(path)
     with pytest.raises(VideoError, match=f"{path}: decoding failed after \\d+ frames"):
         list(frames)
+
+
+def test_read_image_applies_the_exif_orientation_a_phone_records(tmp_path):
+    from PIL import Image
+
+    from liftavatar.video import read_image
+
+    upright = np.zeros((40, 20, 3), np.uint8)  # portrait: 40 rows, 20 columns, white at the top
+    upright[:10] = 255
+    stored = Image.fromarray(np.rot90(upright, k=1))  # stored on its side, as a phone's sensor gives it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: rotate 90° clockwise to display
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    image = read_image(tmp_path / "photo.jpg")
+    assert image.shape == (40, 20, 3)
+    assert image[:10].mean() > 200 and image[20:].mean() < 50

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 import liftavatar
@@ -45,7 +44,7 @@ from liftavatar.face.landmarks import FaceMeshDetector
 from liftavatar.face.control import render_controls
 from liftavatar.face.rig import FaceRig
 from liftavatar.io import save_npz, to_uint8
-from liftavatar.video import IMAGE_SUFFIXES
+from liftavatar.video import IMAGE_SUFFIXES, read_image
 
 STATE_FILE = "track_state.npz"  # lives in the staging directory only, removed before finalize
 
@@ -128,14 +127,6 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise TrackError(f"{path}: not a readable image ({exc}); remove it from the folder or re-export it.") from None
-
-
 def iter_frames(source: Path, config: TrackConfig) -> Iterator[np.ndarray]:
     """RGB uint8 frames of a video file or of a folder of same-sized images, in order."""
     if not source.exists():
@@ -146,7 +137,7 @@ def iter_frames(source: Path, config: TrackConfig) -> Iterator[np.ndarray]:
             files = files[: config.max_frames]
         first = None
         for path in files:
-            frame = _read_image(path)
+            frame = read_image(path)
             if first is None:
                 first = frame.shape
             elif frame.shape != first:

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from liftavatar.capture import META_FILE, Capture, Kinematics
 from liftavatar.metrics.errors import MetricsError
-from liftavatar.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from liftavatar.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_image
 
 __all__ = ["FrameSet", "load_frames", "check_pair"]
 
@@ -55,14 +54,6 @@ class FrameSet:
                 "size": list(self.size), "masks": self.masks is not None, "kinematics": self.kinematics is not None}
 
 
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise MetricsError(f"{path}: not a readable image ({exc}); remove it from the folder or re-export it.") from None
-
-
 def _stack(frames: list[np.ndarray], source: Path, names: list[str]) -> np.ndarray:
     first = frames[0].shape
     for frame, name in zip(frames, names):
@@ -96,7 +87,7 @@ def load_frames(path: str | Path, max_frames: int | None = None) -> FrameSet:
         if not files:
             raise MetricsError(f"{path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}) and no capture.json; "
                                f"pass a capture, a folder of frames or a video.")
-        return FrameSet(path, "folder", _stack([_read_image(p) for p in files], path, [p.name for p in files]))
+        return FrameSet(path, "folder", _stack([read_image(p) for p in files], path, [p.name for p in files]))
     if path.suffix.lower() in VIDEO_SUFFIXES:
         from liftavatar.video import read_video
 
@@ -105,7 +96,7 @@ def load_frames(path: str | Path, max_frames: int | None = None) -> FrameSet:
             raise MetricsError(f"{path}: the video holds no frames; pass a video with at least one frame.")
         return FrameSet(path, "video", np.stack(frames))
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return FrameSet(path, "image", _read_image(path)[None])
+        return FrameSet(path, "image", read_image(path)[None])
     raise MetricsError(f"{path}: not a capture, a folder of frames, an image or a video ({', '.join(VIDEO_SUFFIXES)}); "
                        f"pass one of those.")
 
