@@ -32,7 +32,8 @@ import torch
 
 from liftavatar.io import atomic_write, to_uint8
 from liftavatar.video import check_frames_output, write_frames
-from liftavatar.avatar.model import Avatar, AvatarError, gaussians_world, render_avatar, triangle_frames
+from liftavatar.avatar.model import (Avatar, AvatarError, bake_deformation, deform_condition, deform_features,
+                                     gaussians_world, render_avatar, triangle_frames)
 
 __all__ = ["export_ply", "read_ply", "render_kinematics"]
 
@@ -57,9 +58,10 @@ def export_ply(avatar: Avatar, path: str | Path) -> Path:
     except (FileExistsError, NotADirectoryError):
         raise AvatarError(f"{path}: a folder above it is a file; pass a .ply path under a folder.") from None
     rig = FaceRig.load()
-    avatar = avatar.to("cpu")
     zeros = torch.zeros(1, 3)
-    verts = avatar.vertices(torch.as_tensor(rig.neutral_expression(1)), zeros, zeros, rig)
+    neutral = torch.as_tensor(rig.neutral_expression(1))
+    avatar = bake_deformation(avatar.to("cpu"), deform_condition(neutral, zeros))  # the neutral head's Gaussians
+    verts = avatar.vertices(neutral, zeros, zeros, rig)
     world = gaussians_world(avatar.params, avatar.binding, verts, avatar.faces, 0)
     _, rot, _ = triangle_frames(verts, avatar.faces[avatar.binding])
     p = avatar.params
@@ -112,11 +114,14 @@ def render_frames(avatar: Avatar, kinematics, intrinsics, size: tuple[int, int],
     k = torch.tensor(intrinsics, dtype=torch.float32, device=device)
     bg = torch.tensor(background, dtype=torch.float32, device=device)
     n = len(kinematics.expression)
+    features = None if avatar.deform is None else deform_features(avatar, rig=rig)  # once, not per batch
     for start in range(0, n, batch):
         sl = slice(start, min(n, start + batch))
         verts = avatar.vertices(torch.from_numpy(kinematics.expression[sl]), torch.from_numpy(kinematics.rotation[sl]),
                                 torch.from_numpy(kinematics.translation[sl]), rig)
-        rgb, _, _ = render_avatar(avatar, verts, k, size, background=bg, backend=backend)
+        condition = deform_condition(kinematics.expression[sl], kinematics.rotation[sl])
+        rgb, _, _ = render_avatar(avatar, verts, k, size, background=bg, backend=backend, condition=condition,
+                                  features=features)
         rgb[torch.from_numpy(~kinematics.valid[sl]).to(device)] = bg
         yield from to_uint8(rgb)
 

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from liftavatar.avatar.model import (
     Avatar,
+    AvatarError,
     activate_gaussians,
     intrinsics_matrix,
     local_covariances,
@@ -141,6 +142,10 @@ class AvatarRenderer:
         if len(k) != 4:
             raise ValueError(f"intrinsics must be (fx, fy, cx, cy), got {len(k)} values")
 
+        if avatar.deform is not None:
+            raise AvatarError("AvatarRenderer renders avatars whose Gaussians do not deform with the expression; "
+                              "render this one with render_avatar, or bake its deformation at one frame first "
+                              "(liftavatar.avatar.model.bake_deformation).")
         with torch.no_grad():
             avatar = avatar.to(device)
             # Own copies: the graph reads these buffers, so nobody else may change them.

@@ -29,8 +29,15 @@ Which parts carry Gaussians: by default all of the rig's parts — face, eyeball
 rigged head (hair on the shell, the neck), so without Gaussians there the masked photometric
 loss would drag face Gaussians over the hair. ``AvatarConfig.parts`` can drop them.
 
+Expression-dependent deformation (``AvatarConfig.deform_width`` > 0; FlashAvatar, Xiang et al. CVPR 2024, conditions
+mesh-embedded Gaussians' offsets on the expression the same way): a small MLP maps each Gaussian's canonical
+position (where it sits on the neutral head, Fourier-encoded) and the frame's expression coefficients and head
+rotation to offsets of its local mean, log-scale, quaternion and base colour. Its last layer starts at zero, so a
+new avatar is the plain binding. It lets the avatar learn what the rig's blendshapes do not move (wrinkles, the
+skin around a wide-open mouth, hair that swings as the head turns); :func:`deform_gaussians`.
+
 State is plain tensors (:class:`Avatar`); :func:`gaussians_world` is a pure function from
-(parameters, posed vertices) to world-space Gaussians.
+(parameters, posed vertices[, deformation and the frame's condition]) to world-space Gaussians.
 
 On disk (:func:`save_avatar`): one file, ``avatar.safetensors``, is the checkpoint: the avatar's
 tensors, the training state's tensors (``train.``-prefixed: Adam moments, densification statistics,
@@ -48,7 +55,7 @@ import json
 import logging
 import math
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +80,13 @@ __all__ = [
     "AvatarMeta",
     "WorldGaussians",
     "activate_gaussians",
+    "bake_deformation",
+    "canonical_positions",
+    "deform_condition",
+    "deform_features",
+    "deform_gaussians",
+    "encode_positions",
+    "init_deform",
     "gaussians_world",
     "init_avatar",
     "load_avatar",
@@ -99,6 +113,7 @@ LEGACY_STATE_FILE = "train_state.safetensors"
 AVATAR_FORMAT = 1
 _HEADER_TAG = "liftavatar-avatar"  # the safetensors metadata "format" of a one-file checkpoint
 TRAIN_PREFIX = "train."
+DEFORM_PREFIX = "deform."
 ALL_PARTS = ("face", "eyeball", "upper_teeth", "lower_teeth", "tongue", "cavity", "head", "neck")
 PARAM_NAMES = ("means", "scales", "quats", "opacities", "sh0", "shN")
 _MIN_TRIANGLE_SCALE = 1e-6  # metres; keeps degenerate triangles from collapsing their Gaussians
@@ -123,6 +138,11 @@ class AvatarConfig:
     init_opacity: float = 0.9
     init_thickness: float = 0.3
     """Initial std along the triangle normal, relative to the in-plane std."""
+    deform_width: int = 0
+    """Width of the MLP that offsets every Gaussian by the frame's expression and head rotation (see the module
+    docstring); 0: no deformation, the plain binding."""
+    deform_frequencies: int = 4
+    """Fourier frequencies (octaves) of the canonical position the deformation MLP reads."""
 
 
 @dataclass
@@ -178,6 +198,8 @@ class Avatar:
         faces: (F, 3) long, the rig's triangles (all parts; ``binding`` indexes these).
         identity: (I,) float32 identity coefficients of the subject.
         meta: :class:`AvatarMeta`.
+        deform: the deformation MLP's tensors (``w0_pos``, ``w0_cond``, ``b0``, ``w1``, ``b1``, ``w2``, ``b2``),
+            or None when ``meta.config.deform_width`` is 0.
     """
 
     params: dict[str, Tensor]
@@ -185,6 +207,7 @@ class Avatar:
     faces: Tensor
     identity: Tensor
     meta: AvatarMeta
+    deform: dict[str, Tensor] | None = None
 
     @property
     def num_gaussians(self) -> int:
@@ -198,6 +221,7 @@ class Avatar:
         return Avatar(
             {k: v.to(device) for k, v in self.params.items()}, self.binding.to(device),
             self.faces.to(device), self.identity.to(device), self.meta,
+            None if self.deform is None else {k: v.to(device) for k, v in self.deform.items()},
         )
 
     def vertices(self, expression: Tensor, rotation: Tensor, translation: Tensor, rig=None) -> Tensor:
@@ -311,6 +335,87 @@ def activate_gaussians(params: dict[str, Tensor]) -> ActivatedGaussians:
     )
 
 
+def deform_condition(expression: Tensor, rotation: Tensor) -> Tensor:
+    """(B, E + 3): what the deformation reads of a frame: its expression coefficients and head rotation
+    (axis-angle, radians); hair and skin that move with a turn of the head read the latter."""
+    return torch.cat((torch.as_tensor(expression, dtype=torch.float32),
+                      torch.as_tensor(rotation, dtype=torch.float32)), -1)
+
+
+_DEFORM_OUT = 13  # Δ local mean (3), Δ log-scale (3), Δ quaternion (4), Δ base colour (3)
+_CANONICAL_EXTENT = 0.25  # metres: canonical positions (head frame) are divided by this before encoding
+
+
+def init_deform(config: AvatarConfig, conditions: int, seed: int = 0) -> dict[str, Tensor] | None:
+    """The deformation MLP's tensors for ``conditions`` inputs per frame (None when the config has none): two
+    hidden SiLU layers of ``deform_width``, the output layer zero, so that the new avatar is undeformed."""
+    width = config.deform_width
+    if width <= 0:
+        return None
+    gen = torch.Generator().manual_seed(seed + 0xDEF)
+    features = 3 * (1 + 2 * config.deform_frequencies)
+
+    def linear(n_in: int, n_out: int) -> Tensor:
+        return torch.randn(n_in, n_out, generator=gen) * math.sqrt(2.0 / n_in)
+
+    first = linear(features + conditions, width)
+    return {"w0_pos": first[:features].contiguous(), "w0_cond": first[features:].contiguous(),
+            "b0": torch.zeros(width), "w1": linear(width, width), "b1": torch.zeros(width),
+            "w2": torch.zeros(width, _DEFORM_OUT), "b2": torch.zeros(_DEFORM_OUT)}
+
+
+def canonical_positions(params: dict[str, Tensor], binding: Tensor, neutral: Tensor, faces: Tensor) -> Tensor:
+    """(N, 3) where every Gaussian sits on the neutral head (head frame, metres): its triangle's frame on the
+    ``neutral`` vertices (1, V, 3) applied to its local mean. Detached: an input of the deformation, not a path
+    for gradients into the means."""
+    cen, rot, k = (t[0].index_select(0, binding) for t in triangle_frames(neutral, faces))
+    return (cen + k[:, None] * (rot * params["means"].detach()[:, None, :]).sum(-1)).detach()
+
+
+def encode_positions(positions: Tensor, frequencies: int) -> Tensor:
+    """(N, 3 (1 + 2 F)) Fourier encoding of canonical positions (NeRF's γ) at octaves 0 … F − 1."""
+    p = positions / _CANONICAL_EXTENT
+    scaled = p[..., None] * (2.0 ** torch.arange(frequencies, device=p.device, dtype=p.dtype)) * math.pi
+    return torch.cat((p, torch.sin(scaled).flatten(-2), torch.cos(scaled).flatten(-2)), -1)
+
+
+def deform_gaussians(local: ActivatedGaussians, deform: dict[str, Tensor], features: Tensor,
+                     condition: Tensor) -> ActivatedGaussians:
+    """The Gaussians of every frame offset by the deformation MLP: per-frame (B, N, ...) local means, scales,
+    quaternions and colour coefficients (opacities stay shared). ``features`` (N, P) encoded canonical positions,
+    ``condition`` (B, C) from :func:`deform_condition`. Written out rather than as an ``nn.Module`` so that the
+    avatar stays plain tensors (and densification, which reorders Gaussians, never touches the MLP): the first
+    layer's position half runs once for all frames, its condition half once per frame."""
+    hidden = features @ deform["w0_pos"] + (condition.to(features) @ deform["w0_cond"] + deform["b0"])[:, None]
+    hidden = F.silu(hidden)  # (B, N, W)
+    hidden = F.silu(hidden @ deform["w1"] + deform["b1"])
+    out = hidden @ deform["w2"] + deform["b2"]  # (B, N, 13)
+    d_mean, d_scale, d_quat, d_colour = out.split((3, 3, 4, 3), -1)
+    dc = local.coeffs[:, :1] + d_colour[..., None, :] / 0.28209479177387814  # Δ colour as a DC offset
+    coeffs = torch.cat((dc, local.coeffs[None, :, 1:].expand(out.shape[0], -1, -1, -1)), -2)
+    return ActivatedGaussians(means=local.means + d_mean, scales=local.scales * torch.exp(d_scale),
+                              quats=F.normalize(local.quats + d_quat, dim=-1), opacities=local.opacities,
+                              coeffs=coeffs)
+
+
+@torch.no_grad()
+def bake_deformation(avatar: Avatar, condition: Tensor) -> Avatar:
+    """The avatar with its deformation at one frame's ``condition`` (1, C) folded into its parameters, and no
+    deformation left: what a viewer or exporter that knows nothing of it shows of that frame (the neutral head:
+    ``deform_condition`` of the neutral expression and zero rotation)."""
+    if avatar.deform is None:
+        return avatar
+    local = deform_gaussians(activate_gaussians(avatar.params), avatar.deform, deform_features(avatar),
+                             condition.to(avatar.device))
+    params = dict(avatar.params)
+    params["means"] = local.means[0]
+    params["scales"] = torch.log(local.scales[0])
+    params["quats"] = local.quats[0]
+    params["sh0"] = local.coeffs[0, :, :1]
+    meta = AvatarMeta(**{**asdict(avatar.meta), "config": replace(avatar.meta.config, deform_width=0)})
+    return Avatar(params, avatar.binding, avatar.faces, avatar.identity, meta, None)
+
+
 def gaussians_world(
     params: dict[str, Tensor],
     binding: Tensor,
@@ -319,8 +424,11 @@ def gaussians_world(
     sh_degree: int,
     sh_frame: str = "local",
     campos: Tensor | None = None,
+    deform: dict[str, Tensor] | None = None,
+    features: Tensor | None = None,
+    condition: Tensor | None = None,
 ) -> WorldGaussians:
-    """World-space Gaussians of posed rig vertices; pure and differentiable in both inputs.
+    """World-space Gaussians of posed rig vertices; pure and differentiable in all inputs.
 
     Args:
         params: the avatar's parameters (local frame, see the module docstring).
@@ -331,8 +439,13 @@ def gaussians_world(
         sh_frame: "local" or "world" (direction of view in the triangle's frame or the world's).
         campos: (B, 3) or (3,) camera centre in the world frame, metres; default the origin (the
             capture camera).
+        deform, features, condition: the deformation MLP, the Gaussians' encoded canonical positions (N, P) and
+            the frames' conditions (B, C) (:func:`deform_condition`); with ``deform`` None, no deformation.
     """
-    return pose_gaussians(activate_gaussians(params), binding, vertices, faces, sh_degree, sh_frame, campos)
+    local = activate_gaussians(params)
+    if deform is not None:
+        local = deform_gaussians(local, deform, features, condition)
+    return pose_gaussians(local, binding, vertices, faces, sh_degree, sh_frame, campos)
 
 
 def pose_gaussians(
@@ -360,11 +473,12 @@ def pose_gaussians(
     # Frames of all triangles, then gathered: no torch.unique, which would sync a CUDA device.
     cen, rot, k = triangle_frames(vertices, faces)
     cen, rot, k = (t.index_select(1, binding) for t in (cen, rot, k))  # (B, N, ...)
-    means = cen + k[..., None] * (rot * local.means[None, :, None, :]).sum(-1)  # R μ, elementwise (fast on CPU)
+    # Local tensors are (N, ...) or, deformed per frame, (B, N, ...): both broadcast against (B, N, ...).
+    means = cen + k[..., None] * (rot * local.means[..., None, :]).sum(-1)  # R μ, elementwise (fast on CPU)
     quats = scales = covars = None
     if covariances is None:
-        scales = k[..., None] * local.scales[None]
-        quats = quaternion_multiply(matrix_to_quaternion(rot), local.quats[None])
+        scales = k[..., None] * local.scales
+        quats = quaternion_multiply(matrix_to_quaternion(rot), local.quats)
     else:
         rs = (rot[..., :, :, None] * covariances[None, :, None, :, :]).sum(-2)  # R Σ_l
         cov = (rs[..., :, None, :] * rot[..., None, :, :]).sum(-1) * (k * k)[..., None, None]  # k² R Σ_l Rᵀ
@@ -378,12 +492,12 @@ def pose_gaussians(
         dirs = (rot * dirs[..., :, None]).sum(-2)  # Rᵀ d
     elif sh_frame != "world":
         raise ValueError(f"sh_frame must be 'local' or 'world', got {sh_frame!r}")
-    coeffs = local.coeffs  # (N, K, 3)
+    coeffs = local.coeffs if local.coeffs.dim() == 4 else local.coeffs[None]  # (B or 1, N, K, 3)
     if sh_degree == 0:
-        colors = coeffs[None, :, 0] * 0.28209479177387814 + 0.5
+        colors = coeffs[:, :, 0] * 0.28209479177387814 + 0.5
         colors = colors.expand(means.shape[0], -1, -1)
     else:
-        colors = _spherical_harmonics(sh_degree, dirs, coeffs[None].expand(means.shape[0], -1, -1, -1)) + 0.5
+        colors = _spherical_harmonics(sh_degree, dirs, coeffs.expand(means.shape[0], -1, -1, -1)) + 0.5
     return WorldGaussians(
         means=means, quats=quats, scales=scales, opacities=local.opacities, colors=colors.clamp_min(0.0),
         covars=covars,
@@ -508,6 +622,8 @@ def save_avatar(
     tensors = {k: v.detach().cpu().contiguous() for k, v in avatar.params.items()}
     tensors["binding"] = avatar.binding.cpu().contiguous()
     tensors["identity"] = avatar.identity.cpu().contiguous()
+    for name, value in (avatar.deform or {}).items():
+        tensors[DEFORM_PREFIX + name] = value.detach().cpu().contiguous()
     for name, value in (train_tensors or {}).items():
         tensors[TRAIN_PREFIX + name] = value.detach().cpu().contiguous()
     meta = avatar.meta.to_json()
@@ -589,7 +705,11 @@ def read_checkpoint(
         raise AvatarError(f"{weights}: its tensors do not fit together (binding {tuple(binding.shape)}, "
                           f"{misfit[0] if misfit else 'not one index per Gaussian'}); train the avatar again.")
     faces = torch.as_tensor(rig.faces, dtype=torch.long, device=device)
-    avatar = Avatar(params, binding, faces, tensors["identity"], meta)
+    deform = {k[len(DEFORM_PREFIX):]: v for k, v in tensors.items() if k.startswith(DEFORM_PREFIX)} or None
+    if (deform is None) != (meta.config.deform_width <= 0):
+        raise AvatarError(f"{weights}: its deformation tensors do not match its config (deform_width "
+                          f"{meta.config.deform_width}); train the avatar again.")
+    avatar = Avatar(params, binding, faces, tensors["identity"], meta, deform)
 
     state: dict[str, Tensor] = {}
     if train_state:
@@ -641,6 +761,22 @@ def load_avatar(path: str | Path, device: str | torch.device = "cpu", *, allow_u
 # Rendering
 
 
+def deform_features(avatar: Avatar, params: dict[str, Tensor] | None = None, binding: Tensor | None = None,
+                    rig=None) -> Tensor:
+    """(N, P) the deformation's per-Gaussian input: the encoded canonical positions of ``params`` (default the
+    avatar's) on this subject's neutral head."""
+    from liftavatar.face.rig import FaceRig
+
+    rig = rig or FaceRig.load()
+    params = avatar.params if params is None else params
+    binding = avatar.binding if binding is None else binding
+    device = binding.device
+    neutral = rig.vertices(avatar.identity.to(device), torch.as_tensor(rig.neutral_expression(1), device=device),
+                           torch.zeros(1, 3, device=device), torch.zeros(1, 3, device=device))
+    positions = canonical_positions(params, binding, neutral, avatar.faces.to(device))
+    return encode_positions(positions, avatar.meta.config.deform_frequencies)
+
+
 def intrinsics_matrix(intrinsics: Tensor) -> Tensor:
     """(..., 4) (fx, fy, cx, cy) -> (..., 3, 3) pinhole matrices (pixels)."""
     fx, fy, cx, cy = torch.as_tensor(intrinsics, dtype=torch.float32).unbind(-1)
@@ -658,6 +794,9 @@ def render_avatar(
     backend: str = "auto",
     params: dict[str, Tensor] | None = None,
     binding: Tensor | None = None,
+    condition: Tensor | None = None,
+    deform: dict[str, Tensor] | None = None,
+    features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Render posed frames of an avatar seen by the capture camera (at the world origin).
 
@@ -669,6 +808,9 @@ def render_avatar(
         size: (H, W) pixels.
         background: (3,) RGB in [0, 1] behind the avatar; None is black.
         backend: rasterizer backend ("auto": gsplat on CUDA, torch on CPU).
+        condition: (B, C) the frames' :func:`deform_condition`; needed by an avatar that deforms.
+        deform, features: the deformation MLP (default the avatar's) and the Gaussians' encoded canonical
+            positions (default computed here from ``params``; training passes its live ones).
 
     Returns:
         rgb (B, H, W, 3), alpha (B, H, W, 1), and the rasterizer's ``info`` (unpacked;
@@ -679,7 +821,16 @@ def render_avatar(
     params = avatar.params if params is None else params
     binding = avatar.binding if binding is None else binding
     cfg = avatar.meta.config
-    world = gaussians_world(params, binding, vertices, avatar.faces, cfg.sh_degree, cfg.sh_frame)
+    deform = avatar.deform if deform is None else deform
+    if deform is not None:
+        if condition is None:
+            raise AvatarError("this avatar deforms with the expression: pass the frames' condition "
+                              "(deform_condition(expression, rotation)) to render it.")
+        if features is None:
+            features = deform_features(avatar, params, binding)
+        condition = condition.to(vertices.device)
+    world = gaussians_world(params, binding, vertices, avatar.faces, cfg.sh_degree, cfg.sh_frame,
+                            deform=deform, features=features, condition=condition)
     batch = vertices.shape[0]
     ks = intrinsics_matrix(torch.as_tensor(intrinsics, device=vertices.device).float().expand(batch, 4))
     ks = ks.to(vertices.device)[:, None]  # (B, 1, 3, 3)

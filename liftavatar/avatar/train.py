@@ -64,7 +64,11 @@ from liftavatar.avatar.model import (
     AvatarConfig,
     AvatarError,
     AvatarMeta,
+    canonical_positions,
+    deform_condition,
+    encode_positions,
     init_avatar,
+    init_deform,
     read_checkpoint,
     render_avatar,
     rgb_to_sh0,
@@ -151,6 +155,8 @@ class TrainConfig:
     """Optimise a per-frame correction of expression, rotation and translation (training frames)."""
     lr_kinematics: float = 1e-4
     """Learning rate of the per-frame kinematics corrections."""
+    lr_deform: float = 5e-4
+    """Learning rate of the deformation MLP (an avatar with ``--avatar.deform-width`` > 0)."""
     holdout_every: int = 0
     """Hold out every k-th valid frame for validation (0: none held out)."""
     val_every: int = 500
@@ -471,12 +477,15 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def _train_state(step: int, params, optimizers, strategy_state, kin_delta, cfg: TrainConfig,
-                 captures: Sequence[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+                 captures: Sequence[str], deform: dict[str, Tensor] | None = None,
+                 deform_opt: torch.optim.Optimizer | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(metadata, tensors) of the training state at ``step``, for :func:`save_avatar`."""
     tensors: dict[str, Tensor] = {}
     steps: dict[str, float] = {}
-    for name, opt in optimizers.items():
-        st = opt.state.get(params[name], {})
+    moments = [(name, opt, params[name]) for name, opt in optimizers.items()]
+    moments += [(f"deform.{name}", deform_opt, value) for name, value in (deform or {}).items()]
+    for name, opt, param in moments:
+        st = opt.state.get(param, {})
         if "exp_avg" in st:
             tensors[f"opt.{name}.exp_avg"] = st["exp_avg"]
             tensors[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"]
@@ -536,7 +545,8 @@ def _validate(avatar: Avatar, params, binding, frames: FrameSet, idx: list[int],
     for i in idx:
         verts = avatar.vertices(frames.expression[i:i + 1], frames.rotation[i:i + 1], frames.translation[i:i + 1])
         rgb, _, _ = render_avatar(avatar, verts, frames.intrinsics[i].to(device), frames.size,
-                                  backend=backend, params=params, binding=binding)
+                                  backend=backend, params=params, binding=binding,
+                                  condition=deform_condition(frames.expression[i:i + 1], frames.rotation[i:i + 1]))
         gt, _ = frames.targets(i, device)
         scores.append(float(psnr(rgb.clamp(0, 1), gt)[0]))
         rows.append([to_uint8(gt[0]), to_uint8(rgb[0])])
@@ -637,6 +647,15 @@ def train_avatar(
     if cfg.refine_kinematics:
         kin_delta = torch.nn.Parameter(torch.zeros(n_frames, frames.expression.shape[1] + 6, device=device))
         kin_opt = torch.optim.Adam([kin_delta], lr=cfg.lr_kinematics)
+    if not resume:
+        avatar.deform = init_deform(cfg.avatar, frames.expression.shape[1] + 3, seed=cfg.seed)
+        avatar.deform = None if avatar.deform is None else {k: v.to(device) for k, v in avatar.deform.items()}
+    deform = None if avatar.deform is None else {k: torch.nn.Parameter(v.clone()) for k, v in avatar.deform.items()}
+    deform_opt = None if deform is None else torch.optim.Adam(list(deform.values()), lr=cfg.lr_deform)
+    # The subject's neutral head, where the deformation reads every Gaussian's canonical position.
+    neutral = None if deform is None else rig.vertices(
+        avatar.identity, torch.as_tensor(rig.neutral_expression(1), device=device), torch.zeros(1, 3, device=device),
+        torch.zeros(1, 3, device=device))
 
     if resume:
         st = {k: v.to(device) for k, v in saved_tensors.items()}
@@ -651,6 +670,12 @@ def train_avatar(
                 strategy_state[key] = st[f"strategy.{key}"]
         if kin_delta is not None and "kinematics_delta" in st:
             kin_delta.data.copy_(st["kinematics_delta"])
+        for name, value in (deform or {}).items():
+            if f"opt.deform.{name}.exp_avg" in st:
+                deform_opt.state[value] = {
+                    "step": torch.tensor(saved["adam_steps"][f"deform.{name}"]),
+                    "exp_avg": st[f"opt.deform.{name}.exp_avg"], "exp_avg_sq": st[f"opt.deform.{name}.exp_avg_sq"],
+                }
 
     out.mkdir(parents=True, exist_ok=True)
     (out / VAL_DIR).mkdir(exist_ok=True)
@@ -666,15 +691,17 @@ def train_avatar(
     def snapshot(step: int) -> Avatar:
         return Avatar({k: params[k].detach() for k in PARAM_NAMES}, params["binding"].detach(), faces, identity,
                       AvatarMeta(**{**asdict(avatar.meta), "config": avatar.meta.config, "step": step,
-                                    "iters": cfg.iters}))
+                                    "iters": cfg.iters}),
+                      None if deform is None else {k: v.detach() for k, v in deform.items()})
 
     def checkpoint(step: int) -> None:
-        state, tensors = _train_state(step, params, optimizers, strategy_state, kin_delta, cfg, capture_paths)
+        state, tensors = _train_state(step, params, optimizers, strategy_state, kin_delta, cfg, capture_paths,
+                                      deform, deform_opt)
         save_avatar(snapshot(step).to("cpu"), out, state, tensors)
 
     def validate(step: int) -> float:
-        score, sheet = _validate(avatar, {k: params[k].detach() for k in PARAM_NAMES}, params["binding"], frames,
-                                 val_idx, device, cfg.backend)
+        score, sheet = _validate(snapshot(step), {k: params[k].detach() for k in PARAM_NAMES}, params["binding"],
+                                 frames, val_idx, device, cfg.backend)
         save_png(sheet, out / VAL_DIR / f"step_{step:06d}.png")
         with open(out / VAL_DIR / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "psnr": score, "frames": [frames.names[i] for i in val_idx],
@@ -699,8 +726,14 @@ def train_avatar(
         verts = rig.vertices(identity, expr, rot, trans)
         for g in optimizers["means"].param_groups:
             g["lr"] = _lr_means(cfg, step)
+        condition = features = None
+        if deform is not None:
+            condition = deform_condition(expr, rot)
+            positions = canonical_positions(params, params["binding"], neutral, faces)
+            features = encode_positions(positions, avatar.meta.config.deform_frequencies)
         rgb, alpha, info = render_avatar(avatar, verts, intr_all[i], (h, w), backend=cfg.backend,
-                                         params=params, binding=params["binding"])
+                                         params=params, binding=params["binding"], condition=condition,
+                                         deform=deform, features=features)
         gt, mask = frames.targets(i, device)
         strategy.step_pre_backward(params, optimizers, strategy_state, step, info)
         l1 = (rgb - gt).abs().mean()
@@ -715,9 +748,10 @@ def train_avatar(
         for opt in optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if kin_opt is not None:
-            kin_opt.step()
-            kin_opt.zero_grad(set_to_none=True)
+        for opt in (kin_opt, deform_opt):
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         strategy.step_post_backward(params, optimizers, strategy_state, step, info, packed=False)
         with torch.no_grad():
             p = float(psnr(rgb.detach().clamp(0, 1), gt)[0])

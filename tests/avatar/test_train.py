@@ -11,7 +11,7 @@ import torch
 
 from liftavatar.avatar.model import AvatarError, load_avatar
 from liftavatar.avatar.train import TrainConfig, load_frames, ssim, train_avatar
-from liftavatar.capture import PROVENANCE_LIFTED
+from liftavatar.capture import PROVENANCE_LIFTED, Capture
 from liftavatar.errors import ConfigError
 
 
@@ -330,3 +330,54 @@ def test_what_an_output_folder_may_hold(capture, tmp_path):
     with pytest.raises(AvatarError, match="'README' and no avatar"):
         train_avatar([capture], other, cfg, force=True)
     assert [p.name for p in other.iterdir()] == ["README"]
+
+
+def test_a_deforming_avatar_starts_as_the_plain_binding_and_learns_offsets(capture, tmp_path):
+    """The deformation MLP (FlashAvatar-style offsets by expression and head rotation) starts at zero, so the new
+    avatar renders exactly as the plain one; training moves it, and render, export and resume carry it."""
+    from liftavatar.avatar.export import export_ply, read_ply, render_frames
+    from liftavatar.avatar.model import AvatarConfig, bake_deformation, deform_condition, load_avatar
+
+    plain_cfg = TrainConfig(iters=3, size=32, val_every=0, checkpoint_every=0, progress=False)
+    deform_cfg = TrainConfig(iters=3, size=32, val_every=0, checkpoint_every=0, progress=False,
+                             avatar=AvatarConfig(deform_width=16, deform_frequencies=2))
+    # Zero iterations of change: the two start identical (max_steps=0 writes the initial checkpoint).
+    train_avatar([capture], tmp_path / "plain0", plain_cfg, max_steps=0)
+    train_avatar([capture], tmp_path / "deform0", deform_cfg, max_steps=0)
+    kin = Capture.load(capture).kinematics
+    plain0 = load_avatar(tmp_path / "plain0", allow_unfinished=True)
+    deform0 = load_avatar(tmp_path / "deform0", allow_unfinished=True)
+    assert deform0.deform is not None and plain0.deform is None
+    k = tuple(float(v) * 32 / 64 for v in Capture.load(capture).meta.intrinsics)
+    a = np.stack(list(render_frames(plain0, kin, k, (32, 32))))
+    b = np.stack(list(render_frames(deform0, kin, k, (32, 32))))
+    assert np.array_equal(a, b)
+
+    train_avatar([capture], tmp_path / "deform", TrainConfig(**{**deform_cfg.__dict__, "iters": 30}))
+    avatar = load_avatar(tmp_path / "deform")
+    assert float(avatar.deform["w2"].abs().sum()) > 0, "the output layer learned offsets"
+    moved = np.stack(list(render_frames(avatar, kin, k, (32, 32))))
+    assert moved.std() > 0
+    # Baked at one frame's condition, the plain avatar renders what the deforming one does at that frame.
+    one = kin.select([5])
+    baked = bake_deformation(avatar, deform_condition(torch.from_numpy(one.expression),
+                                                       torch.from_numpy(one.rotation)))
+    assert baked.deform is None
+    same = np.stack(list(render_frames(baked, one, k, (32, 32))))
+    assert np.abs(same.astype(int) - moved[5:6].astype(int)).max() <= 1
+    assert len(read_ply(export_ply(avatar, tmp_path / "a.ply"))["x"]) == avatar.num_gaussians
+
+
+def test_a_deforming_avatar_resumes_exactly(capture, tmp_path):
+    from liftavatar.avatar.model import AvatarConfig, load_avatar
+
+    cfg = TrainConfig(iters=8, size=32, val_every=0, checkpoint_every=0, progress=False, densify=False,
+                      avatar=AvatarConfig(deform_width=16, deform_frequencies=2))
+    train_avatar([capture], tmp_path / "straight", cfg)
+    train_avatar([capture], tmp_path / "split", cfg, max_steps=4)
+    train_avatar([capture], tmp_path / "split", cfg, resume=True)
+    a, b = load_avatar(tmp_path / "straight"), load_avatar(tmp_path / "split")
+    for name in a.deform:
+        assert torch.allclose(a.deform[name], b.deform[name], atol=1e-6), name
+    for name in a.params:
+        assert torch.allclose(a.params[name], b.params[name], atol=1e-6), name
