@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from liftavatar.errors import ConfigError, VideoError
@@ -46,8 +45,9 @@ class VideoInfo:
     duration: float
 
 
-def _open(path: Path) -> av.container.InputContainer:
+def _open(path: Path) -> av.container.InputContainer:  # noqa: F821  (av is imported where it is used)
     """Open ``path`` for reading; raise :class:`VideoError` unless it has a video stream."""
+    import av  # PyAV loads FFmpeg: only where a video is read or written, so frames folders need none
     if not path.exists():
         raise VideoError(f"{path}: no such file; check the path.")
     if not path.is_file():
@@ -65,7 +65,7 @@ def _open(path: Path) -> av.container.InputContainer:
     return container
 
 
-def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+def _stream_fps(stream: av.video.stream.VideoStream) -> float:  # noqa: F821
     rate = stream.average_rate or stream.guessed_rate
     return float(rate) if rate else 0.0
 
@@ -76,6 +76,8 @@ def probe_video(path: Path | str) -> VideoInfo:
     Raises:
         VideoError: the file is missing, is not a video, or has no video stream.
     """
+    import av
+
     path = Path(path)
     with _open(path) as container:
         stream = container.streams.video[0]
@@ -119,8 +121,10 @@ def read_video(
 
 
 def _read(
-    path: Path, container: av.container.InputContainer, max_frames: int | None, fps: float | None
+    path: Path, container: av.container.InputContainer, max_frames: int | None, fps: float | None  # noqa: F821
 ) -> Iterator[np.ndarray]:
+    import av
+
     with container:
         stream = container.streams.video[0]
         # FFmpeg's default slice threading is kept on purpose: with frame threading the decoder
@@ -168,6 +172,8 @@ def write_video(
         VideoError: no frames, a frame that is not (H, W, 3) uint8 or differs in size from the
             first, H or W odd (yuv420p halves both), or ``fps`` ≤ 0.
     """
+    import av
+
     path = Path(path)
     if not fps > 0:
         raise VideoError(f"{path}: fps is {fps}; pass a positive frame rate.")
