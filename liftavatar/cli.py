@@ -88,7 +88,7 @@ class Demo:
     """Where the run goes (default runs/demo, or runs/demo_STEM with --video; its report: OUT/report/index.html)."""
     video: Path | None = None
     """Your own clip of your face (a phone video, a few seconds or more): tracked, split by kinematics (its rarest
-    expressions and poses held out as the extreme test), lifted, avatars trained and evaluated on its held-out frames."""
+    expressions and poses held out as the extreme test), lifted; avatars trained, then evaluated on held-out frames."""
     seed: int = 900001
     """The held-out synthetic subject's seed (without --video)."""
     device: str = "cpu"

@@ -76,7 +76,7 @@ class BenchConfig:
     (:func:`liftavatar.bench.real.clip_entries`): the run's subjects instead of synthetic seeds. A resumed run must
     have the same names and contents; the paths may differ (a clip moved, or a machine without it)."""
     extreme_share: float = 0.15
-    """Real clips: share of the valid frames in the extreme test (:func:`liftavatar.bench.real.kinematic_split`)."""
+    """Real clips: share of the valid frames in the extreme test (:func:`liftavatar.bench.real.split_frames`)."""
     split_guard: int = 3
     """Real clips: frames dropped on each side of every test frame from the splits after it."""
     seen_every: int = 5

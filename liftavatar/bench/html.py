@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from liftavatar.bench.layout import LIFT_SAMPLES, avatar_dir, gt_frames, oracle_dir, subject_dir
 from liftavatar.bench.plots import curve_plot
-from liftavatar.bench.summary import (METRICS, ORACLE_LABEL, fmt, has_oracle, is_real, machine_stages, machines_sentence,
-                                      subject_label, timing_machines)
+from liftavatar.bench.summary import (METRICS, ORACLE_LABEL, fmt, has_oracle, is_real, machine_stages,
+                                      machines_sentence, subject_label, timing_machines)
 from liftavatar.capture import Capture
 from liftavatar.io import save_png, write_text
 
@@ -315,13 +315,13 @@ def _protocol(results: dict[str, Any]) -> str:
             f"Real clips ({names}). No ground truth exists for expressions a clip lacks, so the test is "
             "self-reenactment on held-out frames of the same clip.",
             f"Tracking: each clip through the tracker (MediaPipe FaceMesh + rig fit) into a {c['size']}² capture.",
-            f"Split by kinematics: the extreme test is the {c['extreme_share']:.0%} of the valid frames farthest from "
-            "the clip's median expression and pose (Euclidean distance, expression and rotation standardised); the "
-            f"seen test is every {c['seen_every']}th block of {c['seen_block']} consecutive frames (by frame number) of "
-            f"the rest; training gets the remainder. A guard band of ±{c['split_guard']} frames around every test "
-            "frame is dropped from the splits after it. Every 5th <em>block</em>, not every 5th frame: single frames "
-            "every 5 with ±3 guards would leave no training frame. Test frames never reach reference selection, "
-            "lifting or avatar training.",
+            f"Split by kinematics: the extreme test is the {c['extreme_share']:.0%} of the valid frames farthest "
+            "from the clip's median expression and pose (Euclidean distance, expression and rotation standardised); "
+            f"the seen test is every {c['seen_every']}th block of {c['seen_block']} consecutive frames (by frame "
+            f"number) of the rest; training gets the remainder. A guard band of ±{c['split_guard']} frames around "
+            "every test frame is dropped from the splits after it. Every 5th <em>block</em>, not every 5th frame: "
+            "single frames every 5 with ±3 guards would leave no training frame. Test frames never reach reference "
+            "selection, lifting or avatar training.",
         ]
     else:
         seeds = ", ".join(subject_label(s) for s in results["subjects"])
@@ -329,14 +329,14 @@ def _protocol(results: dict[str, Any]) -> str:
             f"Held-out synthetic subjects (seeds {seeds}); the embedded prior never saw them.",
             f"Recording: a <em>sparse</em> take of {c['train_frames'] + c['seen_frames']} frames (talking-range "
             f"expressions, yaw within ±15°) and an <em>extreme</em> take of {c['extreme_frames']} frames (strong "
-            f"expressions absent from it, yaw to ±45°), rendered at {c['render_size']}², encoded as one H.264 video and "
-            f"run through the tracker (MediaPipe FaceMesh + rig fit) into {c['size']}² captures."
+            f"expressions absent from it, yaw to ±45°), rendered at {c['render_size']}², encoded as one H.264 video "
+            f"and run through the tracker (MediaPipe FaceMesh + rig fit) into {c['size']}² captures."
             + (" <strong>This run bypasses the tracker</strong> (<code>--kinematics truth</code>, an ablation): its "
                f"captures are the frames re-rendered in the tracker's crop at {c['size']}² with the synthetic world's "
                "true identity, expressions and pose." if c.get("kinematics", "tracked") == "truth" else ""),
-            f"Training capture: the first {c['train_frames']} frames. Seen-range test: the remaining {c['seen_frames']} "
-            f"frames of the sparse take. Extreme test: the extreme take. Test frames never reach reference selection, "
-            f"lifting or avatar training; test frames without a tracked face are left out.",
+            f"Training capture: the first {c['train_frames']} frames. Seen-range test: the remaining "
+            f"{c['seen_frames']} frames of the sparse take. Extreme test: the extreme take. Test frames never reach "
+            f"reference selection, lifting or avatar training; test frames without a tracked face are left out.",
         ]
     items += [
         f"Lifting: K = {c['refs']} K-means references, farthest-point targets from the rig's extreme expression library, "
@@ -394,7 +394,8 @@ def _hero(results: dict[str, Any], assets: dict[str, Any]) -> str:
     if is_real(results):
         what, oracle = f"Clip {_e(_label(entry))}, its held-out extreme frames", ""
     else:
-        what, oracle = f"Subject {_e(_label(entry))}, unseen extreme test", " and, where measured, the oracle appearance"
+        what = f"Subject {_e(_label(entry))}, unseen extreme test"
+        oracle = " and, where measured, the oracle appearance"
     return (f"<figure><img src='{_e(entry['grids']['extreme'])}' alt='extreme test frames'><figcaption>{what} "
             f"(evenly spaced frames): ground truth, the baseline avatar, the avatar trained with {k} lifted "
             f"expressions{oracle}, with each frame's PSNR.</figcaption></figure>")

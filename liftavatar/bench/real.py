@@ -3,7 +3,7 @@ its split by kinematics.
 
 A real clip has no ground truth for expressions it lacks, so the paper's protocol becomes self-reenactment on
 held-out frames of the same clip, the rarest expressions and poses held out (DESIGN.md §8). The clip is tracked
-once into the subject's ``tracked`` capture, and its valid frames are split by :func:`kinematic_split`:
+once into the subject's ``tracked`` capture, and its valid frames are split by :func:`split_frames`:
 
 - **extreme test**: the valid frames farthest from the clip's typical expression and pose: the top
   ``extreme_share`` (15 %) by Euclidean distance from the median in standardised expression + rotation space
@@ -31,12 +31,12 @@ import numpy as np
 from liftavatar.bench.config import BenchConfig, BenchError
 from liftavatar.capture import Kinematics
 
-__all__ = ["KinematicSplit", "check_split", "clip_entries", "dilate", "kinematic_split", "min_valid_frames"]
+__all__ = ["KinematicSplit", "check_split", "clip_entries", "dilate", "min_valid_frames", "split_frames"]
 
 
 @dataclass(frozen=True)
 class KinematicSplit:
-    """A clip's frames split by :func:`kinematic_split`: sorted frame indices of each split, disjoint."""
+    """A clip's frames split by :func:`split_frames`: sorted frame indices of each split, disjoint."""
 
     extreme: np.ndarray
     seen: np.ndarray
@@ -58,7 +58,7 @@ def dilate(frames: np.ndarray, n: int, guard: int) -> np.ndarray:
     return out
 
 
-def kinematic_split(kinematics: Kinematics, extreme_share: float = 0.15, guard: int = 3, seen_every: int = 5,
+def split_frames(kinematics: Kinematics, extreme_share: float = 0.15, guard: int = 3, seen_every: int = 5,
                     block: int = 8) -> KinematicSplit:
     """Split a clip's frames into the extreme test, the seen test and train (see the module docstring).
 
@@ -106,9 +106,9 @@ def check_split(clip: str, split: KinematicSplit, valid: int, frames: int, cfg: 
                          f"with the face in view throughout.")
     counts = split.counts()
     if not counts["extreme"] or not counts["seen"] or counts["train"] < max(cfg.refs, 1):
-        raise BenchError(f"{clip}: its split by kinematics leaves {counts['train']} training, {counts['seen']} seen-test "
-                         f"and {counts['extreme']} extreme-test frames (at least {max(cfg.refs, 1)}, 1 and 1 needed); "
-                         f"film a longer clip with the face in view throughout.")
+        raise BenchError(f"{clip}: its split by kinematics leaves {counts['train']} training, {counts['seen']} "
+                         f"seen-test and {counts['extreme']} extreme-test frames (at least {max(cfg.refs, 1)}, 1 and 1 "
+                         f"needed); film a longer clip with the face in view throughout.")
 
 
 def clip_entries(videos: Sequence[str | Path], cfg: BenchConfig, run: str | Path | None = None) -> tuple[dict, ...]:

@@ -194,12 +194,12 @@ def _take_split(sdir: Path, tracked: Capture) -> dict[str, tuple[list[int], dict
 
 
 def _kinematic_split(cfg: BenchConfig, tracked: Capture, subject: Subject) -> dict[str, tuple[list[int], dict]]:
-    """A real clip's valid frames by kinematics (:func:`liftavatar.bench.real.kinematic_split`), refused when the
+    """A real clip's valid frames by kinematics (:func:`liftavatar.bench.real.split_frames`), refused when the
     clip has too few for the protocol."""
-    from liftavatar.bench.real import check_split, kinematic_split
+    from liftavatar.bench.real import check_split, split_frames
 
     kin = tracked.kinematics
-    split = kinematic_split(kin, cfg.extreme_share, cfg.split_guard, cfg.seen_every, cfg.seen_block)
+    split = split_frames(kin, cfg.extreme_share, cfg.split_guard, cfg.seen_every, cfg.seen_block)
     check_split(subject.clip, split, int(kin.valid.sum()), len(kin), cfg)
     note = {"of": len(kin), "valid_frames": int(kin.valid.sum()), "extreme_distance_threshold": split.threshold}
     return {"train": (split.train.tolist(), {"segment": "train", **note}),

@@ -24,8 +24,8 @@ from liftavatar.io import write_text
 from liftavatar.report import machine_name
 
 __all__ = ["MACHINE_STAGES", "METRICS", "REAL_CRITERIA", "REAL_MACHINE_STAGES", "SPLITS", "fmt", "has_oracle",
-           "headline", "is_real", "machine_stages", "machines_sentence", "plateau_sentence", "stats", "subject_label", "summarise",
-           "timing_machines", "write_markdown"]
+           "headline", "is_real", "machine_stages", "machines_sentence", "plateau_sentence", "stats", "subject_label",
+           "summarise", "timing_machines", "write_markdown"]
 
 SCHEMA = "liftavatar-bench/1"
 
@@ -261,8 +261,9 @@ def headline(results: dict[str, Any], cfg) -> dict[str, Any]:
     if gain is not None:
         where = ("on each clip's rarest expressions and poses (its held-out extreme frames)" if real
                  else "on unseen extreme expressions")
-        words.append(f"{where}, lifting with {cfg.lifted} expressions changes mean PSNR by "
-                     f"{gain:+.2f} dB ({out['extreme_psnr_baseline_db']:.2f} → {out['extreme_psnr_lifted_db']:.2f} dB)")
+        words.append(f"{where}, lifting with {cfg.lifted} expression{'s' if cfg.lifted != 1 else ''} changes mean "
+                     f"PSNR by {gain:+.2f} dB ({out['extreme_psnr_baseline_db']:.2f} → "
+                     f"{out['extreme_psnr_lifted_db']:.2f} dB)")
     if reduction is not None:
         words.append(f"AED by {-reduction:+.1%} ({aed_b:.4f} → {aed_l:.4f})")
     if seen is not None:

@@ -3,6 +3,7 @@ shares), the clips a run records, and `bench --quick --videos` end to end on a s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,15 @@ import pytest
 
 from liftavatar.bench import quick_config
 from liftavatar.bench.config import BenchError
-from liftavatar.bench.real import check_split, clip_entries, kinematic_split, min_valid_frames
+from liftavatar.bench.real import check_split, clip_entries, min_valid_frames, split_frames
 from liftavatar.capture import Kinematics
 from liftavatar.errors import ConfigError
 
 E = 6
 
 
-def kinematics(expression: np.ndarray, rotation: np.ndarray | None = None, valid: np.ndarray | None = None) -> Kinematics:
+def kinematics(expression: np.ndarray, rotation: np.ndarray | None = None,
+               valid: np.ndarray | None = None) -> Kinematics:
     n = len(expression)
     return Kinematics(expression=expression.astype(np.float32),
                       rotation=(np.zeros((n, 3)) if rotation is None else rotation).astype(np.float32),
@@ -54,7 +56,7 @@ def test_the_extreme_test_is_the_clip_s_rarest_frames_with_guard_bands():
     n = 200
     expression = talking(n)
     expression[100:130, :3] = 0.9  # a 30-frame scream (mouth, brows, eyes): 15 % of the clip
-    split = kinematic_split(kinematics(expression))
+    split = split_frames(kinematics(expression))
     assert split.extreme.tolist() == list(range(100, 130))
     assert split.threshold == pytest.approx(split.distance[100:130].min())
     check_invariants(split, np.ones(n, bool))
@@ -78,11 +80,11 @@ def test_a_head_turn_is_extreme_too_and_units_do_not_matter():
     n = 160
     rotation = np.random.default_rng(1).normal(0, 0.02, (n, 3))
     rotation[40:64] = (0.2, 0.6, 0.1)  # a 24-frame head turn with a tilt, 15 % of the clip
-    split = kinematic_split(kinematics(talking(n), rotation))
+    split = split_frames(kinematics(talking(n), rotation))
     assert split.extreme.tolist() == list(range(40, 64))
     degrees = rotation.copy()
     degrees[:, 1] = np.degrees(degrees[:, 1])  # one column rescaled
-    again = kinematic_split(kinematics(talking(n), degrees))
+    again = split_frames(kinematics(talking(n), degrees))
     for name in ("extreme", "seen", "train"):
         assert np.array_equal(getattr(split, name), getattr(again, name)), name
 
@@ -101,7 +103,7 @@ def test_split_invariants_hold_on_random_clips_with_gaps(seed):
     for _ in range(3):  # a few bursts of strong expressions
         start = int(rng.integers(0, n - 10))
         expression[start:start + int(rng.integers(3, 20)), int(rng.integers(0, E))] = rng.uniform(0.5, 1.0)
-    split = kinematic_split(kinematics(expression, valid=valid))
+    split = split_frames(kinematics(expression, valid=valid))
     check_invariants(split, valid)
     assert np.all(np.isnan(split.distance[~valid])) and np.all(np.isfinite(split.distance[valid]))
     assert split.distance[split.extreme].min() >= np.nanmax(np.delete(split.distance, split.extreme))
@@ -113,15 +115,15 @@ def test_too_few_valid_frames_are_refused_with_the_counts():
     assert need == 80
     valid = np.zeros(100, bool)
     valid[:need - 1] = True
-    split = kinematic_split(kinematics(talking(100), valid=valid))
+    split = split_frames(kinematics(talking(100), valid=valid))
     with pytest.raises(BenchError, match=f"in only {need - 1} of its 100 frames .* needs at least {need}"):
         check_split("clip.mp4", split, int(valid.sum()), 100, cfg)
-    empty = kinematic_split(kinematics(talking(5), valid=np.zeros(5, bool)))
+    empty = split_frames(kinematics(talking(5), valid=np.zeros(5, bool)))
     assert empty.counts() == {"extreme": 0, "seen": 0, "train": 0} and empty.threshold is None
     with pytest.raises(BenchError, match="only 0 of its 5 frames"):
         check_split("clip.mp4", empty, 0, 5, cfg)
     valid[:] = True
-    check_split("clip.mp4", kinematic_split(kinematics(talking(100), valid=valid)), 100, 100, cfg)
+    check_split("clip.mp4", split_frames(kinematics(talking(100), valid=valid)), 100, 100, cfg)
 
 
 def synthetic_clip(path: Path, frames: int, size: int = 128, seed: int = 7420) -> Path:
@@ -185,3 +187,114 @@ def test_real_runs_refuse_synthetic_only_stages(tmp_path):
         with pytest.raises(ConfigError, match=f"--until {stage}: a run on real clips has no {stage} stage"):
             run_bench(cfg, tmp_path / "run", until=stage)
     assert not (tmp_path / "run").exists()
+
+
+def _bench_split():
+    """benchmarks/bench_split.py, the script that carries a run between machines, as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_split.py"
+    spec = importlib.util.spec_from_file_location("bench_split", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_real_bench_end_to_end(tmp_path, capsys):
+    """`bench --quick --videos CLIP` on a synthetic clip treated as real (84 frames; 1 lifted expression, 30 avatar
+    iterations), split across two "machines" with benchmarks/bench_split.py as a real run would be: the data stages
+    here, lift and avatars in a folder holding only what they read and no clip (the clip is not on that machine),
+    evaluation and report back here. The split is the protocol's; the tables and report have no oracle; the
+    headline shows the next issue's bounds as criteria; a rerun resumes; another clip under the same name is refused."""
+    from liftavatar.bench.layout import avatar_stage_inputs
+    from liftavatar.bench.summary import METRICS, REAL_CRITERIA, SPLITS
+    from liftavatar.capture import Capture
+    from liftavatar.cli import main
+    from tests.test_report_html import check_self_contained
+
+    clip = synthetic_clip(tmp_path / "clips" / "me_talking.mp4", 84)
+    out, gpu = tmp_path / "run", tmp_path / "gpu"
+    tiny = ["--curve", "0", "1", "--lifted", "1", "--iters", "30"]
+    bench = ["bench", "--quick", *tiny]
+    assert main([*bench, "--videos", str(clip), "-o", str(out), "--until", "refs", "--only", "me_talking"]) == 0
+    logged = capsys.readouterr().err
+    sdir = out / "subjects" / "me_talking"
+    assert "[me_talking] refs: " in logged and "synth" not in logged and "[me_talking] lift" not in logged
+
+    # The split: the protocol's function on the tracked clip, written as three disjoint captures.
+    tracked = Capture.load(sdir / "tracked")
+    expected = split_frames(tracked.kinematics)
+    check_invariants(expected, tracked.kinematics.valid)
+    record = json.loads((sdir / "split.json").read_text())
+    for name, split in (("train", "train"), ("test_seen", "seen"), ("test_extreme", "extreme")):
+        capture = Capture.load(sdir / name)
+        frames = capture.meta.creator["config"]["recording_frames"]
+        assert frames == getattr(expected, split).tolist(), name
+        assert record[name]["frames"] == len(frames) > 0 and record[name]["segment"] == split
+        assert np.array_equal(capture.frame(0), tracked.frame(frames[0]))
+    assert Capture.load(sdir / "train").meta.reference_indices is not None
+
+    # Lift and avatars where the clip is not: the packed config names it, the path does not exist there.
+    split_script = _bench_split()
+    split_script.pack(out, "me_talking", gpu)
+    assert {f.parts[2] for f in avatar_stage_inputs(gpu, "me_talking") if len(f.parts) > 3} == {
+        "train", "test_seen", "test_extreme"}
+    absent = tmp_path / "elsewhere" / "me_talking.mp4"
+    assert main([*bench, "--videos", str(absent), "-o", str(gpu), "--until", "avatars", "--only", "me_talking"]) == 0
+    capsys.readouterr()
+    split_script.unpack(gpu, "me_talking", out)
+
+    assert main([*bench, "--videos", str(clip), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    report = out / "report" / "index.html"
+    assert captured.out.strip().splitlines()[-1] == f"report: {report.resolve()}"
+    assert "[me_talking] lift: complete, skipped" in captured.err
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["clips"][0]["name"] == "me_talking"
+    assert list(results["machines"]) == ["track", "split", "refs", "lift", "avatars", "eval", "report"]
+    assert "oracle" not in results["methods"] and "oracle appearance" not in results["timings"]["stages"]
+    subject = results["subjects"][0]
+    assert subject["name"] == "me_talking" and subject["seed"] is None and subject["clip"] == str(clip.resolve())
+    assert "oracle" not in subject and not (sdir / "oracle").exists()
+    for split in SPLITS:
+        for key in METRICS:
+            row = results["tables"][split][key]
+            assert "oracle" not in row, (split, key)
+            if key in ("lpips", "fid") and not row["available"]:
+                continue
+            assert row["available"] and row["baseline"]["mean"] is not None and row["lifted"]["mean"] is not None
+    h = results["headline"]
+    assert h["criteria"] == REAL_CRITERIA and not h["assessed"] and not h["passed"]
+    assert "shown as criteria, not claimed" in h["sentence"] and "real clip" in h["sentence"]
+    assert "extreme_aed_oracle" not in h or h["extreme_aed_oracle"] is None
+
+    md = (out / "results.md").read_text()
+    page = report.read_text()
+    for text in (md, page):
+        assert "oracle appearance" not in text.lower().replace("no oracle appearance", "")
+        assert "me_talking" in text and "rarest expressions and poses" in text
+    assert "| PSNR (dB) | higher |" in md and md.count("| --- | --- | --- | --- | --- |\n") >= 2
+    assert "bound (next issue)" in page and "not claim" in page
+    check_self_contained(report)
+    for name in ("grid_me_talking_extreme.png", "grid_me_talking_seen.png", "video_me_talking_extreme.mp4",
+                 "video_me_talking_seen.mp4", "lifted_me_talking.png", "curve.png"):
+        assert (report.parent / name).stat().st_size > 0, name
+    from PIL import Image
+
+    grid = np.asarray(Image.open(report.parent / "grid_me_talking_extreme.png"))
+    assert grid.shape[0] == 3 * (2 * 128 + 18 + 2)  # ground truth, baseline, lifted (frame, caption, pad): no oracle
+
+    # Resume with the clip moved: nothing recomputed; another clip under the same name: refused, nothing touched.
+    moved = tmp_path / "moved" / "me_talking.mp4"
+    moved.parent.mkdir()
+    moved.write_bytes(clip.read_bytes())
+    assert main([*bench, "--videos", str(moved), "-o", str(out)]) == 0
+    assert "[me_talking] track: complete, skipped" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["tables"] == results["tables"]
+    other = synthetic_clip(tmp_path / "other" / "me_talking.mp4", 84, seed=7421)
+    before = (out / "config.json").read_bytes()
+    assert main([*bench, "--videos", str(other), "-o", str(out)]) == 2
+    assert "me_talking had other contents" in capsys.readouterr().err
+    assert (out / "config.json").read_bytes() == before
