@@ -80,14 +80,17 @@ class Validate:
 
 @dataclass
 class Demo:
-    """The whole pipeline on the embedded defaults: synthesise a held-out subject's phone-style video, track it,
-    choose references, lift it, train avatars with and without lifting, evaluate them on extreme ground truth,
-    and write the HTML report (about 10 minutes on 2 CPU cores)."""
+    """The whole pipeline on the embedded defaults: synthesise a held-out subject's phone-style video (or take your
+    own clip, --video), track it, choose references, lift it, train avatars with and without lifting, evaluate them
+    on extreme frames, and write the HTML report (about 10 minutes on 2 CPU cores)."""
 
-    out: Out = Path("runs/demo")
-    """Where the run goes (its report: OUT/report/index.html)."""
+    out: Annotated[Path | None, tyro.conf.arg(aliases=("-o",))] = None
+    """Where the run goes (default runs/demo, or runs/demo_STEM with --video; its report: OUT/report/index.html)."""
+    video: Path | None = None
+    """Your own clip of your face (a phone video, a few seconds or more): tracked, split by kinematics (its rarest
+    expressions and poses held out as the extreme test), lifted; avatars trained, then evaluated on held-out frames."""
     seed: int = 900001
-    """The held-out subject's seed."""
+    """The held-out synthetic subject's seed (without --video)."""
     device: str = "cpu"
     """Torch device (cpu, cuda)."""
     force: bool = False
@@ -107,11 +110,16 @@ AVATAR_DEFAULTS = _avatar_defaults()
 
 @dataclass
 class Bench:
-    """The paper's protocol on held-out synthetic subjects: avatars trained on a tracked sparse capture alone vs
-    lifted, tested on unseen extreme expressions and on the seen range; tables, curve, plots, HTML report."""
+    """The paper's protocol on held-out synthetic subjects (or real clips, --videos): avatars trained on a tracked
+    sparse capture alone vs lifted, tested on unseen extreme expressions and on the seen range; tables, curve,
+    plots, HTML report."""
 
     out: Out = Path("runs/bench")
     """Run folder (resumable: finished stages are skipped). Report: OUT/report/index.html."""
+    videos: tuple[Path, ...] | None = None
+    """Real clips (one person each) instead of synthetic subjects: each is tracked and split by kinematics (its 15 %
+    rarest expressions and poses the extreme test, every 5th block of 8 frames of the rest the seen test, ±3-frame
+    guard bands), self-reenactment on its held-out frames; subjects are named by the files' stems."""
     subjects: int | None = None
     """Held-out subjects, seeds 5400, 5401, … (default 3; --quick: 1)."""
     quick: bool = False
@@ -155,9 +163,10 @@ class Bench:
     until: Literal["synth", "video", "track", "split", "refs", "lift", "avatars", "eval"] | None = None
     """Stop after this stage, to go on elsewhere with the run folder copied there (for example: data stages up
     to refs where the tracker is installed, lift and avatars on a GPU, then evaluation and report back here)."""
-    only: tuple[int, ...] | None = None
-    """Run only these subject seeds, with --until avatars or earlier (to carry one subject at a time to a GPU
-    machine whose calls carry little); the last run, without --only, evaluates and reports them all."""
+    only: tuple[str, ...] | None = None
+    """Run only these subjects (seeds, or clip names with --videos), with --until avatars or earlier (to carry one
+    subject at a time to a GPU machine whose calls carry little); the last run, without --only, evaluates and
+    reports them all."""
     force: bool = False
     """Start the run over instead of resuming it."""
 
@@ -229,13 +238,16 @@ def _finish(results: dict, started: float) -> None:
 # Bench options named differently from the BenchConfig fields they set (the rest share their names).
 _BENCH_FIELDS = {"iters": "avatar_iters", "steps": "lift_steps"}
 # Bench options that steer the command, not the run's configuration.
-_BENCH_COMMAND_ONLY = ("out", "quick", "workers", "until", "only", "force")
+_BENCH_COMMAND_ONLY = ("out", "quick", "workers", "until", "only", "force", "videos")
+# Bench options of synthetic subjects only (a real clip is its own recording and is split by kinematics).
+_BENCH_SYNTHETIC_ONLY = ("subjects", "seed_base", "train_frames", "seen_frames", "extreme_frames")
 
 
 def run_bench(cfg: Bench) -> None:
     from dataclasses import asdict
 
     from liftavatar.bench import full_config, quick_config, run_bench as bench
+    from liftavatar.errors import ConfigError
 
     overrides = {_BENCH_FIELDS.get(name, name): value for name, value in asdict(cfg).items()
                  if name not in _BENCH_COMMAND_ONLY and value is not None}
@@ -243,6 +255,16 @@ def run_bench(cfg: Bench) -> None:
         overrides["prior"] = str(overrides["prior"])
     make = quick_config if cfg.quick else full_config
     config = make(**overrides, workers=_workers(cfg.workers, cfg.device))
+    if cfg.videos is not None:
+        from liftavatar.bench.real import clip_entries
+
+        synthetic = [f"--{name.replace('_', '-')}" for name in _BENCH_SYNTHETIC_ONLY if getattr(cfg, name) is not None]
+        if synthetic:
+            raise ConfigError(f"{' '.join(synthetic)}: set{'s' if len(synthetic) == 1 else ''} synthetic subjects; "
+                              f"a run on --videos takes its subjects and frames from the clips.")
+        if not cfg.videos:
+            raise ConfigError("--videos: name at least one clip.")
+        config = make(**overrides, workers=config.workers, clips=clip_entries(cfg.videos, config, cfg.out))
     started = time.perf_counter()
     results = bench(config, cfg.out, force=cfg.force, until=cfg.until, only=cfg.only)
     if "stopped_after" in results:
@@ -255,11 +277,21 @@ def run_demo(cfg: Demo) -> None:
     from liftavatar.bench import demo_config, run_bench as bench
 
     config = demo_config(seeds=(cfg.seed,), device=cfg.device, workers=1)
-    print(f"demo: held-out subject {cfg.seed}: synthesise a phone-style video, track, choose references, lift, "
-          f"train avatars with and without lifting, evaluate on extreme ground truth, write the report "
-          f"(resumable; --force starts over)")
+    if cfg.video is None:
+        out = cfg.out or Path("runs/demo")
+        print(f"demo: held-out subject {cfg.seed}: synthesise a phone-style video, track, choose references, lift, "
+              f"train avatars with and without lifting, evaluate on extreme ground truth, write the report "
+              f"(resumable; --force starts over)")
+    else:
+        from liftavatar.bench.real import clip_entries
+
+        out = cfg.out or Path("runs") / f"demo_{cfg.video.stem}"
+        config = demo_config(device=cfg.device, workers=1, clips=clip_entries([cfg.video], config, out))
+        print(f"demo: your clip {cfg.video}: track, split by kinematics (its rarest expressions and poses held out), "
+              f"choose references, lift, train avatars with and without lifting, evaluate on the held-out frames, "
+              f"write the report into {out} (resumable; --force starts over)")
     started = time.perf_counter()
-    _finish(bench(config, cfg.out, force=cfg.force), started)
+    _finish(bench(config, out, force=cfg.force), started)
 
 
 @dataclass

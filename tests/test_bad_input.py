@@ -378,7 +378,46 @@ EVAL_CASES: list[Case] = [
          ("--json", "directory"), check=_json_dir_untouched),
 ]
 
-CASES = CAPTURE_CASES + GENERATOR_CASES + AVATAR_CASES + EVAL_CASES
+
+def _clip(i: Inputs, name: str, frames: int) -> Path:
+    """A clip of ``frames`` frames of grey noise at 64² (no face in it): what a user could pass as their video."""
+    import numpy as np
+
+    from liftavatar.video import write_video
+
+    rng = np.random.default_rng(0)
+    path = i.tmp / name
+    write_video(path, (rng.integers(100, 140, (64, 64, 3), dtype=np.uint8) for _ in range(frames)), 25.0)
+    return path
+
+
+def _no_report(i: Inputs) -> None:
+    assert not (i.tmp / "demo" / "results.json").exists() and not (i.tmp / "demo" / "report").exists()
+
+
+BENCH_CASES: list[Case] = [
+    Case("demo --video a file that does not exist",
+         lambda i: ["demo", "--video", str(i.tmp / "my_clip.mp4"), "-o", str(i.tmp / "demo")],
+         ("my_clip.mp4", "no such file"), check=_nothing_at("demo")),
+    Case("demo --video a file that is not a video",
+         lambda i: ["demo", "--video", str(_file(i, "notes.mp4")), "-o", str(i.tmp / "demo")],
+         ("notes.mp4", "not a video"), check=_nothing_at("demo")),
+    Case("demo --video a clip too short for the real split",
+         lambda i: ["demo", "--video", str(_clip(i, "short.mp4", 30)), "-o", str(i.tmp / "demo")],
+         ("short.mp4", "30 frames", "at least 80", "longer clip"), check=_nothing_at("demo")),
+    Case("demo --video a clip with no face in it",
+         lambda i: ["demo", "--video", str(_clip(i, "noface.mp4", 84)), "-o", str(i.tmp / "demo")],
+         ("noface.mp4", "face"), check=_no_report),
+    Case("bench --videos with a synthetic-subject option",
+         lambda i: ["bench", "--quick", "--videos", str(_clip(i, "clip.mp4", 84)), "--train-frames", "50", "-o",
+                    str(i.tmp / "bench")],
+         ("--train-frames", "--videos"), check=_nothing_at("bench")),
+    Case("bench --videos a folder",
+         lambda i: ["bench", "--quick", "--videos", str(_foreign_folder(i)), "-o", str(i.tmp / "bench")],
+         ("notes", "folder", "video files"), check=_foreign_folder_untouched),
+]
+
+CASES = CAPTURE_CASES + GENERATOR_CASES + AVATAR_CASES + EVAL_CASES + BENCH_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -44,6 +44,12 @@ The subjects are held out (seeds 5400–5499 by default; the embedded prior was 
    (a reference, not a floor: an avatar trained on frames tracked with the same biases can land below it,
    the biases cancelling).
 
+**Real clips** (``bench --videos``, ``demo --video``; :mod:`liftavatar.bench.real`): each clip is a subject named by
+its file's stem, whose stages start at **track** (the clip itself, with `track`'s default camera); **split** is by
+kinematics (the clip's rarest expressions and poses as the extreme test, every 5th block of 8 frames of the rest as
+the seen test, ±3-frame guard bands), and there is no oracle appearance (no true texture of a real person exists).
+Everything else is as above, on the same folders and records.
+
 A stage is skipped when its record is complete or a later stage's is, so a run folder may travel between
 machines without the earlier stages' bulky outputs (``run_bench(until=...)``, ``bench --until``;
 ``benchmarks/bench_split.py`` runs the data stages and the evaluation on one machine and the lift and avatars on a
@@ -53,7 +59,8 @@ Then the run's results are aggregated (:mod:`liftavatar.bench.summary`) into ``r
 ``results.md``, plots, and the HTML report (:mod:`liftavatar.bench.html`) in ``RUN/report/``.
 
 Modules, each importing only those listed before it: :mod:`~liftavatar.bench.config` (:class:`BenchConfig`, the
-presets), :mod:`~liftavatar.bench.layout` (run-folder paths, stage records, what a split run carries),
+subjects, the presets), :mod:`~liftavatar.bench.layout` (run-folder paths, stage records, what a split run carries),
+:mod:`~liftavatar.bench.real` (real clips: what a run records of them, their split by kinematics),
 :mod:`~liftavatar.bench.stages` (stages 1–6), :mod:`~liftavatar.bench.jobs` (stages 7–8 and the oracle),
 :mod:`~liftavatar.bench.summary`, :mod:`~liftavatar.bench.plots`, :mod:`~liftavatar.bench.html` and
 :mod:`~liftavatar.bench.runner` (:func:`run_bench`: worker processes, CUDA warm-up, the order of it all).

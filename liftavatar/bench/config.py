@@ -1,5 +1,6 @@
-"""A benchmark run's settings: :class:`BenchConfig` (what decides its numbers, stored in ``RUN/config.json``), the
-presets of `bench`, `bench --quick` and `demo`, and the stages' names.
+"""A benchmark run's settings: :class:`BenchConfig` (what decides its numbers, stored in ``RUN/config.json``), its
+subjects (:class:`Subject`: held-out synthetic seeds, or real clips), the presets of `bench`, `bench --quick` and
+`demo`, and the stages' names.
 
 The avatar training recipe (loss weight of lifted frames, observed share of the draws, observed-only finish) is
 the avatar trainer's own: :class:`liftavatar.avatar.train.TrainConfig` holds the numbers and their measurements,
@@ -16,7 +17,8 @@ from liftavatar.errors import ConfigError, LiftAvatarError
 from liftavatar.io import json_safe
 
 __all__ = ["AVATAR_DEFAULTS", "BenchConfig", "BenchError", "DEFAULT_METRICS", "DEMO_SEED", "LEGACY_FIELDS",
-           "SEED_BASE", "STAGES", "SUBJECT_STAGES", "config_from_json", "demo_config", "full_config", "quick_config"]
+           "REAL_STAGES", "SEED_BASE", "STAGES", "SUBJECT_STAGES", "Subject", "config_from_json", "demo_config",
+           "full_config", "quick_config"]
 
 SEED_BASE = 5400
 """Benchmark subjects are 5400, 5401, …: held out from the prior's training seeds (100000–101999)."""
@@ -26,6 +28,8 @@ DEFAULT_METRICS = ("psnr", "ssim", "lpips", "fid", "aed", "apd", "csim")
 """What the evaluation computes (LPIPS and FID only where their weights are on disk)."""
 SUBJECT_STAGES = ("synth", "video", "track", "split", "refs", "lift")
 """The data stages, run per subject."""
+REAL_STAGES = SUBJECT_STAGES[2:]
+"""The data stages of a real clip: it is its own recording (no synth, no video)."""
 STAGES = (*SUBJECT_STAGES, "avatars", "eval")
 """Every stage in order; ``run_bench(until=...)`` stops after one of them (a run split across machines)."""
 AVATAR_DEFAULTS = AvatarTrainConfig()
@@ -34,6 +38,26 @@ AVATAR_DEFAULTS = AvatarTrainConfig()
 
 class BenchError(LiftAvatarError):
     """A benchmark run cannot go on as asked (a run folder made with other settings, no face tracked)."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject of a run: a held-out synthetic subject (``seed``) or a real clip (``clip``, a video's path).
+    ``name`` is its folder under ``RUN/subjects/``, what ``--only`` and the report call it: ``s<seed>``, or the
+    clip's file stem."""
+
+    name: str
+    seed: int | None = None
+    clip: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What tables call the subject: its seed, or the clip's name."""
+        return str(self.seed) if self.seed is not None else self.name
+
+    def called(self, key: str | int) -> bool:
+        """Whether ``key`` names this subject: its name, or a synthetic subject's seed (``--only 5400``)."""
+        return str(key) in (self.name, self.label)
 
 
 @dataclass
@@ -47,6 +71,18 @@ class BenchConfig:
     seed_base: int = SEED_BASE
     seeds: tuple[int, ...] | None = None
     """Explicit subject seeds (the demo's 900001)."""
+    clips: tuple[dict[str, str], ...] = ()
+    """Real clips (`bench --videos`, `demo --video`), each ``{"name", "path", "sha256"}``
+    (:func:`liftavatar.bench.real.clip_entries`): the run's subjects instead of synthetic seeds. A resumed run must
+    have the same names and contents; the paths may differ (a clip moved, or a machine without it)."""
+    extreme_share: float = 0.15
+    """Real clips: share of the valid frames in the extreme test (:func:`liftavatar.bench.real.split_frames`)."""
+    split_guard: int = 3
+    """Real clips: frames dropped on each side of every test frame from the splits after it."""
+    seen_every: int = 5
+    """Real clips: the seen test is every seen_every-th block of seen_block consecutive frames."""
+    seen_block: int = 8
+    """Real clips: frames per block of the seen test."""
     render_size: int = 256
     """Side of the synthetic recording's frames, pixels (the "phone video")."""
     size: int = 128
@@ -102,8 +138,34 @@ class BenchConfig:
     # Settings that change where or how fast a run goes, not its numbers: a run may resume with others.
     RUNTIME_FIELDS = ("device", "workers", "subjects", "name")
 
+    @property
+    def real(self) -> bool:
+        """Whether the subjects are real clips (no ground truth beyond the clip itself, no oracle appearance)."""
+        return bool(self.clips)
+
     def subject_seeds(self) -> list[int]:
+        """The synthetic subjects' seeds (none for a run on real clips)."""
+        if self.real:
+            return []
         return list(self.seeds) if self.seeds else [self.seed_base + i for i in range(self.subjects)]
+
+    def subject_list(self) -> list[Subject]:
+        """The run's subjects, in order."""
+        if self.real:
+            return [Subject(c["name"], clip=c["path"]) for c in self.clips]
+        return [Subject(f"s{seed}", seed=seed) for seed in self.subject_seeds()]
+
+    def subject(self, key: str | int) -> Subject:
+        """The subject called ``key``: its name, or a synthetic subject's seed; :class:`ConfigError` otherwise."""
+        for s in self.subject_list():
+            if s.called(key):
+                return s
+        raise ConfigError(f"{key}: not a subject of this run (its subjects: "
+                          f"{', '.join(s.label for s in self.subject_list())}).")
+
+    def subject_stages(self) -> tuple[str, ...]:
+        """The data stages each subject goes through."""
+        return REAL_STAGES if self.real else SUBJECT_STAGES
 
     def points(self) -> list[int]:
         """The curve's points with the baseline (0) and the lifted method included, sorted."""
@@ -111,8 +173,10 @@ class BenchConfig:
 
     def check(self) -> None:
         """Raise :class:`ConfigError` on settings that cannot run."""
-        if not self.subject_seeds():
+        if not self.subject_list():
             raise ConfigError("--subjects 0: benchmark at least one subject.")
+        if self.real:
+            self._check_real()
         if self.size % 2 or self.size < 16 or self.render_size % 2 or self.render_size < 16:
             raise ConfigError(f"--size {self.size} / render size {self.render_size}: use even sizes of at least 16.")
         if min(self.train_frames, self.seen_frames, self.extreme_frames) < 1:
@@ -129,12 +193,27 @@ class BenchConfig:
             raise ConfigError(f"--iters {self.avatar_iters}: train avatars for at least one iteration.")
         if self.kinematics not in ("tracked", "truth"):
             raise ConfigError(f"--kinematics {self.kinematics}: use tracked or truth.")
-        if self.refs > self.train_frames:
+        if self.refs > self.train_frames and not self.real:
             raise ConfigError(f"--refs {self.refs} is more than the {self.train_frames} training frames.")
 
+    def _check_real(self) -> None:
+        names = [c.get("name") for c in self.clips]
+        if not all(names) or len(set(names)) != len(names):
+            raise ConfigError(f"clips {names}: every clip needs a name of its own (its file's stem).")
+        if self.kinematics != "tracked":
+            raise ConfigError(f"--kinematics {self.kinematics}: a real clip has no true kinematics; use tracked.")
+        if not 0 < self.extreme_share < 1:
+            raise ConfigError(f"extreme share {self.extreme_share}: use a share of the valid frames in (0, 1).")
+        if self.split_guard < 0 or self.seen_block < 1 or self.seen_every < 2:
+            raise ConfigError(f"split guard {self.split_guard}, seen block {self.seen_block}, every {self.seen_every}: "
+                              f"use a guard of 0 or more, blocks of at least 1 frame, every 2nd block or rarer.")
+
     def protocol(self) -> dict[str, Any]:
-        """The fields that decide the numbers (what a resumed run must share with the first one)."""
-        return {k: v for k, v in json_safe(asdict(self)).items() if k not in self.RUNTIME_FIELDS}
+        """The fields that decide the numbers (what a resumed run must share with the first one): a clip counts by
+        its name and content, not where it lies."""
+        out = {k: v for k, v in json_safe(asdict(self)).items() if k not in self.RUNTIME_FIELDS}
+        out["clips"] = [{"name": c.get("name"), "sha256": c.get("sha256")} for c in out["clips"]]
+        return out
 
 
 def full_config(**overrides: Any) -> BenchConfig:

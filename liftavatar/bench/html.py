@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from liftavatar.bench.layout import LIFT_SAMPLES, avatar_dir, gt_frames, oracle_dir, subject_dir
 from liftavatar.bench.plots import curve_plot
-from liftavatar.bench.summary import MACHINE_STAGES, METRICS, ORACLE_LABEL, fmt, machines_sentence, timing_machines
+from liftavatar.bench.summary import (METRICS, ORACLE_LABEL, fmt, has_oracle, is_real, machine_stages,
+                                      machines_sentence, subject_label, timing_machines)
 from liftavatar.capture import Capture
 from liftavatar.io import save_png, write_text
 
@@ -80,22 +81,22 @@ def _save_png(image: np.ndarray, path: Path) -> str:
     return path.name
 
 
-def _result_dir(run: Path, seed: int, k: int | None) -> Path:
+def _result_dir(run: Path, name: str, k: int | None) -> Path:
     """The folder of the avatar with ``k`` lifted expressions, or of the oracle appearance (``k`` None)."""
-    return oracle_dir(run, seed) if k is None else avatar_dir(run, seed, k)
+    return oracle_dir(run, name) if k is None else avatar_dir(run, name, k)
 
 
-def _renders(run: Path, seed: int, k: int | None, split: str) -> np.ndarray | None:
+def _renders(run: Path, name: str, k: int | None, split: str) -> np.ndarray | None:
     """An avatar's renders of a test capture (``k`` lifted expressions), or the oracle appearance's (``k`` None)."""
-    path = _result_dir(run, seed, k) / f"renders_{split}.npz"
+    path = _result_dir(run, name, k) / f"renders_{split}.npz"
     if not path.is_file():
         return None
     with np.load(path) as data:
         return data["renders"]
 
 
-def _per_frame_psnr(run: Path, seed: int, k: int | None, split: str) -> list[float | None]:
-    path = _result_dir(run, seed, k) / f"eval_{split}.json"
+def _per_frame_psnr(run: Path, name: str, k: int | None, split: str) -> list[float | None]:
+    path = _result_dir(run, name, k) / f"eval_{split}.json"
     if not path.is_file():
         return []
     return json.loads(path.read_text())["metrics"].get("psnr", {}).get("per_frame", [])
@@ -110,42 +111,43 @@ def build_assets(results: dict[str, Any], run: Path, out: Path) -> dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     assets: dict[str, Any] = {"curve": curve_plot(results, out / "curve.png").name, "subjects": []}
     for subject in results["subjects"]:
-        seed = subject["seed"]
-        sdir = subject_dir(run, seed)
-        entry: dict[str, Any] = {"seed": seed, "grids": {}, "videos": {}, "lifted": None}
+        name = subject.get("name") or f"s{subject['seed']}"  # results written before real clips name the seed
+        sdir = subject_dir(run, name)
+        entry: dict[str, Any] = {"name": name, "label": subject_label(subject), "grids": {}, "videos": {},
+                                 "lifted": None}
         for split in ("extreme", "seen"):
             test_path = sdir / f"test_{split}"
-            base, lifted = _renders(run, seed, 0, split), _renders(run, seed, lifted_k, split)
+            base, lifted = _renders(run, name, 0, split), _renders(run, name, lifted_k, split)
             if base is None or lifted is None or not (test_path / "capture.json").is_file():
                 continue
             test = Capture.load(test_path)
             gt, _ = gt_frames(test)
-            psnr_b, psnr_l = _per_frame_psnr(run, seed, 0, split), _per_frame_psnr(run, seed, lifted_k, split)
+            psnr_b, psnr_l = _per_frame_psnr(run, name, 0, split), _per_frame_psnr(run, name, lifted_k, split)
             n = len(gt)
             pick = np.unique(np.linspace(0, n - 1, min(int(cfg["grid_frames"]), n)).round().astype(int))
             db = lambda values, i: f"{values[i]:.1f} dB" if i < len(values) and values[i] is not None else ""  # noqa: E731
             rows = [[_up(gt[i]) for i in pick], [_up(base[i]) for i in pick], [_up(lifted[i]) for i in pick]]
             captions = [[f"frame {i}" for i in pick], [db(psnr_b, i) for i in pick], [db(psnr_l, i) for i in pick]]
             row_labels = ["ground truth", "baseline", f"lifted ({lifted_k})"]
-            oracle = _renders(run, seed, None, split)
+            oracle = _renders(run, name, None, split)
             if oracle is not None and len(oracle) == n:
-                psnr_o = _per_frame_psnr(run, seed, None, split)
+                psnr_o = _per_frame_psnr(run, name, None, split)
                 rows.append([_up(oracle[i]) for i in pick])
                 captions.append([db(psnr_o, i) for i in pick])
                 row_labels.append("oracle appearance")
             sheet = labelled_grid(rows, row_labels, captions)
-            entry["grids"][split] = _save_png(sheet, out / f"grid_s{seed}_{split}.png")
-            video = out / f"video_s{seed}_{split}.mp4"
+            entry["grids"][split] = _save_png(sheet, out / f"grid_{name}_{split}.png")
+            video = out / f"video_{name}_{split}.mp4"
             labels = ["ground truth", "baseline (capture only)", f"lifted ({lifted_k} expressions)"]
             write_video(video, (labelled_row([_up(gt[i]), _up(base[i]), _up(lifted[i])], labels) for i in range(n)),
                         test.meta.fps)
             entry["videos"][split] = video.name
-        entry["lifted"] = _lifted_samples(sdir, out, seed)
+        entry["lifted"] = _lifted_samples(sdir, out, name)
         assets["subjects"].append(entry)
     return assets
 
 
-def _lifted_samples(sdir: Path, out: Path, seed: int) -> str | None:
+def _lifted_samples(sdir: Path, out: Path, name: str) -> str | None:
     """References, then target shading maps and generated frames at the end of evenly spaced lifted clips
     (the arrays the lift stage saved)."""
     path = sdir / LIFT_SAMPLES
@@ -161,11 +163,7 @@ def _lifted_samples(sdir: Path, out: Path, seed: int) -> str | None:
     labels = ["references (K-means)", "target shading", "lifted frame"]
     if not ref_idx:
         rows, captions, labels = rows[1:], captions[1:], labels[1:]
-    return _save_png(labelled_grid(rows, labels, captions), out / f"lifted_s{seed}.png")
-
-
-def results_subject(results: dict[str, Any], seed: int) -> dict[str, Any]:
-    return next((s for s in results["subjects"] if s["seed"] == seed), {})
+    return _save_png(labelled_grid(rows, labels, captions), out / f"lifted_{name}.png")
 
 
 # ---------------------------------------------------------------------------------------------- the page
@@ -211,43 +209,50 @@ def _delta_class(delta: float | None, better: str) -> str:
 
 def _summary_table(results: dict[str, Any], split: str) -> str:
     k = results["methods"]["lifted"]["lifted_expressions"]
+    oracle = has_oracle(results)
     rows = ["<table><tr><th>metric</th><th>better</th><th>baseline (capture only)</th>"
-            f"<th>lifted ({k} expressions)</th><th>Δ lifted − baseline</th><th>{ORACLE_LABEL}</th></tr>"]
+            f"<th>lifted ({k} expressions)</th><th>Δ lifted − baseline</th>"
+            + (f"<th>{ORACLE_LABEL}</th>" if oracle else "") + "</tr>"]
     for key, row in results["tables"][split].items():
         unit = f" ({_e(row['unit'])})" if row["unit"] else ""
         if not row["available"]:
             reason = row.get("reason") or "n/a"
             short = reason.split(":")[0] if reason.startswith("not available") else reason
             rows.append(f"<tr><td>{_e(row['label'])}{unit}</td><td>{_e(row['better'])}</td>"
-                        f"<td class='na' colspan='4' title='{_e(reason)}'>{_e(short)}</td></tr>")
+                        f"<td class='na' colspan='{4 if oracle else 3}' title='{_e(reason)}'>{_e(short)}</td></tr>")
             continue
         d = METRICS[key][3]
         cls = _delta_class(row["delta"]["mean"], row["better"])
         rows.append(f"<tr><td>{_e(row['label'])}{unit}</td><td>{_e(row['better'])}</td>"
                     f"<td>{fmt(row['baseline'], d)}</td><td>{fmt(row['lifted'], d)}</td>"
-                    f"<td class='{cls}'>{fmt(row['delta'], d, True)}</td><td>{fmt(row.get('oracle'), d)}</td></tr>")
+                    f"<td class='{cls}'>{fmt(row['delta'], d, True)}</td>"
+                    + (f"<td>{fmt(row.get('oracle'), d)}</td>" if oracle else "") + "</tr>")
     rows.append("</table>")
-    if "oracle" in results["methods"]:
+    if oracle:
         rows.append(f"<p class='meta'>{_e(ORACLE_LABEL.capitalize())}: {_e(results['methods']['oracle']['description'])}</p>")
     return "\n".join(rows)
 
 
 def _per_subject_tables(results: dict[str, Any], split: str) -> str:
     parts = []
+    oracle = has_oracle(results)
+    who = "clip" if is_real(results) else "subject (seed)"
     for key, row in results["tables"][split].items():
         if not row["available"]:
             continue
         d = METRICS[key][3]
-        lines = [f"<details><summary>{_e(row['label'])} per subject</summary><table>"
-                 f"<tr><th>subject (seed)</th><th>baseline</th><th>lifted</th><th>Δ</th><th>{ORACLE_LABEL}</th></tr>"]
-        oracle = (row.get("oracle") or {}).get("per_subject") or [None] * len(results["subjects"])
+        lines = [f"<details><summary>{_e(row['label'])} per {who.split()[0]}</summary><table>"
+                 f"<tr><th>{who}</th><th>baseline</th><th>lifted</th><th>Δ</th>"
+                 + (f"<th>{ORACLE_LABEL}</th>" if oracle else "") + "</tr>"]
+        per_oracle = (row.get("oracle") or {}).get("per_subject") or [None] * len(results["subjects"])
         for s, b, v, dd, o in zip(results["subjects"], row["baseline"]["per_subject"], row["lifted"]["per_subject"],
-                                  row["delta"]["per_subject"], oracle):
-            lines.append(f"<tr><td>{s['seed']}</td><td>{_num(b, d)}</td><td>{_num(v, d)}</td>"
-                         f"<td class='{_delta_class(dd, row['better'])}'>{_num(dd, d, True)}</td><td>{_num(o, d)}</td></tr>")
+                                  row["delta"]["per_subject"], per_oracle):
+            lines.append(f"<tr><td>{_e(subject_label(s))}</td><td>{_num(b, d)}</td><td>{_num(v, d)}</td>"
+                         f"<td class='{_delta_class(dd, row['better'])}'>{_num(dd, d, True)}</td>"
+                         + (f"<td>{_num(o, d)}</td>" if oracle else "") + "</tr>")
         lines.append(f"<tr class='mean'><td>mean ± std</td><td>{fmt(row['baseline'], d)}</td>"
                      f"<td>{fmt(row['lifted'], d)}</td><td>{fmt(row['delta'], d, True)}</td>"
-                     f"<td>{fmt(row.get('oracle'), d)}</td></tr></table></details>")
+                     + (f"<td>{fmt(row.get('oracle'), d)}</td>" if oracle else "") + "</tr></table></details>")
         parts.append("\n".join(lines))
     return "\n".join(parts)
 
@@ -276,19 +281,25 @@ def _curve_table(results: dict[str, Any]) -> str:
 def _criteria(results: dict[str, Any]) -> str:
     h = results["headline"]
     c = h["criteria"]
+    real = is_real(results)
+    seen = "seen split" if real else "seen range"
     rows = [("extreme: PSNR gain", f"≥ +{c['extreme_psnr_gain_db']:.1f} dB", _num(h["extreme_psnr_gain_db"], 2, True) + " dB",
              h["checks"]["extreme_psnr_gain_db"]),
             ("extreme: AED reduction", f"≥ {c['extreme_aed_reduction']:.0%}",
              "n/a" if h["extreme_aed_reduction"] is None else f"{h['extreme_aed_reduction']:.1%}",
              h["checks"]["extreme_aed_reduction"]),
-            ("seen range: PSNR change", f"≥ {c['seen_psnr_change_db']:.1f} dB", _num(h["seen_psnr_change_db"], 2, True) + " dB",
+            (f"{seen}: PSNR change", f"≥ {c['seen_psnr_change_db']:.1f} dB", _num(h["seen_psnr_change_db"], 2, True) + " dB",
              h["checks"]["seen_psnr_change_db"])]
-    lines = ["<table><tr><th>criterion</th><th>target</th><th>measured</th><th>met</th></tr>"]
-    for name, target, value, ok in rows:
-        lines.append(f"<tr><td>{name}</td><td>{target}</td><td>{value}</td>"
+    target, met = ("bound (next issue)", "within") if real else ("target", "met")
+    lines = [f"<table><tr><th>criterion</th><th>{target}</th><th>measured</th><th>{met}</th></tr>"]
+    for name, bound, value, ok in rows:
+        lines.append(f"<tr><td>{name}</td><td>{bound}</td><td>{value}</td>"
                      f"<td class='{'pass' if ok else 'fail'}'>{'yes' if ok else 'no'}</td></tr>")
     lines.append("</table>")
-    if not h["assessed"]:
+    if real:
+        lines.append("<p class='meta'>The bounds the next issue sets on real clips, shown beside this run's numbers as "
+                     "criteria; this benchmark does not claim them.</p>")
+    elif not h["assessed"]:
         lines.append(f"<p class='meta'>Acceptance is judged over at least {c['min_subjects']} subjects at "
                      f"{c['size']}² with tracked kinematics; this run ({h['subjects']} subject(s), "
                      f"{results['config']['size']}², kinematics {_e(results['config'].get('kinematics', 'tracked'))}) "
@@ -298,19 +309,36 @@ def _criteria(results: dict[str, Any]) -> str:
 
 def _protocol(results: dict[str, Any]) -> str:
     c = results["config"]
-    seeds = ", ".join(str(s["seed"]) for s in results["subjects"])
-    items = [
-        f"Held-out synthetic subjects (seeds {seeds}); the embedded prior never saw them.",
-        f"Recording: a <em>sparse</em> take of {c['train_frames'] + c['seen_frames']} frames (talking-range expressions, "
-        f"yaw within ±15°) and an <em>extreme</em> take of {c['extreme_frames']} frames (strong expressions absent from "
-        f"it, yaw to ±45°), rendered at {c['render_size']}², encoded as one H.264 video and run through the tracker "
-        f"(MediaPipe FaceMesh + rig fit) into {c['size']}² captures."
-        + (" <strong>This run bypasses the tracker</strong> (<code>--kinematics truth</code>, an ablation): its "
-           f"captures are the frames re-rendered in the tracker's crop at {c['size']}² with the synthetic world's "
-           "true identity, expressions and pose." if c.get("kinematics", "tracked") == "truth" else ""),
-        f"Training capture: the first {c['train_frames']} frames. Seen-range test: the remaining {c['seen_frames']} "
-        f"frames of the sparse take. Extreme test: the extreme take. Test frames never reach reference selection, "
-        f"lifting or avatar training; test frames without a tracked face are left out.",
+    if is_real(results):
+        names = ", ".join(_e(subject_label(s)) for s in results["subjects"])
+        items = [
+            f"Real clips ({names}). No ground truth exists for expressions a clip lacks, so the test is "
+            "self-reenactment on held-out frames of the same clip.",
+            f"Tracking: each clip through the tracker (MediaPipe FaceMesh + rig fit) into a {c['size']}² capture.",
+            f"Split by kinematics: the extreme test is the {c['extreme_share']:.0%} of the valid frames farthest "
+            "from the clip's median expression and pose (Euclidean distance, expression and rotation standardised); "
+            f"the seen test is every {c['seen_every']}th block of {c['seen_block']} consecutive frames (by frame "
+            f"number) of the rest; training gets the remainder. A guard band of ±{c['split_guard']} frames around "
+            "every test frame is dropped from the splits after it. Every 5th <em>block</em>, not every 5th frame: "
+            "single frames every 5 with ±3 guards would leave no training frame. Test frames never reach reference "
+            "selection, lifting or avatar training.",
+        ]
+    else:
+        seeds = ", ".join(subject_label(s) for s in results["subjects"])
+        items = [
+            f"Held-out synthetic subjects (seeds {seeds}); the embedded prior never saw them.",
+            f"Recording: a <em>sparse</em> take of {c['train_frames'] + c['seen_frames']} frames (talking-range "
+            f"expressions, yaw within ±15°) and an <em>extreme</em> take of {c['extreme_frames']} frames (strong "
+            f"expressions absent from it, yaw to ±45°), rendered at {c['render_size']}², encoded as one H.264 video "
+            f"and run through the tracker (MediaPipe FaceMesh + rig fit) into {c['size']}² captures."
+            + (" <strong>This run bypasses the tracker</strong> (<code>--kinematics truth</code>, an ablation): its "
+               f"captures are the frames re-rendered in the tracker's crop at {c['size']}² with the synthetic world's "
+               "true identity, expressions and pose." if c.get("kinematics", "tracked") == "truth" else ""),
+            f"Training capture: the first {c['train_frames']} frames. Seen-range test: the remaining "
+            f"{c['seen_frames']} frames of the sparse take. Extreme test: the extreme take. Test frames never reach "
+            f"reference selection, lifting or avatar training; test frames without a tracked face are left out.",
+        ]
+    items += [
         f"Lifting: K = {c['refs']} K-means references, farthest-point targets from the rig's extreme expression library, "
         f"head poses '{_e(c['lift_poses'])}', {c['lift_steps']} {_e(c['lift_solver'])} steps; the curve's captures are "
         "prefixes of one lifting run.",
@@ -319,11 +347,12 @@ def _protocol(results: dict[str, Any]) -> str:
         f"{c['lifted_weight']:g} in the loss, and the last {c.get('observed_finish', 0.0):.0%} of the iterations "
         "draw observed frames only.",
         "Evaluation: each avatar is driven by the test frames' tracked kinematics and camera; its renders over black "
-        "are compared with the test frames times their masks. AED/APD: the tracker on both sides. CSIM: dlib "
-        "face embeddings. LPIPS/FID: only with their standard weights on disk.",
+        "are compared with the test frames times their masks, PSNR and SSIM over the mask's pixels. AED/APD: the "
+        "tracker on both sides. CSIM: dlib face embeddings. LPIPS/FID: only with their standard weights on disk.",
         "Oracle appearance: the synthetic world's renderer with the subject's true texture, on the rig driven exactly "
         "as the avatars are (the test kinematics, identity and camera), measured the same way: what the test "
-        "kinematics alone cost a perfectly textured rig (a reference, not a floor).",
+        "kinematics alone cost a perfectly textured rig (a reference, not a floor)." if has_oracle(results) else
+        "No oracle appearance: no true texture of a real person exists.",
         f"Machines: {_e(machines_sentence(results))}.",
     ]
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
@@ -350,7 +379,7 @@ def _timings(results: dict[str, Any]) -> str:
 
 def _machine(results: dict[str, Any]) -> str:
     """Where each stage ran, then the details of the machine that evaluated and wrote this report."""
-    rows = {f"{stage} ran on": timing_machines(results, stage) for stage in MACHINE_STAGES}
+    rows = {f"{stage} ran on": timing_machines(results, stage) for stage in machine_stages(results)}
     rows.update({f"report machine: {k}": v for k, v in results.get("report_machine", results.get("machine", {})).items()})
     rows["workers"] = results.get("workers", 1)
     return "<table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows.items()) + "</table>"
@@ -362,22 +391,34 @@ def _hero(results: dict[str, Any], assets: dict[str, Any]) -> str:
     if entry is None:
         return ""
     k = results["methods"]["lifted"]["lifted_expressions"]
-    return (f"<figure><img src='{_e(entry['grids']['extreme'])}' alt='extreme test frames'><figcaption>Subject "
-            f"{entry['seed']}, unseen extreme test (evenly spaced frames): ground truth, the baseline avatar, the "
-            f"avatar trained with {k} lifted expressions and, where measured, the oracle appearance, with each frame's "
-            "PSNR.</figcaption></figure>")
+    if is_real(results):
+        what, oracle = f"Clip {_e(_label(entry))}, its held-out extreme frames", ""
+    else:
+        what = f"Subject {_e(_label(entry))}, unseen extreme test"
+        oracle = " and, where measured, the oracle appearance"
+    return (f"<figure><img src='{_e(entry['grids']['extreme'])}' alt='extreme test frames'><figcaption>{what} "
+            f"(evenly spaced frames): ground truth, the baseline avatar, the avatar trained with {k} lifted "
+            f"expressions{oracle}, with each frame's PSNR.</figcaption></figure>")
+
+
+def _label(entry: dict[str, Any]) -> str:
+    """What the page calls the subject of an assets entry of :func:`build_assets`."""
+    return str(entry.get("label", entry.get("seed")))
 
 
 def render_html(results: dict[str, Any], assets: dict[str, Any]) -> str:
     """The report page (a string) from the results and the asset file names of :func:`build_assets`."""
     n = len(results["subjects"])
     k = results["methods"]["lifted"]["lifted_expressions"]
+    real = is_real(results)
+    who = (f"{n} real clip{'s' if n != 1 else ''}" if real else f"{n} held-out subject{'s' if n != 1 else ''}")
+    trained = "each clip's training frames" if real else "the sparse capture"
     parts = [
         "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>LiftAvatar benchmark: {_e(results['name'])}</title>", f"<style>{CSS}</style></head><body>",
         f"<h1>LiftAvatar benchmark: {_e(results['name'])}</h1>",
-        f"<p class='meta'>{n} held-out subject{'s' if n != 1 else ''} · {results['config']['size']}² · "
+        f"<p class='meta'>{who} · {results['config']['size']}² · "
         f"{_e(machines_sentence(results))} · liftavatar {_e(results['liftavatar_version'])} · "
         f"{_e(results['created'])}</p>",
         "<nav><a href='#headline'>Headline</a><a href='#tables'>Tables</a><a href='#curve'>Curve</a>"
@@ -387,8 +428,9 @@ def render_html(results: dict[str, Any], assets: dict[str, Any]) -> str:
         _criteria(results),
         _hero(results, assets),
         "<h2 id='tables'>Tables</h2>",
-        f"<p>Baseline: the avatar trained on the sparse capture alone. Lifted: trained on the same capture "
-        f"lifted with {k} expressions. Mean ± std over subjects; Δ in green where lifting is better.</p>",
+        f"<p>Baseline: the avatar trained on {trained} alone. Lifted: trained on the same capture "
+        f"lifted with {k} expressions. Mean ± std over {'clips' if real else 'subjects'}; Δ in green where lifting "
+        "is better.</p>",
     ]
     for split, title in results["splits"].items():
         parts += [f"<h3>Test: {_e(title)}</h3>", _summary_table(results, split), _per_subject_tables(results, split)]
@@ -401,7 +443,7 @@ def render_html(results: dict[str, Any], assets: dict[str, Any]) -> str:
               "<p>Test frames evenly spaced over each test capture (not picked), with their PSNR. Columns of the videos: "
               "ground truth | baseline | lifted.</p>"]
     for entry in assets["subjects"]:
-        parts.append(f"<h3>Subject {entry['seed']}</h3>")
+        parts.append(f"<h3>{'Clip' if real else 'Subject'} {_e(_label(entry))}</h3>")
         for split in ("extreme", "seen"):
             title = results["splits"].get(split, split)
             if split in entry["grids"]:

@@ -43,9 +43,9 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def avatar_capture(cfg: BenchConfig, run: Path, seed: int, k: int) -> Path:
-    """The capture an avatar with ``k`` lifted expressions trains on (``train`` for the baseline)."""
-    return lifted_capture_dir(run, seed, k, cfg)
+def avatar_capture(cfg: BenchConfig, run: Path, name: str, k: int) -> Path:
+    """The capture subject ``name``'s avatar with ``k`` lifted expressions trains on (``train`` for the baseline)."""
+    return lifted_capture_dir(run, name, k, cfg)
 
 
 def avatar_config(cfg: BenchConfig, progress: bool = True) -> AvatarTrainConfig:
@@ -56,14 +56,14 @@ def avatar_config(cfg: BenchConfig, progress: bool = True) -> AvatarTrainConfig:
                    progress=progress)
 
 
-def legacy_captures(cfg: BenchConfig, run: Path, seed: int, k: int) -> list[Path]:
+def legacy_captures(cfg: BenchConfig, run: Path, name: str, k: int) -> list[Path]:
     """The captures an avatar whose training started before ``observed_share`` lived in the trainer resumes on:
     the lifted capture and ``train`` again, so that it draws what it drew before (the trainer then keeps the
     stored recipe, observed_share 0)."""
-    sdir = subject_dir(run, seed)
+    sdir = subject_dir(run, name)
     lift = json.loads((sdir / "lift.json").read_text())
     repeats = observed_repeats(int(lift["observed_frames"]), k * int(lift["window"]), cfg.observed_share)
-    return [avatar_capture(cfg, run, seed, k)] + [sdir / "train"] * (repeats - 1)
+    return [avatar_capture(cfg, run, name, k)] + [sdir / "train"] * (repeats - 1)
 
 
 def render_capture(avatar, capture: Capture, device: str, batch: int = 8) -> np.ndarray:
@@ -89,26 +89,26 @@ def evaluate_renders(renders: np.ndarray, test_path: Path, cfg: BenchConfig) -> 
     return evaluate(pred, truth, config)
 
 
-def avatar_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = True) -> dict[str, Any]:
+def avatar_job(cfg: BenchConfig, run: Path, name: str, k: int, progress: bool = True) -> dict[str, Any]:
     """Train the avatar with ``k`` lifted expressions (resuming its checkpoint) and render it through both test
     captures' kinematics (``renders_{split}.npz``). Skipped when its ``job.json`` exists. Returns the job record."""
     from liftavatar.avatar.model import load_avatar
     from liftavatar.avatar.train import train_avatar
 
-    out = avatar_dir(run, seed, k)
+    out = avatar_dir(run, name, k)
     done = out / "job.json"
     if done.is_file():
         return {**json.loads(done.read_text()), "resumed": True}
-    sdir = subject_dir(run, seed)
-    captures = [avatar_capture(cfg, run, seed, k)]
+    sdir = subject_dir(run, name)
+    captures = [avatar_capture(cfg, run, name, k)]
     threads = 1 if on_cpu(cfg.device) else None  # the CPU rasterizer's many small ops run best on one thread
     with _torch_threads(threads):
         state = out / "train_state.json"
         saved = json.loads(state.read_text()) if state.is_file() else {"step": 0, "config": {}}
         step = saved["step"]
         if step and "observed_share" not in saved["config"]:
-            captures = legacy_captures(cfg, run, seed, k)
-        record: dict[str, Any] = {"seed": seed, "k": k, "captures": [str(p) for p in captures]}
+            captures = legacy_captures(cfg, run, name, k)
+        record: dict[str, Any] = {"subject": name, "k": k, "captures": [str(p) for p in captures]}
         start = time.perf_counter()
         if step < cfg.avatar_iters:
             result = train_avatar(captures, out, avatar_config(cfg, progress), resume=step > 0, force=step == 0)
@@ -126,12 +126,12 @@ def avatar_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = 
     return {**record, "resumed": False}
 
 
-def eval_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = True) -> dict[str, Any]:
+def eval_job(cfg: BenchConfig, run: Path, name: str, k: int, progress: bool = True) -> dict[str, Any]:
     """Metrics of the avatar's renders on both test captures (``eval_{split}.json``), from the files
     :func:`avatar_job` wrote: no avatar is loaded, so renders made on another machine evaluate here.
     Skipped when both reports exist. Returns ``{"eval_seconds", "eval_machine", "resumed"}`` (also in ``job.json``;
     runs made before the machine was recorded have none)."""
-    out = avatar_dir(run, seed, k)
+    out = avatar_dir(run, name, k)
     if all((out / f"eval_{split}.json").is_file() for split in SPLITS):
         record = json.loads((out / "job.json").read_text())
         return {"eval_seconds": record.get("eval_seconds", 0.0), "eval_machine": record.get("eval_machine"),
@@ -144,7 +144,7 @@ def eval_job(cfg: BenchConfig, run: Path, seed: int, k: int, progress: bool = Tr
                              f"the avatars folder back from the machine that trained them).")
         with np.load(path) as data:
             renders = data["renders"]
-        write_json(out / f"eval_{split}.json", evaluate_renders(renders, subject_dir(run, seed) / f"test_{split}", cfg))
+        write_json(out / f"eval_{split}.json", evaluate_renders(renders, subject_dir(run, name) / f"test_{split}", cfg))
     done = {"eval_seconds": round(time.perf_counter() - start, 2), "eval_machine": this_machine(cfg.device)}
     write_json(out / "job.json", {**json.loads((out / "job.json").read_text()), **done})
     return {**done, "resumed": False}
@@ -169,19 +169,23 @@ def oracle_renders(seed: int, capture: Capture, batch: int = 16) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.uint8)
 
 
-def oracle_job(cfg: BenchConfig, run: Path, seed: int, progress: bool = True) -> dict[str, Any]:
-    """Render and evaluate the oracle appearance on both test captures (``oracle/renders_{split}.npz`` and
-    ``oracle/eval_{split}.json``); skipped when both reports exist. Needs only the seed and the test captures'
-    kinematics and camera, so it runs wherever the evaluation does. Returns its record ``{"oracle_seconds",
-    "machine", "resumed"}`` (also in ``oracle/job.json``; runs made before it was written have none)."""
-    out = oracle_dir(run, seed)
+def oracle_job(cfg: BenchConfig, run: Path, name: str, progress: bool = True) -> dict[str, Any]:
+    """Render and evaluate synthetic subject ``name``'s oracle appearance on both test captures
+    (``oracle/renders_{split}.npz`` and ``oracle/eval_{split}.json``); skipped when both reports exist. Needs only
+    the seed and the test captures' kinematics and camera, so it runs wherever the evaluation does. Returns its
+    record ``{"oracle_seconds", "machine", "resumed"}`` (also in ``oracle/job.json``; runs made before it was written
+    have none). A real clip has no true texture, so it has no oracle."""
+    seed = cfg.subject(name).seed
+    if seed is None:
+        raise BenchError(f"{name}: a real clip has no oracle appearance (no true texture of the person exists).")
+    out = oracle_dir(run, name)
     if all((out / f"eval_{split}.json").is_file() for split in SPLITS):
         record = json.loads((out / "job.json").read_text()) if (out / "job.json").is_file() else {}
         return {"oracle_seconds": 0.0, **record, "resumed": True}
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        test_path = subject_dir(run, seed) / f"test_{split}"
+        test_path = subject_dir(run, name) / f"test_{split}"
         renders = oracle_renders(seed, Capture.load(test_path))
         save_npz(out / f"renders_{split}.npz", renders=renders)
         write_json(out / f"eval_{split}.json", evaluate_renders(renders, test_path, cfg))

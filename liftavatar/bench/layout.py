@@ -3,8 +3,9 @@ across machines carries each way.
 
 ```
 RUN/config.json                      the BenchConfig of the run (what a resumed run must share)
-RUN/subjects/s<seed>/timings.json    per data stage: seconds, whether it was resumed, the machine it ran on
-                    synth/ recording/ tracked/ track.json split.json    stages 1–4
+RUN/subjects/NAME/timings.json       per data stage: seconds, whether it was resumed, the machine it ran on
+                                     (NAME: s<seed> for a synthetic subject, the file stem of a real clip)
+                    synth/ recording/ tracked/ track.json split.json    stages 1–4 (a real clip: tracked/ on)
                     train/ test_seen/ test_extreme/                    captures (train holds the references)
                     lifted/ lifted_kNNN/ lift.json lift_samples.npz    stage 6 (lift.json last: its record)
                     avatars/kNNN/job.json renders_{split}.npz eval_{split}.json    stages 7–8
@@ -29,8 +30,9 @@ from liftavatar.capture import Capture
 from liftavatar.io import write_json
 from liftavatar.report import machine_info, machine_name
 
-__all__ = ["LIFT_SAMPLES", "SPLITS", "StageLog", "avatar_dir", "avatar_stage_inputs", "avatar_stage_outputs",
-           "gt_frames", "is_capture", "lifted_capture_dir", "oracle_dir", "over_black", "subject_dir", "this_machine"]
+__all__ = ["LIFT_SAMPLES", "REAL_SPLITS", "SPLITS", "StageLog", "avatar_dir", "avatar_stage_inputs",
+           "avatar_stage_outputs", "gt_frames", "is_capture", "lifted_capture_dir", "oracle_dir", "over_black",
+           "split_titles", "subject_dir", "this_machine"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +43,34 @@ SPLITS: dict[str, str] = {
     "seen": "seen range (held-out frames of the sparse take)",
 }
 """The test captures (``test_{split}``) and what each tests."""
+REAL_SPLITS: dict[str, str] = {
+    "extreme": "the clip's rarest expressions and poses (held-out frames farthest from its median)",
+    "seen": "seen range (held-out blocks of the clip's other frames)",
+}
+"""What each test capture of a real clip tests (:mod:`liftavatar.bench.real`)."""
 
 
-def subject_dir(run: Path, seed: int) -> Path:
-    return Path(run) / "subjects" / f"s{seed}"
+def split_titles(cfg: BenchConfig) -> dict[str, str]:
+    """The test splits of the run and what each tests."""
+    return REAL_SPLITS if cfg.real else SPLITS
 
 
-def avatar_dir(run: Path, seed: int, k: int) -> Path:
-    return subject_dir(run, seed) / "avatars" / f"k{k:03d}"
+def subject_dir(run: Path, name: str) -> Path:
+    """The folder of the subject called ``name`` (:attr:`liftavatar.bench.config.Subject.name`)."""
+    return Path(run) / "subjects" / name
 
 
-def oracle_dir(run: Path, seed: int) -> Path:
-    return subject_dir(run, seed) / "oracle"
+def avatar_dir(run: Path, name: str, k: int) -> Path:
+    return subject_dir(run, name) / "avatars" / f"k{k:03d}"
 
 
-def lifted_capture_dir(run: Path, seed: int, k: int, cfg: BenchConfig) -> Path:
+def oracle_dir(run: Path, name: str) -> Path:
+    return subject_dir(run, name) / "oracle"
+
+
+def lifted_capture_dir(run: Path, name: str, k: int, cfg: BenchConfig) -> Path:
     """The capture with ``k`` lifted expressions (``train`` for 0; the lifting run itself for the largest)."""
-    sdir = subject_dir(run, seed)
+    sdir = subject_dir(run, name)
     if k == 0:
         return sdir / "train"
     return sdir / "lifted" if k == max(cfg.points()) else sdir / f"lifted_k{k:03d}"
@@ -71,25 +84,25 @@ def _files(run: Path, folder: Path) -> list[Path]:
     return sorted(p.relative_to(run) for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
-def avatar_stage_inputs(run: Path, seed: int) -> list[Path]:
-    """The files, relative to ``run``, that subject ``seed``'s lift and avatar stages read once its data stages
+def avatar_stage_inputs(run: Path, name: str) -> list[Path]:
+    """The files, relative to ``run``, that subject ``name``'s lift and avatar stages read once its data stages
     (up to refs) are done: ``config.json``, the subject's records and its three captures. A run folder holding only
-    these runs ``bench --until avatars --only SEED`` on a machine without the tracker or the earlier stages'
-    outputs (the synthetic takes, the recording, the tracked capture)."""
+    these runs ``bench --until avatars --only NAME`` on a machine without the tracker or the earlier stages'
+    outputs (the synthetic takes, the recording or the real clip, the tracked capture)."""
     run = Path(run)
-    sdir = subject_dir(run, seed)
+    sdir = subject_dir(run, name)
     files = [Path("config.json"), (sdir / "timings.json").relative_to(run)]
     for name in ("train", "test_seen", "test_extreme"):
         files += _files(run, sdir / name)
     return [f for f in files if (run / f).is_file()]
 
 
-def avatar_stage_outputs(run: Path, seed: int) -> list[Path]:
-    """The files, relative to ``run``, that the evaluation and the report read of what subject ``seed``'s lift and
+def avatar_stage_outputs(run: Path, name: str) -> list[Path]:
+    """The files, relative to ``run``, that the evaluation and the report read of what subject ``name``'s lift and
     avatar stages wrote: the lift's record and samples, the subject's stage records, and each avatar's record and
     renders (not its weights, nor the lifted captures)."""
     run = Path(run)
-    sdir = subject_dir(run, seed)
+    sdir = subject_dir(run, name)
     files = [sdir / "lift.json", sdir / LIFT_SAMPLES, sdir / "timings.json"]
     for folder in sorted((sdir / "avatars").glob("k*")):
         files += [folder / "job.json", *(folder / f"renders_{split}.npz" for split in SPLITS)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import liftavatar
-from liftavatar.bench.config import STAGES, SUBJECT_STAGES, BenchConfig, BenchError, config_from_json
+from liftavatar.bench.config import STAGES, BenchConfig, BenchError, config_from_json
 from liftavatar.bench.html import write_report
 from liftavatar.bench.jobs import avatar_job, eval_job, on_cpu, oracle_job
 from liftavatar.bench.layout import avatar_dir
@@ -99,6 +99,11 @@ def check_run_dir(run: Path, cfg: BenchConfig, force: bool) -> None:
     if path.is_file():
         stored = json.loads(path.read_text())
         old = config_from_json(stored.get("config", {})).protocol()
+        new = {c["name"]: c["sha256"] for c in cfg.protocol()["clips"]}
+        other = sorted(c["name"] for c in old["clips"] if c["name"] in new and new[c["name"]] != c["sha256"])
+        if other:
+            raise BenchError(f"{run}: holds a run whose clip{'s' if len(other) > 1 else ''} {', '.join(other)} had "
+                             f"other contents (clips differ); pass --force to start it over, or choose another --out.")
         if old != cfg.protocol():
             changed = sorted(k for k in set(old) | set(cfg.protocol()) if old.get(k) != cfg.protocol().get(k))
             raise BenchError(f"{run}: holds a run made with other settings ({', '.join(changed)} differ); pass "
@@ -110,15 +115,15 @@ def check_run_dir(run: Path, cfg: BenchConfig, force: bool) -> None:
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: bool = True,
-              until: str | None = None, only: Sequence[int] | None = None) -> dict[str, Any]:
+              until: str | None = None, only: Sequence[str | int] | None = None) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out``: stages per subject, avatars, evaluation, aggregation, report.
 
     ``until`` (one of :data:`STAGES`) stops after that stage for every subject, without results: a run split
     across machines makes its data stages on one (say ``until="refs"`` where the tracker is installed), lifts
     and trains avatars on a GPU (``until="avatars"``), and evaluates and reports back on the first; each part
-    resumes from the files the other left. ``only`` (subject seeds of the run, with ``until`` at most
-    ``"avatars"``) runs those subjects alone, so a run can travel one subject at a time where a machine call
-    carries little. Returns the results (also in ``out/results.json``;
+    resumes from the files the other left. ``only`` (subjects of the run by name, or a synthetic subject's seed,
+    with ``until`` at most ``"avatars"``) runs those subjects alone, so a run can travel one subject at a time where
+    a machine call carries little. Returns the results (also in ``out/results.json``;
     ``results["report"]`` is the HTML report's path), or ``{"stopped_after": until}``.
     """
     from functools import partial
@@ -126,19 +131,23 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
     cfg.check()
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: use one of {', '.join(STAGES)}.")
-    seeds = cfg.subject_seeds()
+    data_stages = cfg.subject_stages()
+    if until is not None and cfg.real and until not in (*data_stages, "avatars", "eval"):
+        raise ConfigError(f"--until {until}: a run on real clips has no {until} stage (a clip is its own "
+                          f"recording); use one of {', '.join((*data_stages, 'avatars', 'eval'))}.")
+    subjects = cfg.subject_list()
     if only is not None:
         if until is None or STAGES.index(until) > STAGES.index("avatars"):
             raise ConfigError("--only runs part of the subjects, so it needs --until avatars or an earlier stage "
                               "(the evaluation and report need every subject).")
-        unknown = sorted(set(only) - set(seeds))
+        unknown = [str(key) for key in only if not any(s.called(key) for s in subjects)]
         if unknown:
-            raise ConfigError(f"--only {' '.join(map(str, unknown))}: not a subject of this run "
-                              f"(its seeds: {', '.join(map(str, seeds))}).")
-        seeds = [s for s in seeds if s in only]
+            raise ConfigError(f"--only {' '.join(unknown)}: not a subject of this run "
+                              f"(its subjects: {', '.join(s.label for s in subjects)}).")
+        subjects = [s for s in subjects if any(s.called(key) for key in only)]
     run = Path(out)
     check_run_dir(run, cfg, force)
-    if cfg.prior is None and until not in SUBJECT_STAGES[:-1]:  # the stages before lift need no prior
+    if cfg.prior is None and until not in data_stages[:-1]:  # the stages before lift need no prior
         from liftavatar.generator.prior import resolve_prior
 
         resolve_prior(None)  # fail now, not after synthesis, when no prior is installed
@@ -147,21 +156,21 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
     clock: dict[str, float] = {}
 
     start = time.perf_counter()
-    last = until if until in SUBJECT_STAGES else SUBJECT_STAGES[-1]
-    subject_timings = run_many(partial(prepare_subject, until=last), [(cfg, run, s) for s in seeds], workers,
+    last = until if until in data_stages else data_stages[-1]
+    subject_timings = run_many(partial(prepare_subject, until=last), [(cfg, run, s) for s in subjects], workers,
                                "subjects")
-    clock["subjects (synth → lift)"] = time.perf_counter() - start
-    if until in SUBJECT_STAGES:
+    clock[f"subjects ({data_stages[0]} → {data_stages[-1]})"] = time.perf_counter() - start
+    if until in data_stages:
         return _stopped(run, until)
 
-    jobs = [(cfg, run, s, k) for s in seeds for k in cfg.points()]
+    jobs = [(cfg, run, s.name, k) for s in subjects for k in cfg.points()]
     pending = [job for job in jobs if not (avatar_dir(run, job[2], job[3]) / "job.json").is_file()]
     if pending and not on_cpu(cfg.device):
         start = time.perf_counter()
         _warm_up_cuda(cfg.device)
         clock["gsplat warm-up"] = time.perf_counter() - start
     logger.info("[bench] %d avatars (%d subjects × curve %s), %d iterations each, on %s with %d worker(s)",
-                len(jobs), len(seeds), cfg.points(), cfg.avatar_iters, cfg.device, workers)
+                len(jobs), len(subjects), cfg.points(), cfg.avatar_iters, cfg.device, workers)
     start = time.perf_counter()
     records = run_many(avatar_job, jobs, workers, "avatars")
     clock["avatars (train + render)"] = time.perf_counter() - start
@@ -172,7 +181,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, force: bool = False, progress: 
     # Metrics run the tracker (AED) and dlib (CSIM) on the CPU: one process unless asked for more.
     evals = run_many(eval_job, jobs, workers if on_cpu(cfg.device) else 1, "evaluation")
     records = [{**r, **e, "resumed": r["resumed"] and e["resumed"]} for r, e in zip(records, evals)]
-    oracles = run_many(oracle_job, [(cfg, run, s) for s in seeds], workers if on_cpu(cfg.device) else 1, "oracle")
+    # A real clip has no true texture: no oracle appearance.
+    oracles = run_many(oracle_job, [(cfg, run, s.name) for s in subjects if s.seed is not None],
+                       workers if on_cpu(cfg.device) else 1, "oracle")
     clock["evaluation"] = time.perf_counter() - start
     if until == "eval":
         return _stopped(run, until)

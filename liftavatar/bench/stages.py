@@ -1,5 +1,7 @@
 """The data stages of one benchmark subject (1–6 of :mod:`liftavatar.bench`): synth, video, track, split, refs and
-lift, each writing into ``RUN/subjects/s<seed>/`` and skipped when its record, or a later stage's, is complete."""
+lift, each writing into the subject's folder (``RUN/subjects/NAME/``) and skipped when its record, or a later
+stage's, is complete. A real clip is its own recording: its stages start at track, and its split is by kinematics
+(:mod:`liftavatar.bench.real`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import liftavatar
-from liftavatar.bench.config import SUBJECT_STAGES, BenchConfig, BenchError
+from liftavatar.bench.config import BenchConfig, BenchError, Subject
 from liftavatar.bench.layout import LIFT_SAMPLES, StageLog, is_capture, subject_dir, this_machine
 from liftavatar.capture import IMAGE_DIRS, PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter
 from liftavatar.io import json_safe, save_npz, write_json
@@ -86,16 +88,21 @@ def video_stage(cfg: BenchConfig, sdir: Path, seed: int) -> Path:
     return video
 
 
-def track_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
+def track_stage(cfg: BenchConfig, sdir: Path, subject: Subject, progress: bool) -> dict[str, Any]:
+    """The tracker on the subject's recording (a synthetic subject's, filmed with the synthetic world's camera) or
+    on its clip (a real one, with `track`'s default camera) into the ``tracked`` capture; the report in track.json."""
     from liftavatar.face.track import TrackConfig, track
     from liftavatar.synth.world import DEFAULT_FOV_DEG
 
     if cfg.kinematics == "truth":
         return truth_track_stage(cfg, sdir)
-    info = json.loads((sdir / "recording" / "recording.json").read_text())
-    config = TrackConfig(size=cfg.size, fov=DEFAULT_FOV_DEG, device=cfg.device, appearance=cfg.track_appearance)
-    capture, report = track(sdir / "recording" / info["video"], sdir / "tracked", config, overwrite=True,
-                            resume=True, progress=progress)
+    config = TrackConfig(size=cfg.size, device=cfg.device, appearance=cfg.track_appearance)
+    if subject.clip is not None:
+        video = Path(subject.clip)
+    else:
+        video = sdir / "recording" / json.loads((sdir / "recording" / "recording.json").read_text())["video"]
+        config = replace(config, fov=DEFAULT_FOV_DEG)
+    capture, report = track(video, sdir / "tracked", config, overwrite=True, resume=True, progress=progress)
     summary = {"frames": report.frames, "valid": report.valid, "median_reprojection_px": report.median_reprojection_px,
                "frames_per_second": report.frames_per_second, "seconds": dict(report.seconds),
                "crop": list(report.crop), "summary": report.summary()}
@@ -155,12 +162,26 @@ def truth_track_stage(cfg: BenchConfig, sdir: Path) -> dict[str, Any]:
     return summary
 
 
-def split_stage(cfg: BenchConfig, sdir: Path) -> dict[str, Any]:
-    """train / test_seen / test_extreme captures from the tracked recording."""
+def split_stage(cfg: BenchConfig, sdir: Path, subject: Subject) -> dict[str, Any]:
+    """train / test_seen / test_extreme captures from the tracked recording (by its takes) or clip (by kinematics);
+    their sizes and frames in split.json."""
     tracked = Capture.load(sdir / "tracked")
+    split = (_kinematic_split(cfg, tracked, subject) if subject.clip is not None else _take_split(sdir, tracked))
+    counts: dict[str, Any] = {}
+    valid = tracked.kinematics.valid
+    for name, (indices, note) in split.items():
+        subset_capture(tracked, sdir / name, indices, {**note, "recording_frames": indices})
+        counts[name] = {"frames": len(indices), "valid": int(valid[indices].sum()), **note}
+    write_json(sdir / "split.json", counts)
+    return counts
+
+
+def _take_split(sdir: Path, tracked: Capture) -> dict[str, tuple[list[int], dict[str, Any]]]:
+    """A synthetic recording's frames by take: the sparse take's first frames (train, invalid ones kept), its last
+    (seen) and the extreme take, the test captures with valid frames only."""
     segments = json.loads((sdir / "recording" / "recording.json").read_text())["segments"]
     valid = tracked.kinematics.valid
-    counts: dict[str, Any] = {}
+    split = {}
     for name, segment, keep_invalid in (("train", "train", True), ("test_seen", "seen", False),
                                         ("test_extreme", "extreme", False)):
         lo, hi = segments[segment]
@@ -168,10 +189,22 @@ def split_stage(cfg: BenchConfig, sdir: Path) -> dict[str, Any]:
         if not any(valid[i] for i in indices):
             raise BenchError(f"{sdir / 'tracked'}: the tracker found no face in the {segment} frames {lo}–{hi - 1}; "
                              f"this subject cannot be benchmarked (try another seed or a larger render size).")
-        subset_capture(tracked, sdir / name, indices, {"segment": segment, "recording_frames": indices})
-        counts[name] = {"frames": len(indices), "valid": int(valid[indices].sum()), "of": hi - lo}
-    write_json(sdir / "split.json", counts)
-    return counts
+        split[name] = (indices, {"segment": segment, "of": hi - lo})
+    return split
+
+
+def _kinematic_split(cfg: BenchConfig, tracked: Capture, subject: Subject) -> dict[str, tuple[list[int], dict]]:
+    """A real clip's valid frames by kinematics (:func:`liftavatar.bench.real.split_frames`), refused when the
+    clip has too few for the protocol."""
+    from liftavatar.bench.real import check_split, split_frames
+
+    kin = tracked.kinematics
+    split = split_frames(kin, cfg.extreme_share, cfg.split_guard, cfg.seen_every, cfg.seen_block)
+    check_split(subject.clip, split, int(kin.valid.sum()), len(kin), cfg)
+    note = {"of": len(kin), "valid_frames": int(kin.valid.sum()), "extreme_distance_threshold": split.threshold}
+    return {"train": (split.train.tolist(), {"segment": "train", **note}),
+            "test_seen": (split.seen.tolist(), {"segment": "seen", **note}),
+            "test_extreme": (split.extreme.tolist(), {"segment": "extreme", **note})}
 
 
 def refs_stage(cfg: BenchConfig, sdir: Path) -> list[int]:
@@ -250,6 +283,7 @@ def subject_stages_done(cfg: BenchConfig, sdir: Path) -> dict[str, bool]:
     """Per data stage, whether it need not run: its own output is complete, or a later stage's is (an earlier
     stage's outputs are only inputs to later ones, so a run folder copied to another machine without them —
     the recording, the synthetic takes — resumes where it stopped)."""
+    stages = cfg.subject_stages()
     own = {
         "synth": is_capture(sdir / "synth" / "sparse") and is_capture(sdir / "synth" / "extreme"),
         "video": (sdir / "recording" / "recording.json").is_file(),
@@ -261,23 +295,27 @@ def subject_stages_done(cfg: BenchConfig, sdir: Path) -> dict[str, bool]:
         "lift": (sdir / "lift.json").is_file() and (sdir / LIFT_SAMPLES).is_file(),
     }
     done, later = {}, False
-    for name in reversed(SUBJECT_STAGES):
+    for name in reversed(stages):
         later = later or own[name]
         done[name] = later
-    return {name: done[name] for name in SUBJECT_STAGES}
+    return {name: done[name] for name in stages}
 
 
-def prepare_subject(cfg: BenchConfig, run: Path, seed: int, progress: bool = True,
+def prepare_subject(cfg: BenchConfig, run: Path, subject: Subject, progress: bool = True,
                     until: str = "lift") -> dict[str, Any]:
-    """Stages 1–6 for one subject, up to and including ``until`` (each skipped when complete); returns its timings."""
-    sdir = subject_dir(run, seed)
+    """The data stages of one subject (:meth:`BenchConfig.subject_stages`), up to and including ``until`` (each
+    skipped when complete); returns its timings."""
+    sdir = subject_dir(run, subject.name)
     sdir.mkdir(parents=True, exist_ok=True)
-    log = StageLog(sdir, f"s{seed}", this_machine(cfg.device))
+    log = StageLog(sdir, subject.name, this_machine(cfg.device))
     done = subject_stages_done(cfg, sdir)
-    steps = {"synth": lambda: synth_stage(cfg, sdir, seed, progress), "video": lambda: video_stage(cfg, sdir, seed),
-             "track": lambda: track_stage(cfg, sdir, progress), "split": lambda: split_stage(cfg, sdir),
+    steps = {"synth": lambda: synth_stage(cfg, sdir, subject.seed, progress),
+             "video": lambda: video_stage(cfg, sdir, subject.seed),
+             "track": lambda: track_stage(cfg, sdir, subject, progress),
+             "split": lambda: split_stage(cfg, sdir, subject),
              "refs": lambda: refs_stage(cfg, sdir), "lift": lambda: lift_stage(cfg, sdir, progress)}
-    for name in SUBJECT_STAGES[:SUBJECT_STAGES.index(until) + 1]:
+    stages = cfg.subject_stages()
+    for name in stages[:stages.index(until) + 1]:
         with log.stage(name, done[name]) as go:
             if go:
                 steps[name]()

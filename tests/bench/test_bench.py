@@ -94,32 +94,41 @@ def test_an_avatar_started_before_observed_share_resumes_on_its_captures(tmp_pat
     from liftavatar.bench.layout import subject_dir
 
     cfg = full_config(curve=(0, 25, 100))
-    sdir = subject_dir(tmp_path, 5400)
+    sdir = subject_dir(tmp_path, "s5400")
     sdir.mkdir(parents=True)
     (sdir / "lift.json").write_text(json.dumps({"observed_frames": 300, "window": 8}))
-    assert avatar_capture(cfg, tmp_path, 5400, 25) == sdir / "lifted_k025"
-    assert avatar_capture(cfg, tmp_path, 5400, 100) == sdir / "lifted"
-    assert legacy_captures(cfg, tmp_path, 5400, 100) == [sdir / "lifted"] + [sdir / "train"] * 7  # 8 repeats
-    assert legacy_captures(cfg, tmp_path, 5400, 0) == [sdir / "train"]
+    assert avatar_capture(cfg, tmp_path, "s5400", 25) == sdir / "lifted_k025"
+    assert avatar_capture(cfg, tmp_path, "s5400", 100) == sdir / "lifted"
+    assert legacy_captures(cfg, tmp_path, "s5400", 100) == [sdir / "lifted"] + [sdir / "train"] * 7  # 8 repeats
+    assert legacy_captures(cfg, tmp_path, "s5400", 0) == [sdir / "train"]
 
 
 def test_track_stage_passes_the_appearance_setting(tmp_path, monkeypatch):
+    """The run's tracker settings reach `track`: the appearance switch, the synthetic world's camera for a synthetic
+    recording, `track`'s default camera for a real clip (the clip itself is tracked)."""
     import liftavatar.face.track as track_module
+    from liftavatar.bench.config import Subject
     from liftavatar.bench.stages import track_stage
+    from liftavatar.face.track import TrackConfig
+    from liftavatar.synth.world import DEFAULT_FOV_DEG
 
     seen = []
 
     def fake_track(video, out, config, **kwargs):
-        seen.append(config.appearance)
+        seen.append((Path(video).name, config.appearance, config.fov, config.size))
         raise RuntimeError("stop before tracking")
 
     monkeypatch.setattr(track_module, "track", fake_track)
     (tmp_path / "recording").mkdir()
     (tmp_path / "recording" / "recording.json").write_text(json.dumps({"video": "recording.mp4"}))
+    synthetic, real = Subject("s5400", seed=5400), Subject("me", clip=str(tmp_path / "me.mp4"))
     for value in (True, False):
         with pytest.raises(RuntimeError, match="stop before tracking"):
-            track_stage(quick_config(track_appearance=value), tmp_path, progress=False)
-    assert seen == [True, False]
+            track_stage(quick_config(track_appearance=value), tmp_path, synthetic, progress=False)
+    with pytest.raises(RuntimeError, match="stop before tracking"):
+        track_stage(quick_config(), tmp_path, real, progress=False)
+    assert seen == [("recording.mp4", True, DEFAULT_FOV_DEG, 128), ("recording.mp4", False, DEFAULT_FOV_DEG, 128),
+                    ("me.mp4", True, TrackConfig().fov, 128)]
 
 
 def _curve(means):
@@ -257,7 +266,7 @@ def test_quick_bench_end_to_end(tmp_path, capsys, monkeypatch):
     assert (sdir / "train" / "capture.json").is_file() and not (sdir / "lift.json").exists()
     assert not (out / "results.json").exists()
 
-    inputs = avatar_stage_inputs(out, 5400)
+    inputs = avatar_stage_inputs(out, "s5400")
     assert {f.parts[2] for f in inputs if len(f.parts) > 3} == {"train", "test_seen", "test_extreme"}
     _copy(inputs, out, gpu)
     with monkeypatch.context() as m:  # the other machine, by the name its records give it
@@ -265,7 +274,7 @@ def test_quick_bench_end_to_end(tmp_path, capsys, monkeypatch):
         m.setattr(jobs, "this_machine", lambda device: "GPU box")
         assert main(["bench", "--quick", "-o", str(gpu), "--until", "avatars", "--only", "5400"]) == 0
     capsys.readouterr()
-    outputs = avatar_stage_outputs(gpu, 5400)
+    outputs = avatar_stage_outputs(gpu, "s5400")
     assert not any("lifted" in f.parts or f.suffix == ".safetensors" for f in outputs)
     _copy(outputs, gpu, out)
 
