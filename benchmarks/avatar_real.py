@@ -36,7 +36,7 @@ def _job(capture: str, variant: str, overrides: dict, device: str, work: str, fi
     from liftavatar.avatar.export import render_frames
     from liftavatar.avatar.model import load_avatar
     from liftavatar.avatar.train import TrainConfig, train_avatar
-    from realsplit_prototype import real_split  # TODO: liftavatar.bench.real's split once it lands
+    from liftavatar.bench.real import split_frames
     from liftavatar.bench.stages import subset_capture
     from liftavatar.capture import Capture
     from liftavatar.metrics.image import psnr
@@ -45,18 +45,12 @@ def _job(capture: str, variant: str, overrides: dict, device: str, work: str, fi
     if device == "cpu":
         torch.set_num_threads(1)
     source = Capture.load(capture)
-    k = source.kinematics
-    extreme, seen, train = real_split(k.expression, k.rotation, k.valid)
-
-    class split:  # noqa: N801
-        pass
-
-    split.train, split.seen = train.tolist(), seen.tolist()
+    split = split_frames(source.kinematics)
     name = Path(capture).name
     folder = Path(work) / name
     if not (folder / "train" / "capture.json").is_file():
-        subset_capture(source, folder / "train", split.train, {"split": "train"})
-        subset_capture(source, folder / "seen", split.seen, {"split": "seen"})
+        subset_capture(source, folder / "train", split.train.tolist(), {"split": "train"})
+        subset_capture(source, folder / "seen", split.seen.tolist(), {"split": "seen"})
     from liftavatar.avatar.model import AvatarConfig
 
     fields = {**overrides}
