@@ -1,0 +1,136 @@
+"""Foreground masks of what the avatar models: the head (face, hair, ears) and the neck, never the torso.
+
+One rule for every mask a Capture holds of a real person, so that training, lifting and evaluation agree:
+
+    mask = person segmentation × head region
+
+- **Person segmentation**: MediaPipe's selfie segmentation (its model ships inside the ``mediapipe`` wheel),
+  the probability that a pixel shows the person, run on the frame at no less than :data:`SEGMENT_SIZE`² and
+  area-resized to the capture's size, so that a small capture gets smooth, sub-pixel edges.
+- **Head region**: the pixels above the *jaw line*, plus the rig's neck widened by :data:`NECK_MARGIN` of the
+  image side, all above the *collar line*. The two lines are horizontal lines of the head frame (the rig's y
+  axis points down: jaw at :data:`JAW_Y`, collar at :data:`COLLAR_Y` metres from the rig's origin) projected
+  with the frame's head pose and camera, so the region moves with the head, as the avatar's Gaussians do.
+
+Why the torso is excluded rather than modelled: the avatar binds every Gaussian to a rig triangle, and the rig
+has no shoulders; shoulders and clothes do not turn with the head, so an avatar cannot learn them from the
+head's kinematics, and they would dominate its error (on a training clip, 31 % of the error of a whole-person
+mask sat on the sweater). Hair that hangs below the jaw line beside the neck is excluded by the same rule.
+The lines were placed on ``train/`` clips of ``../shared/real_videos`` (never the ``eval/`` ones).
+
+Synthetic subjects have no torso; their masks come from the renderer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from liftavatar.face.render import rasterize
+from liftavatar.face.rig import FaceRig
+from liftavatar.io import to_uint8
+
+__all__ = ["COLLAR_Y", "JAW_Y", "NECK_MARGIN", "SEGMENT_SIZE", "SelfieSegmenter", "head_masks", "head_region"]
+
+JAW_Y = 0.05
+"""Head-frame height (metres, y down) of the jaw line: below it only the neck is kept."""
+COLLAR_Y = 0.12
+"""Head-frame height of the collar line: below it nothing is kept."""
+NECK_MARGIN = 0.04
+"""How far the neck's region reaches beyond the rig's neck, as a share of the image side."""
+SEGMENT_SIZE = 256
+"""The selfie segmentation model's own input size: frames are segmented at least this large."""
+_LINE_HALF_WIDTH = 0.1  # metres: the two head-frame points whose projection gives a line's direction
+
+
+class SelfieSegmenter:
+    """MediaPipe selfie segmentation (bundled model): foreground probability per pixel. MediaPipe's own log lines
+    are kept off the terminal (see :func:`liftavatar.face.landmarks.quiet_native_logs`)."""
+
+    def __init__(self):
+        from liftavatar.face.landmarks import quiet_native_logs
+
+        self._quiet = quiet_native_logs
+        with quiet_native_logs():
+            import mediapipe as mp
+
+            self._model = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+            # Its graph opens (and logs) on background threads: one blank frame waits for that, inside the block.
+            self._model.process(np.zeros((64, 64, 3), np.uint8))
+
+    def __call__(self, image: np.ndarray, size: int | None = None) -> np.ndarray:
+        """(H, W) uint8 person probability of an (H, W, 3) uint8 RGB image, resized (area) to ``size``² if given."""
+        with self._quiet():
+            mask = self._model.process(np.ascontiguousarray(image)).segmentation_mask
+        if size is not None and mask.shape != (size, size):
+            import cv2  # comes with mediapipe
+
+            mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
+        return to_uint8(mask)
+
+    def close(self) -> None:
+        with self._quiet():
+            self._model.close()
+
+    def __enter__(self) -> SelfieSegmenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _below(rotation: torch.Tensor, translation: torch.Tensor, intrinsics: torch.Tensor, height: float,
+           size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool: pixels below the projection of the head frame's horizontal line at ``height``."""
+    from liftavatar.face.rig import axis_angle_to_matrix
+
+    b = rotation.shape[0]
+    points = torch.tensor([[-_LINE_HALF_WIDTH, height, 0.0], [_LINE_HALF_WIDTH, height, 0.0]])
+    cam = points[None] @ axis_angle_to_matrix(rotation).transpose(1, 2) + translation[:, None]  # (B, 2, 3)
+    fx, fy, cx, cy = intrinsics.unbind(-1)
+    z = cam[..., 2].clamp_min(1e-6)
+    u = fx[:, None] * cam[..., 0] / z + cx[:, None]
+    v = fy[:, None] * cam[..., 1] / z + cy[:, None]
+    du, dv = u[:, 1] - u[:, 0], v[:, 1] - v[:, 0]
+    # Normal of the line, pointing down the image for an upright head (flip it where it points up).
+    nu, nv = -dv, du
+    flip = nv < 0
+    nu, nv = torch.where(flip, -nu, nu), torch.where(flip, -nv, nv)
+    h, w = size
+    rows = torch.arange(h, dtype=torch.float32) + 0.5
+    cols = torch.arange(w, dtype=torch.float32) + 0.5
+    side = (cols[None, None, :] - u[:, 0, None, None]) * nu[:, None, None] + \
+        (rows[None, :, None] - v[:, 0, None, None]) * nv[:, None, None]
+    return side.view(b, h, w) > 0
+
+
+@torch.no_grad()
+def head_region(identity: np.ndarray, expression: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
+                intrinsics, size: tuple[int, int], rig: FaceRig | None = None) -> np.ndarray:
+    """(B, H, W) bool: where the head and the neck may be, for frames of this subject's kinematics (expression
+    (B, E), axis-angle rotation (B, 3), translation (B, 3) metres) seen through ``intrinsics`` (fx, fy, cx, cy)
+    in pixels at ``size`` (H, W). See the module docstring."""
+    rig = rig or FaceRig.load()
+    rot = torch.as_tensor(np.asarray(rotation, np.float32))
+    trans = torch.as_tensor(np.asarray(translation, np.float32))
+    b = rot.shape[0]
+    k = torch.as_tensor(intrinsics, dtype=torch.float32).expand(b, 4)
+    h, w = size
+    # The neck's silhouette at no more than 128 pixels a side (it is widened anyway), then nearest-upsampled.
+    scale = min(1.0, 128 / max(h, w))
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    neck_faces = torch.as_tensor(rig.faces[rig.part_mask("neck")])
+    verts = rig.vertices(identity, expression, rotation, translation)
+    frag = rasterize(verts, neck_faces, k * torch.tensor([sw / w, sh / h, sw / w, sh / h]), (sh, sw))
+    neck = (frag.face_index >= 0).float()[:, None]
+    radius = max(1, round(NECK_MARGIN * max(sh, sw)))
+    neck = F.max_pool2d(neck, 2 * radius + 1, stride=1, padding=radius)
+    neck = F.interpolate(neck, size=(h, w), mode="nearest")[:, 0] > 0.5
+    keep = (~_below(rot, trans, k, JAW_Y, size) | neck) & ~_below(rot, trans, k, COLLAR_Y, size)
+    return keep.numpy()
+
+
+def head_masks(person: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """(B, H, W) uint8 masks: the person probability (uint8) where the head region (bool) allows, else 0."""
+    return np.where(region, person, 0).astype(np.uint8)
