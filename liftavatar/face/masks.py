@@ -7,10 +7,14 @@ One rule for every mask a Capture holds of a real person, so that training, lift
 - **Person segmentation**: MediaPipe's selfie segmentation (its model ships inside the ``mediapipe`` wheel),
   the probability that a pixel shows the person, run on the frame at no less than :data:`SEGMENT_SIZE`² and
   area-resized to the capture's size, so that a small capture gets smooth, sub-pixel edges.
-- **Head region**: the pixels above the *jaw line*, plus the rig's neck widened by :data:`NECK_MARGIN` of the
-  image side, all above the *collar line*. The two lines are horizontal lines of the head frame (the rig's y
-  axis points down: jaw at :data:`JAW_Y`, collar at :data:`COLLAR_Y` metres from the rig's origin) projected
-  with the frame's head pose and camera, so the region moves with the head, as the avatar's Gaussians do.
+- **Head region**: the pixels above the *jaw line*, plus the rig's silhouette (face, head shell and neck)
+  widened by :data:`NECK_MARGIN` of the image side, all above the *collar line*. The two lines are horizontal
+  lines of the head frame (the rig's y axis points down: jaw at :data:`JAW_Y`, collar at :data:`COLLAR_Y` metres
+  from the rig's origin) projected with the frame's head pose and camera, so the region moves with the head, as
+  the avatar's Gaussians do. The jaw line runs at the height of the jaw's angles, above the chin (the rig's chin
+  is at y = 0.083): the silhouette of the rig's face keeps the chin and the lower jaw, which the neck alone
+  did not (on ``train/retalking_face1`` and ``train/liveportrait_d20`` the sides of the jaw were cut; see
+  ``docs/masks_train_clips.png``).
 
 Why the torso is excluded rather than modelled: the avatar binds every Gaussian to a rig triangle, and the rig
 has no shoulders; shoulders and clothes do not turn with the head, so an avatar cannot learn them from the
@@ -38,10 +42,12 @@ JAW_Y = 0.05
 COLLAR_Y = 0.12
 """Head-frame height of the collar line: below it nothing is kept."""
 NECK_MARGIN = 0.04
-"""How far the neck's region reaches beyond the rig's neck, as a share of the image side."""
+"""How far the region below the jaw line reaches beyond the rig's silhouette (face, head, neck), as a share of
+the image side."""
 SEGMENT_SIZE = 256
 """The selfie segmentation model's own input size: frames are segmented at least this large."""
 _LINE_HALF_WIDTH = 0.1  # metres: the two head-frame points whose projection gives a line's direction
+_SILHOUETTE_PARTS = ("face", "head", "neck")  # the rig's outer surface (eyes and mouth lie inside it)
 
 
 class SelfieSegmenter:
@@ -117,17 +123,17 @@ def head_region(identity: np.ndarray, expression: np.ndarray, rotation: np.ndarr
     b = rot.shape[0]
     k = torch.as_tensor(intrinsics, dtype=torch.float32).expand(b, 4)
     h, w = size
-    # The neck's silhouette at no more than 128 pixels a side (it is widened anyway), then nearest-upsampled.
+    # The rig's silhouette at no more than 128 pixels a side (it is widened anyway), then nearest-upsampled.
     scale = min(1.0, 128 / max(h, w))
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
-    neck_faces = torch.as_tensor(rig.faces[rig.part_mask("neck")])
+    outer = torch.as_tensor(rig.faces[rig.part_mask(*_SILHOUETTE_PARTS)])
     verts = rig.vertices(identity, expression, rotation, translation)
-    frag = rasterize(verts, neck_faces, k * torch.tensor([sw / w, sh / h, sw / w, sh / h]), (sh, sw))
-    neck = (frag.face_index >= 0).float()[:, None]
+    frag = rasterize(verts, outer, k * torch.tensor([sw / w, sh / h, sw / w, sh / h]), (sh, sw))
+    silhouette = (frag.face_index >= 0).float()[:, None]
     radius = max(1, round(NECK_MARGIN * max(sh, sw)))
-    neck = F.max_pool2d(neck, 2 * radius + 1, stride=1, padding=radius)
-    neck = F.interpolate(neck, size=(h, w), mode="nearest")[:, 0] > 0.5
-    keep = (~_below(rot, trans, k, JAW_Y, size) | neck) & ~_below(rot, trans, k, COLLAR_Y, size)
+    silhouette = F.max_pool2d(silhouette, 2 * radius + 1, stride=1, padding=radius)
+    silhouette = F.interpolate(silhouette, size=(h, w), mode="nearest")[:, 0] > 0.5
+    keep = (~_below(rot, trans, k, JAW_Y, size) | silhouette) & ~_below(rot, trans, k, COLLAR_Y, size)
     return keep.numpy()
 
 

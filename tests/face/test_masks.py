@@ -75,6 +75,18 @@ def test_the_collar_line_removes_the_torso_and_what_hangs_beside_the_neck(rig):
     assert (mask == 255).mean() > 0.2
 
 
+@pytest.mark.parametrize("rotation", [(0.0, 0.0, 0.0), (0.0, 0.45, 0.0), (0.0, -0.45, 0.0), (0.25, 0.0, 0.0),
+                                      (-0.25, 0.2, 0.1)], ids=["frontal", "yaw+", "yaw-", "pitch", "mixed"])
+def test_the_whole_face_survives_whatever_the_pose(rig, rotation):
+    """The chin and the jaw hang below the jaw line (which runs at the jaw's angles): the face of the rig is kept
+    wherever it lands, turned or tilted."""
+    region = _region(rig, rotation=rotation)
+    verts = rig.vertices(np.zeros(len(rig.identity_names), np.float32), rig.neutral_expression(1),
+                         np.zeros((1, 3), np.float32), np.zeros((1, 3), np.float32))[0].numpy()
+    rows, cols = _pixels(verts[:468], rotation=rotation).T
+    assert region[rows, cols].all(), f"{(~region[rows, cols]).sum()} face landmarks cut"
+
+
 def test_the_head_and_the_neck_survive(rig):
     region = _region(rig)
     verts = rig.vertices(np.zeros(len(rig.identity_names), np.float32), rig.neutral_expression(1),
