@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from liftavatar.face.render import rasterize
 from liftavatar.face.rig import FaceRig
@@ -113,28 +112,40 @@ def _below(rotation: torch.Tensor, translation: torch.Tensor, intrinsics: torch.
 
 @torch.no_grad()
 def head_region(identity: np.ndarray, expression: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
-                intrinsics, size: tuple[int, int], rig: FaceRig | None = None) -> np.ndarray:
+                intrinsics, size: tuple[int, int], rig: FaceRig | None = None,
+                vertices: torch.Tensor | None = None) -> np.ndarray:
     """(B, H, W) bool: where the head and the neck may be, for frames of this subject's kinematics (expression
     (B, E), axis-angle rotation (B, 3), translation (B, 3) metres) seen through ``intrinsics`` (fx, fy, cx, cy)
-    in pixels at ``size`` (H, W). See the module docstring."""
+    in pixels at ``size`` (H, W). See the module docstring. ``vertices``: the posed rig of these frames (B, V, 3),
+    camera frame in metres, when the caller has it already.
+
+    It runs for every tracked frame, so it is made cheap: the silhouette is rasterized at no more than 128² (it is
+    widened anyway), widened with OpenCV's dilation and nearest-upsampled by indexing; only the two lines are
+    tested at every pixel (about 2 ms a frame at 512² on one core, `benchmarks/tracking.py`)."""
+    import cv2  # comes with mediapipe
+
     rig = rig or FaceRig.load()
     rot = torch.as_tensor(np.asarray(rotation, np.float32))
     trans = torch.as_tensor(np.asarray(translation, np.float32))
     b = rot.shape[0]
     k = torch.as_tensor(intrinsics, dtype=torch.float32).expand(b, 4)
     h, w = size
-    # The rig's silhouette at no more than 128 pixels a side (it is widened anyway), then nearest-upsampled.
     scale = min(1.0, 128 / max(h, w))
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
     outer = torch.as_tensor(rig.faces[rig.part_mask(*_SILHOUETTE_PARTS)])
-    verts = rig.vertices(identity, expression, rotation, translation)
+    verts = rig.vertices(identity, expression, rotation, translation) if vertices is None else vertices.cpu()
     frag = rasterize(verts, outer, k * torch.tensor([sw / w, sh / h, sw / w, sh / h]), (sh, sw))
-    silhouette = (frag.face_index >= 0).float()[:, None]
+    silhouette = (frag.face_index >= 0).numpy().astype(np.uint8)
     radius = max(1, round(NECK_MARGIN * max(sh, sw)))
-    silhouette = F.max_pool2d(silhouette, 2 * radius + 1, stride=1, padding=radius)
-    silhouette = F.interpolate(silhouette, size=(h, w), mode="nearest")[:, 0] > 0.5
-    keep = (~_below(rot, trans, k, JAW_Y, size) | silhouette) & ~_below(rot, trans, k, COLLAR_Y, size)
-    return keep.numpy()
+    disk = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)  # a square: max pooling's window
+    grown = np.stack([cv2.dilate(one, disk) for one in silhouette]).astype(bool)
+    # Nearest upsampling as torch's F.interpolate(mode="nearest") picks: source index floor(i * in / out).
+    rows = np.minimum((np.arange(h) * (sh / h)).astype(np.int64), sh - 1)
+    cols = np.minimum((np.arange(w) * (sw / w)).astype(np.int64), sw - 1)
+    grown = grown[:, rows][:, :, cols]
+    below_jaw = _below(rot, trans, k, JAW_Y, size).numpy()
+    below_collar = _below(rot, trans, k, COLLAR_Y, size).numpy()
+    return (~below_jaw | grown) & ~below_collar
 
 
 def head_masks(person: np.ndarray, region: np.ndarray) -> np.ndarray:

@@ -594,13 +594,13 @@ def _write_batch(writer: CaptureWriter, batch: list[tuple[int, np.ndarray, np.nd
     indices = [i for i, _, _ in batch]
     size = (config.size, config.size)
     k = (fit.expression[indices], fit.rotation[indices], fit.translation[indices])
+    verts = rig.vertices(fit.identity, *k)
     with _Timer(report, "head region"):
-        region = head_region(fit.identity, *k, intrinsics, size, rig)
+        region = head_region(fit.identity, *k, intrinsics, size, rig, vertices=verts)
         person = np.stack([p for _, _, p in batch])
         # A frame without a face has no kinematics to place the head by: its mask is the plain person mask.
         masks = np.where(valid[indices][:, None, None], head_masks(person, region), person)
     with _Timer(report, "shading"):
-        verts = rig.vertices(fit.identity, *k)
         shading = render_controls(verts.to(config.device), intrinsics, size, rig).shading
     with _Timer(report, "writing"):
         for (index, image, _), mask, shade in zip(batch, masks, shading):
