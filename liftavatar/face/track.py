@@ -67,6 +67,11 @@ STATE_FILE = "track_state.npz"  # lives in the staging directory only, removed b
 FRAME_CACHE_BYTES = 1 << 30
 """Decoded frames up to this many bytes in all (a 512² clip of 1,300 frames, a 1080p one of 170) are kept from
 the landmark pass for the writing pass; a larger input is decoded twice rather than held in memory."""
+RENDER_THREADS = 2
+"""Worker threads that make head regions and shading maps, a batch each (of ``track``'s ``batch_size``, 8 frames:
+measured faster than 4 or 16 on a 2-core CPU, where larger batches leave the caches): the longest chain of the
+writing pass, so it gets both cores when the others wait (on liveportrait_d3 at 512², 16.0–17.6 s for the whole
+command against 19.8–23.5 s with one thread)."""
 _FPS_SNAP = 0.01  # a measured average frame rate this close (relative) to the nominal one is the nominal one
 
 
@@ -176,6 +181,69 @@ def iter_frames(source: Path, config: TrackConfig) -> Iterator[tuple[float, np.n
     yield from read_video_timed(source, max_frames=config.max_frames, fps=config.fps)
 
 
+class _prefetch:
+    """Iterate ``items`` produced on a background thread, up to ``depth`` ahead, so that decoding overlaps the
+    caller's work (FFmpeg and zlib release the GIL); what the producer raises is raised here, in order. Use as a
+    context manager (or call :meth:`close`) so that the thread stops when the caller stops early."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = 8):
+        import queue
+
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="track-decode", daemon=True)
+        self._thread.start()
+
+    def _put(self, entry: tuple) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _produce(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((self._END, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> "_prefetch":
+        return self
+
+    def __next__(self):
+        item, exc = self._queue.get()
+        if exc is not None:
+            self._stop.set()
+            raise exc
+        if item is self._END:
+            self._stop.set()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> "_prefetch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class _FrameCache:
     """The frames one pass decodes, kept for the next while they fit in ``budget`` bytes; past it, none are."""
 
@@ -249,15 +317,23 @@ def detect_landmarks(source: Path, config: TrackConfig, report: TrackReport, sta
     landmarks, valid, multi = ([], [], []) if done is None else (list(done.landmarks), list(done.valid), list(done.multi))
     num_e = 0 if appearance is None else len(appearance.expression_names)
     estimates = [] if done is None or appearance is None else list(done.appearance)
-    pending: list[tuple[int, np.ndarray]] = []  # (frame index, crop) awaiting the network
+    pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (frame index, frame, face) awaiting the network
+    jobs: list[Future] = []
+    # The network reads its batches on a worker thread, beside FaceMesh (which holds the GIL little).
+    reader = ThreadPoolExecutor(1, thread_name_prefix="track-appearance") if appearance is not None else None
 
-    def flush() -> None:
+    def read(batch: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        with _Timer(report, "appearance"):
+            predicted = appearance.predict(np.stack([appearance.crop(frame, face) for _, frame, face in batch]))
+        for (i, _, _), row in zip(batch, predicted):
+            estimates[i] = row
+
+    def flush(wait: bool = True) -> None:
         if pending:
-            with _Timer(report, "appearance"):
-                predicted = appearance.predict(np.stack([c for _, c in pending]))
-            for (i, _), row in zip(pending, predicted):
-                estimates[i] = row
+            jobs.append(reader.submit(read, list(pending)))
             pending.clear()
+        while jobs and (wait or jobs[0].done()):
+            jobs.pop(0).result()
 
     def state() -> _LandmarkState:
         flush()
@@ -268,8 +344,8 @@ def detect_landmarks(source: Path, config: TrackConfig, report: TrackReport, sta
     shapes: list[tuple[int, int]] = []
     times: list[float] = []
     previous = next((lm for lm, ok in zip(reversed(landmarks), reversed(valid)) if ok), None)
-    frames = iter_frames(source, config)
-    with FaceMeshDetector(static_images=source.is_dir(), max_faces=2) as detector, \
+    frames = _prefetch(iter_frames(source, config))
+    with FaceMeshDetector(static_images=source.is_dir(), max_faces=2) as detector, frames, \
             tqdm(desc="landmarks", unit="frame", disable=not progress, initial=len(landmarks)) as bar:
         index = 0
         while True:
@@ -296,20 +372,23 @@ def detect_landmarks(source: Path, config: TrackConfig, report: TrackReport, sta
             if appearance is not None:
                 estimates.append(np.full(num_e, np.nan, np.float32))
                 if faces:
-                    with _Timer(report, "appearance"):
-                        pending.append((index, appearance.crop(frame, chosen)))
+                    pending.append((index, frame, chosen))
                     if len(pending) == batch_size:
-                        flush()
+                        flush(wait=len(jobs) > 1)  # at most two batches in flight
             index += 1
             bar.update()
             if state_path is not None and index % 100 == 0:
                 state().save(state_path)
+    try:
+        result = state()
+    finally:
+        if reader is not None:
+            reader.shutdown()
     if not landmarks:
         raise TrackError(f"{source}: no frames could be read; pass a video or folder with at least one frame.")
     if len(shapes) < len(landmarks):  # the state of an input that has since lost frames
         raise TrackError(f"{source}: gives {len(shapes)} frames but an interrupted run found {len(landmarks)}; "
                          "run without --resume to start over.")
-    result = state()
     if state_path is not None:
         result.save(state_path)
     return result
@@ -452,7 +531,7 @@ def _capture_fps(source: Path, times: np.ndarray, config: TrackConfig) -> float:
 
 
 def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = None, *, overwrite: bool = False,
-          resume: bool = False, progress: bool = True, batch_size: int = 16) -> tuple[Capture, TrackReport]:
+          resume: bool = False, progress: bool = True, batch_size: int = 8) -> tuple[Capture, TrackReport]:
     """Track ``source`` (video file or image folder) into a Capture at ``out_dir``."""
     started = time.perf_counter()
     config = config or TrackConfig()
@@ -478,8 +557,11 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
     state_path = writer.staging / STATE_FILE
     appearance = AppearanceModel.default(rig) if config.appearance else None
     cache = _FrameCache()
+    from liftavatar.face.fit import fit_rig, single_threaded_math
+
     try:
-        state = detect_landmarks(source, config, report, state_path, progress, appearance, cache=cache)
+        with single_threaded_math():  # the network's small batches run beside FaceMesh: one torch thread
+            state = detect_landmarks(source, config, report, state_path, progress, appearance, cache=cache)
         _check_faces(source, state, config)
     except LiftAvatarError:
         if not resume:  # nothing worth resuming: leave no staging directory behind
@@ -495,13 +577,13 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
     # Landmarks in crop pixels (float32 arithmetic, as the crop's offset and scale are applied to every frame).
     scales = (config.size / crops[:, 2]).astype(np.float32)[:, None, None]
     crop_landmarks = ((state.landmarks - crops[:, None, :2].astype(np.float32)) * scales).astype(np.float32)
-    from liftavatar.face.fit import fit_rig, single_threaded_math
 
-    with _Timer(report, "fitting"):  # fit_rig runs torch and BLAS single-threaded (see single_threaded_math)
-        prior = {} if appearance is None or state.appearance is None else {"prior_mean": state.appearance,
-                                                     "prior_weight": appearance.precision}
-        fit = fit_rig(crop_landmarks, state.valid, intrinsics, rig=rig, device=config.device, **prior)
-    report.median_reprojection_px = float(np.nanmedian(fit.reprojection_px))
+    prior = {} if appearance is None or state.appearance is None else {"prior_mean": state.appearance,
+                                                                       "prior_weight": appearance.precision}
+
+    def fit_kinematics():
+        with _Timer(report, "fitting"):  # fit_rig runs torch and BLAS single-threaded (see single_threaded_math)
+            return fit_rig(crop_landmarks, state.valid, intrinsics, rig=rig, device=config.device, **prior)
 
     fps = _capture_fps(source, state.times, config)
     with writer:
@@ -511,15 +593,25 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
         creator = {**meta.creator, "config": {**meta.creator["config"], **placed}}
         writer.meta = CaptureMeta(**{**asdict(meta), "fps": fps, "intrinsics": tuple(float(k) for k in intrinsics),
                                      "creator": creator})
+        decoding = None
         if cache.holds(num):  # one decode: each kept frame is let go as it is cropped
             kept = cache.frames
             frames = ((i, kept.pop(i)) for i in range(num))
         else:
-            frames = ((i, frame) for i, (_, frame) in enumerate(iter_frames(source, config)))
+            decoding = _prefetch(iter_frames(source, config))
+            frames = ((i, frame) for i, (_, frame) in enumerate(decoding))
         cache = None
-        with single_threaded_math():
-            _write_frames(writer, frames, num, crops, state.valid, rig, fit, intrinsics, config, report, progress,
-                          batch_size)
+        try:
+            # The fit runs on a thread while the frames are cropped and segmented, which does not need it.
+            with single_threaded_math(), ThreadPoolExecutor(1, thread_name_prefix="track-fit") as fitter:
+                fitted = fitter.submit(fit_kinematics)
+                _write_frames(writer, frames, num, crops, state.valid, rig, fitted, intrinsics, config, report,
+                              progress, batch_size)
+                fit = fitted.result()
+        finally:
+            if decoding is not None:
+                decoding.close()
+        report.median_reprojection_px = float(np.nanmedian(fit.reprojection_px))
         kinematics = Kinematics(
             expression=fit.expression, rotation=fit.rotation, translation=fit.translation,
             valid=state.valid.copy(), provenance=np.full(num, PROVENANCE_OBSERVED, np.uint8),
@@ -534,43 +626,51 @@ def track(source: str | Path, out_dir: str | Path, config: TrackConfig | None = 
 
 
 def _write_frames(writer: CaptureWriter, frames: Iterator[tuple[int, np.ndarray]], num: int, crops: np.ndarray,
-                  valid: np.ndarray, rig: FaceRig, fit, intrinsics, config: TrackConfig, report: TrackReport,
-                  progress: bool, batch_size: int) -> None:
-    """Crop and segment the frames here, and hand them in batches to one worker thread that makes their head
-    regions, masks and shading maps and gives them to the writer (whose threads encode the PNGs): the three
-    overlap. Frames the writer has already are skipped (resume)."""
+                  valid: np.ndarray, rig: FaceRig, fit: Future, intrinsics, config: TrackConfig, report: TrackReport,
+                  progress: bool, batch_size: int, ahead: int = 256) -> None:
+    """Crop and segment the frames here, and hand them in batches to one worker thread that waits for the ``fit``
+    and makes their head regions, masks and shading maps and gives them to the writer (whose threads encode the
+    PNGs): all overlap. Up to ``ahead`` frames wait for the worker (the fit's time is spent segmenting). Frames
+    the writer has already are skipped (resume)."""
+    from collections import deque
+
     size = config.size
     segment_size = max(size, SEGMENT_SIZE)
-    pending: Future | None = None
+    in_flight: deque[Future] = deque()
     batch: list[tuple[int, np.ndarray, np.ndarray]] = []
-    with SelfieSegmenter() as segmenter, ThreadPoolExecutor(1, thread_name_prefix="track-render") as worker, \
+    with SelfieSegmenter() as segmenter, ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="track-render") as worker, \
             tqdm(total=num, desc="writing", unit="frame", disable=not progress) as bar:
 
         def hand_over() -> None:
-            nonlocal pending, batch
-            if pending is not None:
-                bar.update(pending.result())
-            pending = worker.submit(_write_batch, writer, batch, rig, fit, valid, intrinsics, config, report)
+            nonlocal batch
+            in_flight.append(worker.submit(_write_batch, writer, batch, rig, fit, valid, intrinsics, config, report))
             batch = []
+            while in_flight and (in_flight[0].done() or len(in_flight) * batch_size > max(ahead, 2 * batch_size)):
+                bar.update(in_flight.popleft().result())
 
-        for index, frame in frames:
-            if index >= num:
-                break
-            if writer.has_frame(index):
-                bar.update()
-                continue
-            with _Timer(report, "crop"):
-                image = crop_frame(frame, tuple(crops[index]), size)
-                wide = image if segment_size == size else crop_frame(frame, tuple(crops[index]), segment_size)
-            with _Timer(report, "segmentation"):
-                person = segmenter(wide, size)
-            batch.append((index, image, person))
-            if len(batch) == batch_size:
+        try:
+            for index, frame in frames:
+                if index >= num:
+                    break
+                if writer.has_frame(index):
+                    bar.update()
+                    continue
+                with _Timer(report, "crop"):
+                    image = crop_frame(frame, tuple(crops[index]), size)
+                    wide = image if segment_size == size else crop_frame(frame, tuple(crops[index]), segment_size)
+                with _Timer(report, "segmentation"):
+                    person = segmenter(wide, size)
+                batch.append((index, image, person))
+                if len(batch) == batch_size:
+                    hand_over()
+            if batch:
                 hand_over()
-        if batch:
-            hand_over()
-        if pending is not None:
-            bar.update(pending.result())
+            while in_flight:
+                bar.update(in_flight.popleft().result())
+        except BaseException:  # interrupted or failed: batches not yet started are dropped, not rendered
+            for job in in_flight:
+                job.cancel()
+            raise
 
 
 def _fingerprint(source: Path, config: TrackConfig) -> dict:
@@ -584,13 +684,12 @@ def _fingerprint(source: Path, config: TrackConfig) -> dict:
     return {**settings, "input": input_identity(source, IMAGE_SUFFIXES if source.is_dir() else None)}
 
 
-def _write_batch(writer: CaptureWriter, batch: list[tuple[int, np.ndarray, np.ndarray]], rig: FaceRig, fit,
-                 valid: np.ndarray, intrinsics, config: TrackConfig, report: TrackReport) -> int:
+def _write_batch(writer: CaptureWriter, batch: list[tuple[int, np.ndarray, np.ndarray]], rig: FaceRig,
+                 fit: Future, valid: np.ndarray, intrinsics, config: TrackConfig, report: TrackReport) -> int:
     """Masks and shading maps of a batch of ``(index, crop, person probability)`` and their PNGs (queued on the
-    writer's threads, after the previous batch's are done, so that at most two batches are held); returns the
-    number of frames."""
-    with _Timer(report, "writing"):
-        writer.flush()
+    writer's threads once the previous batch's are done, so that at most two batches are held while this one's
+    maps are made beside the previous one's encoding); returns the number of frames."""
+    fit = fit.result()
     indices = [i for i, _, _ in batch]
     size = (config.size, config.size)
     k = (fit.expression[indices], fit.rotation[indices], fit.translation[indices])
@@ -603,6 +702,7 @@ def _write_batch(writer: CaptureWriter, batch: list[tuple[int, np.ndarray, np.nd
     with _Timer(report, "shading"):
         shading = render_controls(verts.to(config.device), intrinsics, size, rig).shading
     with _Timer(report, "writing"):
+        writer.flush()
         for (index, image, _), mask, shade in zip(batch, masks, shading):
             writer.add_frame(index, image, mask, shade)
     return len(batch)
