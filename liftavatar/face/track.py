@@ -24,9 +24,12 @@ Stages (each timed, see :class:`TrackReport`):
 6. **shading**: the fitted rig rendered by :func:`liftavatar.face.control.render_controls` (the control signal);
 7. **writing**: PNGs on background threads, then an atomic rename into place.
 
-Stages 5–7 run as a pipeline (segmentation in the calling thread, the head region and shading on a worker
-thread, PNG encoding on the writer's threads), with torch on one thread: small tensor ops on two threads of a
-busy 2-core machine spin against each other (measured: 80–290 ms against 20–30 ms a frame for the shading).
+The stages overlap on threads, since one pass of Python over the frames would leave the second core idle: frames
+are decoded a few ahead of FaceMesh, the appearance network reads its batches beside it, the fit runs while the
+frames are cropped and segmented, :data:`RENDER_THREADS` workers make head regions and shading maps, and the
+writer's threads encode PNGs (zlib releases the GIL). Torch runs on one thread per worker: small tensor ops on two
+threads of a busy 2-core machine spin against each other (measured: 80–290 ms against 20–30 ms a frame for the
+shading). The outputs are the same as a plain loop's, bit for bit.
 
 Camera: the input's horizontal field of view is ``fov`` degrees (default 60°, a phone's front
 camera); the principal point is the image centre. Pixel coordinates have the image's top-left
