@@ -21,7 +21,7 @@ Stages (each timed, see :class:`TrackReport`):
    :data:`~liftavatar.face.masks.SEGMENT_SIZE`²) times the head region of the frame's fitted kinematics, so a
    mask holds what the avatar models (head and neck, never the torso); frames without a face keep the plain
    person mask;
-6. **shading**: the fitted rig rendered by :func:`liftavatar.face.control.render_controls` (the control signal);
+6. **shading**: the fitted rig rendered by :func:`liftavatar.face.control.render_shading` (the control signal);
 7. **writing**: PNGs on background threads, then an atomic rename into place.
 
 The stages overlap on threads, since one pass of Python over the frames would leave the second core idle: frames
@@ -59,7 +59,7 @@ import liftavatar
 from liftavatar.capture import PROVENANCE_OBSERVED, Capture, CaptureMeta, CaptureWriter, Kinematics
 from liftavatar.errors import ConfigError, LiftAvatarError
 from liftavatar.face.appearance import AppearanceModel
-from liftavatar.face.control import render_controls
+from liftavatar.face.control import render_shading
 from liftavatar.face.landmarks import FaceMeshDetector
 from liftavatar.face.masks import SEGMENT_SIZE, SelfieSegmenter, head_masks, head_region
 from liftavatar.face.rig import FaceRig
@@ -703,7 +703,7 @@ def _write_batch(writer: CaptureWriter, batch: list[tuple[int, np.ndarray, np.nd
         # A frame without a face has no kinematics to place the head by: its mask is the plain person mask.
         masks = np.where(valid[indices][:, None, None], head_masks(person, region), person)
     with _Timer(report, "shading"):
-        shading = render_controls(verts.to(config.device), intrinsics, size, rig).shading
+        shading = render_shading(verts.to(config.device), intrinsics, size, rig)
     with _Timer(report, "writing"):
         writer.flush()
         for (index, image, _), mask, shade in zip(batch, masks, shading):
