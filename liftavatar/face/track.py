@@ -348,43 +348,43 @@ def detect_landmarks(source: Path, config: TrackConfig, report: TrackReport, sta
     times: list[float] = []
     previous = next((lm for lm, ok in zip(reversed(landmarks), reversed(valid)) if ok), None)
     frames = _prefetch(iter_frames(source, config))
-    with FaceMeshDetector(static_images=source.is_dir(), max_faces=2) as detector, frames, \
-            tqdm(desc="landmarks", unit="frame", disable=not progress, initial=len(landmarks)) as bar:
-        index = 0
-        while True:
-            with _Timer(report, "decode"):
-                item = next(frames, None)
-            if item is None:
-                break
-            when, frame = item
-            shapes.append(frame.shape[:2])
-            times.append(when)
-            if cache is not None:
-                cache.put(index, frame)
-            if index < len(landmarks):  # done before an interruption
-                index += 1
-                continue
-            with _Timer(report, "landmarks"):
-                faces = detector.detect_all(frame)
-            if faces:
-                chosen = _pick_face(faces, previous)
-                previous = chosen
-            landmarks.append(chosen if faces else np.zeros((478, 2), np.float32))
-            valid.append(bool(faces))
-            multi.append(len(faces) > 1)
-            if appearance is not None:
-                estimates.append(np.full(num_e, np.nan, np.float32))
-                if faces:
-                    pending.append((index, frame, chosen))
-                    if len(pending) == batch_size:
-                        flush(wait=len(jobs) > 1)  # at most two batches in flight
-            index += 1
-            bar.update()
-            if state_path is not None and index % 100 == 0:
-                state().save(state_path)
     try:
+        with FaceMeshDetector(static_images=source.is_dir(), max_faces=2) as detector, frames, \
+                tqdm(desc="landmarks", unit="frame", disable=not progress, initial=len(landmarks)) as bar:
+            index = 0
+            while True:
+                with _Timer(report, "decode"):
+                    item = next(frames, None)
+                if item is None:
+                    break
+                when, frame = item
+                shapes.append(frame.shape[:2])
+                times.append(when)
+                if cache is not None:
+                    cache.put(index, frame)
+                if index < len(landmarks):  # done before an interruption
+                    index += 1
+                    continue
+                with _Timer(report, "landmarks"):
+                    faces = detector.detect_all(frame)
+                if faces:
+                    chosen = _pick_face(faces, previous)
+                    previous = chosen
+                landmarks.append(chosen if faces else np.zeros((478, 2), np.float32))
+                valid.append(bool(faces))
+                multi.append(len(faces) > 1)
+                if appearance is not None:
+                    estimates.append(np.full(num_e, np.nan, np.float32))
+                    if faces:
+                        pending.append((index, frame, chosen))
+                        if len(pending) == batch_size:
+                            flush(wait=len(jobs) > 1)  # at most two batches in flight
+                index += 1
+                bar.update()
+                if state_path is not None and index % 100 == 0:
+                    state().save(state_path)
         result = state()
-    finally:
+    finally:  # the reader's thread ends, whatever happened
         if reader is not None:
             reader.shutdown()
     if not landmarks:
