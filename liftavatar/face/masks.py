@@ -22,7 +22,8 @@ head's kinematics, and they would dominate its error (on a training clip, 31 % o
 mask sat on the sweater). Hair that hangs below the jaw line beside the neck is excluded by the same rule.
 The lines were placed on ``train/`` clips of ``../shared/real_videos`` (never the ``eval/`` ones).
 
-Synthetic subjects have no torso; their masks come from the renderer.
+Synthetic subjects have no torso (the rig's neck ends in a painted collar): ``synth`` captures keep the
+renderer's coverage as their masks; a synthetic video run through ``track`` gets this rule like any other.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from liftavatar.io import to_uint8
 __all__ = ["COLLAR_Y", "JAW_Y", "NECK_MARGIN", "SEGMENT_SIZE", "SelfieSegmenter", "head_masks", "head_region"]
 
 JAW_Y = 0.05
-"""Head-frame height (metres, y down) of the jaw line: below it only the neck is kept."""
+"""Head-frame height (metres, y down) of the jaw line: below it only the rig's silhouette, widened, is kept."""
 COLLAR_Y = 0.12
 """Head-frame height of the collar line: below it nothing is kept."""
 NECK_MARGIN = 0.04
