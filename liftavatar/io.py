@@ -88,7 +88,12 @@ def to_uint8(images: Any) -> np.ndarray:
     if hasattr(images, "detach"):  # a torch tensor: convert where it is, then copy the bytes
         import torch
 
-        return (images.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+        # In place on the clamped copy: the same arithmetic, two fewer full-size temporaries (a large share of the
+        # time of converting a batch of 512² maps).
+        scaled = images.detach().clamp(0, 1)
+        if not scaled.is_floating_point():
+            scaled = scaled.float()
+        return scaled.mul_(255).add_(0.5).to(torch.uint8).cpu().numpy()
     return (np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 

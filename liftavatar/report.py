@@ -100,7 +100,8 @@ def wireframe_overlay(frame: np.ndarray, points: np.ndarray, faces: np.ndarray, 
 
 
 def tracking_contact_sheet(capture: Capture, path: str | Path, num: int = 8) -> Path:
-    """Frames of a tracked capture: as filmed, with the fitted face mesh overlaid, and shading maps."""
+    """Frames of a tracked capture: as filmed, with the fitted face mesh overlaid, what the mask keeps (the rest
+    dimmed to a quarter), and shading maps."""
     import torch
 
     from liftavatar.face.render import project
@@ -115,7 +116,9 @@ def tracking_contact_sheet(capture: Capture, path: str | Path, num: int = 8) -> 
     surface = rig.faces[rig.part_mask("face")]
     frames = list(capture.frames(indices))
     overlays = [wireframe_overlay(f, p, surface) for f, p in zip(frames, points)]
+    kept = [(f * (0.25 + 0.75 * m[..., None] / 255.0)).round().astype(np.uint8)
+            for f, m in zip(frames, capture.masks(indices))]
     shadings = list(capture.shadings(indices))
-    labels = [[f"frame {i}" for i in indices]] * 3
-    sheet = grid([frames, overlays, shadings], labels, row_labels=["frame", "fitted mesh", "shading"])
+    labels = [[f"frame {i}" for i in indices]] * 4
+    sheet = grid([frames, overlays, kept, shadings], labels, row_labels=["frame", "fitted mesh", "mask", "shading"])
     return save_png(sheet, path)

@@ -1,6 +1,7 @@
 """Frames in and out: video decode and encode through PyAV (FFmpeg), image files, frame sequences on disk.
 
-Frames cross this border as (H, W, 3) uint8 RGB arrays, row 0 at the top of the picture.
+Frames cross this border as (H, W, 3) uint8 RGB arrays, row 0 at the top of the picture as it is displayed: a
+phone's clip stored on its side with a display rotation, or a photo with an EXIF orientation, reads upright.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from liftavatar.errors import ConfigError, VideoError
 from liftavatar.io import temporary_name
 
 __all__ = ["FRAMES_MARKER", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "VideoInfo", "check_frames_output", "probe_video",
-           "read_image", "read_video", "write_frames", "write_video"]
+           "read_image", "read_video", "read_video_timed", "write_frames", "write_video"]
 
 _CORRUPT_FIX = "re-export or re-copy the video"
 # Frame timestamps are floats from rational pts; this slack keeps a frame that lands exactly on
@@ -35,14 +36,17 @@ class VideoInfo:
         num_frames: frame count from the container, or duration × fps where it has none; an
             estimate (variable frame rate, edit lists), so count decoded frames where it matters.
         fps: average frame rate, frames per second.
-        size: (H, W) in pixels.
+        size: (H, W) in pixels, as displayed (upright: the display rotation applied).
         duration: seconds.
+        rotation: degrees counter-clockwise the display turns the stored frames (a multiple of 90; a phone's
+            portrait clip is stored landscape with ±90).
     """
 
     num_frames: int
     fps: float
     size: tuple[int, int]
     duration: float
+    rotation: int = 0
 
 
 def _open(path: Path) -> av.container.InputContainer:  # noqa: F821  (av is imported where it is used)
@@ -70,8 +74,22 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:  # noqa: F821
     return float(rate) if rate else 0.0
 
 
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """How many quarter turns counter-clockwise the display rotation of ``frame`` asks for (0..3)."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def _upright(frame: av.VideoFrame) -> np.ndarray:
+    """The decoded ``frame`` as (H, W, 3) uint8 RGB, turned as the display matrix says (PyAV reports the rotation
+    counter-clockwise, which is ``np.rot90``'s direction for an image with row 0 at the top)."""
+    image = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(image, k=turns)) if turns else image
+
+
 def probe_video(path: Path | str) -> VideoInfo:
-    """Read the container header of the video at ``path`` (no decoding).
+    """Read the container header of the video at ``path``, and decode its first frame for the display rotation
+    (FFmpeg reports it on frames only).
 
     Raises:
         VideoError: the file is missing, is not a video, or has no video stream.
@@ -90,13 +108,21 @@ def probe_video(path: Path | str) -> VideoInfo:
             duration = 0.0
         num_frames = stream.frames or round(duration * fps)
         size = (stream.codec_context.height, stream.codec_context.width)
-    return VideoInfo(num_frames=num_frames, fps=fps, size=size, duration=duration)
+        try:
+            first = next(container.decode(stream), None)
+        except av.FFmpegError:  # read_video reports a file that does not decode
+            first = None
+        turns = 0 if first is None else _quarter_turns(first)
+    if turns % 2:
+        size = size[::-1]
+    return VideoInfo(num_frames=num_frames, fps=fps, size=size, duration=duration, rotation=90 * turns)
 
 
 def read_video(
     path: Path | str, max_frames: int | None = None, fps: float | None = None
 ) -> Iterator[np.ndarray]:
-    """Decode the first video stream of ``path`` into (H, W, 3) uint8 RGB frames.
+    """Decode the first video stream of ``path`` into (H, W, 3) uint8 RGB frames, upright (the display rotation a
+    phone records is applied).
 
     The file is opened before this returns, so a missing or unreadable file fails here; decoding
     happens as the iterator is consumed.
@@ -105,13 +131,24 @@ def read_video(
         max_frames: stop after yielding this many frames.
         fps: yield at most this many frames per second of video, by timestamp: the first frame
             of every 1/fps-second slot is kept, the others dropped. Frames are never repeated, so
-            a rate above the video's yields every frame.
+            a rate above the video's yields every frame. A variable frame rate is resampled by the
+            frames' own times.
 
     Raises:
         VideoError: missing file, not a video, no video stream (here); a decoding failure or
             zero decodable frames (while iterating).
         ConfigError: ``max_frames`` < 0 or ``fps`` ≤ 0.
     """
+    frames = read_video_timed(path, max_frames, fps)
+    return (frame for _, frame in frames)
+
+
+def read_video_timed(
+    path: Path | str, max_frames: int | None = None, fps: float | None = None
+) -> Iterator[tuple[float, np.ndarray]]:
+    """As :func:`read_video`, with each frame's presentation time: ``(seconds since the first decoded frame,
+    frame)``. A variable-frame-rate clip's times are irregular; the average rate of what is yielded is
+    ``(n - 1) / (last time - first time)``."""
     if max_frames is not None and max_frames < 0:
         raise ConfigError(f"max_frames is {max_frames}; pass 0 or more.")
     if fps is not None and not fps > 0:
@@ -122,7 +159,7 @@ def read_video(
 
 def _read(
     path: Path, container: av.container.InputContainer, max_frames: int | None, fps: float | None  # noqa: F821
-) -> Iterator[np.ndarray]:
+) -> Iterator[tuple[float, np.ndarray]]:
     import av
 
     with container:
@@ -145,15 +182,15 @@ def _read(
             if frame is None:
                 break
             decoded += 1
+            time = frame.time if frame.time is not None else (decoded - 1) / source_fps
+            start = time if start is None else start
             if fps is not None:
-                time = frame.time if frame.time is not None else (decoded - 1) / source_fps
-                start = time if start is None else start
                 slot = math.floor((time - start) * fps + _SLOT_EPSILON)
                 if slot <= last_slot:
                     continue
                 last_slot = slot
             yielded += 1
-            yield frame.to_ndarray(format="rgb24")
+            yield time - start, _upright(frame)
         if decoded == 0 and max_frames != 0:
             raise VideoError(f"{path}: has no decodable frames; {_CORRUPT_FIX}.")
 

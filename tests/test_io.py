@@ -43,7 +43,10 @@ def test_to_uint8_rounds_half_up_and_clamps_for_arrays_and_tensors():
     assert to_uint8(torch.from_numpy(values)).tolist() == expected.tolist()
     # The same bytes as the formula the renderers used before this module existed.
     x = torch.rand(4, 9, 9, 3)
+    before = x.clone()
     assert np.array_equal(to_uint8(x), (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy())
+    assert torch.equal(x, before), "the input is left as it was"
+    assert to_uint8(torch.tensor([0, 1, 3])).tolist() == [0, 255, 255]  # integer tensors too
 
 
 def test_json_safe_makes_json_of_numpy_paths_and_non_finite_floats(tmp_path):

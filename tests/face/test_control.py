@@ -52,3 +52,18 @@ def test_large_maps_are_the_budget_render_resized():
     # A synthetic capture larger than the budget gets the policy's maps too, not its own supersampled ones.
     frames = render_subject(subject, kin.expression, kin.rotation, kin.translation, 512, default_intrinsics(512), rig)
     assert np.array_equal(frames.shading, big.shading)
+
+
+def test_render_shading_is_render_controls_shading_without_the_masks():
+    """The tracker writes only the shading maps: render_shading gives the same pixels as render_controls."""
+    from liftavatar.face.control import render_shading
+
+    rig = FaceRig.load()
+    verts = rig.vertices(np.zeros(len(rig.identity_names), np.float32), rig.neutral_expression(2),
+                         np.array([[0.0, 0.2, 0.0], [0.1, -0.3, 0.05]], np.float32),
+                         np.array([[0.0, 0.0, 0.6]] * 2, np.float32))
+    for size in (64, 300):  # supersampled, and rendered smaller then resized
+        k = (size * 1.8, size * 1.8, size / 2, size / 2)
+        shading = render_shading(verts, k, (size, size), rig)
+        assert shading.dtype == np.uint8 and shading.shape == (2, size, size, 3) and shading.max() > 0
+        np.testing.assert_array_equal(shading, render_controls(verts, k, (size, size), rig).shading)

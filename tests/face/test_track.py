@@ -156,6 +156,131 @@ def test_several_faces_follow_the_most_prominent(tmp_path):
     assert x0 + side / 2 < 300
 
 
+def _rotation_error_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return np.degrees((Rotation.from_rotvec(a) * Rotation.from_rotvec(b).inv()).magnitude())
+
+
+def _phone_clip(path: Path, frames: list[np.ndarray], rotation: int = 0, times_ms: list[int] | None = None) -> None:
+    """An H.264 clip as a phone stores it: the upright ``frames`` stored turned clockwise by ``rotation`` degrees
+    with a display rotation that turns them back, and (``times_ms``) irregular frame times."""
+    from fractions import Fraction
+
+    stored = [np.ascontiguousarray(np.rot90(f, k=-rotation // 90)) for f in frames]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width = stored[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, image in enumerate(stored):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = (times_ms[i] if times_ms else 40 * i), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def _fov_for(width: float, focal_px: float) -> float:
+    """Horizontal field of view (degrees) of an image ``width`` pixels wide with focal length ``focal_px``."""
+    return float(np.degrees(2 * np.arctan(width / 2 / focal_px)))
+
+
+def _place(image: np.ndarray, canvas_hw: tuple[int, int], scale: float, at: tuple[int, int], fill: int = 90):
+    """``image`` resized by ``scale`` and pasted with its top-left corner at ``at`` (row, col) on a grey canvas."""
+    side = round(image.shape[0] * scale)
+    small = np.asarray(Image.fromarray(image).resize((side, side), Image.LANCZOS))
+    canvas = np.full((*canvas_hw, 3), fill, np.uint8)
+    r, c = at
+    canvas[r:r + side, c:c + side] = small
+    return canvas
+
+
+@pytest.mark.parametrize("layout", ["portrait phone clip (stored landscape, display rotation)",
+                                    "landscape clip, small face off-centre"])
+def test_non_square_and_rotated_clips_track_upright(layout, clip, tmp_path):
+    """Whatever the clip's aspect and stored orientation, the face is found upright in every frame where it is in
+    the picture, and the square crop around it is black where it leaves the picture."""
+    _, truth = clip
+    focal = truth.meta.intrinsics[0]  # px at 256²
+    frames = truth.frames()
+    if layout.startswith("portrait"):
+        scale, at = 1.0, (72, 8)  # 272 wide, 400 tall; the synthetic camera's axis at the picture's centre
+        upright = [_place(f, (400, 272), scale, at) for f in frames]
+        _phone_clip(tmp_path / "clip.mp4", upright, rotation=-90)  # stored 400 wide, 272 tall
+        fov = _fov_for(272, focal)
+    else:
+        scale, at = 0.625, (4, 30)  # the face is 160 px of a 480x272 picture, near its top-left corner
+        upright = [_place(f, (272, 480), scale, at) for f in frames]
+        _phone_clip(tmp_path / "clip.mp4", upright)
+        fov = _fov_for(480, focal * scale)
+    capture, report = track(tmp_path / "clip.mp4", tmp_path / "cap", TrackConfig(size=128, fov=fov), progress=False)
+    assert report.valid == capture.num_frames == 12
+    # The landmarks land where the true ones are, carried through the placement and the crop.
+    x0, y0, side = report.crop
+    expected = (truth.kinematics.landmarks2d * scale + np.array(at[::-1]) - np.array([x0, y0])) * 128 / side
+    error = np.linalg.norm(capture.kinematics.landmarks2d[:, :468] - expected[:, :468], axis=-1)
+    assert np.median(error) < 1.5
+    if layout.startswith("portrait"):  # the camera's axis is where the tracker assumes it: the pose is the truth's
+        assert np.median(_rotation_error_deg(capture.kinematics.rotation, truth.kinematics.rotation)) < 6.0
+    else:  # the crop reaches past the picture's top: black there
+        assert y0 < 0
+        top = int(-y0 * 128 / side)
+        assert top >= 2 and capture.frames()[:, : top - 1].max() == 0
+
+
+def test_a_folder_of_photos_of_different_sizes(clip, tmp_path):
+    """Photos of one person of different sizes (and one without a face): each is cropped around its own face at
+    the standard framing, all share the median camera, and the photo without a face is kept, marked invalid."""
+    _, truth = clip
+    frames = truth.frames()
+    photos = {
+        "0_as_is.png": frames[0],
+        "1_landscape.png": _place(frames[3], (300, 420), 1.0, (20, 120)),
+        "2_small_portrait.png": _place(frames[6], (320, 200), 0.7, (100, 10)),
+        "3_large.png": _place(frames[9], (420, 420), 1.5, (20, 20)),
+        "4_no_face.png": np.full((150, 100, 3), 128, np.uint8),
+        "5_square.png": _place(frames[11], (300, 300), 1.1, (10, 5)),
+    }
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, image in photos.items():
+        Image.fromarray(image).save(folder / name)
+    config = TrackConfig(size=128, fov=30.0)
+    capture, report = track(folder, tmp_path / "cap", config, progress=False)
+    validate_capture(capture.path)
+    k = capture.kinematics
+    assert capture.num_frames == 6 and k.valid.tolist() == [True, True, True, True, False, True]
+    crops = capture.meta.creator["config"]["crops"]
+    assert len(crops) == 6 and "crop" not in capture.meta.creator["config"]
+    # The standard framing in every photo: forehead to chin about head_fraction of the side, face centred.
+    face = k.landmarks2d[k.valid]
+    heights = np.linalg.norm(face[:, 152] - face[:, 10], axis=-1) / 128
+    np.testing.assert_allclose(heights, config.head_fraction, atol=0.06)
+    centres = 0.5 * (face[:, :468].min(1) + face[:, :468].max(1)) / 128
+    assert np.abs(centres - 0.5).max() < 0.12
+    # The photos' sizes and framings differ, yet one camera fits the heads' poses.
+    truth_rot = truth.kinematics.rotation[[0, 3, 6, 9, 11]]
+    assert np.median(_rotation_error_deg(k.rotation[k.valid], truth_rot)) < 6.0
+    assert report.median_reprojection_px < 3.0
+
+
+def test_a_variable_frame_rate_clip_keeps_every_frame_at_its_average_rate(clip, tmp_path):
+    _, truth = clip
+    times_ms = [0, 30, 70, 90, 160, 200, 240, 330, 360, 400, 520, 560]
+    _phone_clip(tmp_path / "vfr.mp4", list(truth.frames()), times_ms=times_ms)
+    capture, _ = track(tmp_path / "vfr.mp4", tmp_path / "cap", TrackConfig(size=64, fov=30.0), progress=False)
+    assert capture.num_frames == 12
+    assert capture.meta.fps == pytest.approx(11 / 0.56, rel=1e-3)
+    resampled, _ = track(tmp_path / "vfr.mp4", tmp_path / "half", TrackConfig(size=64, fov=30.0, fps=10),
+                         progress=False)
+    # --fps 10 keeps the first frame of each 0.1 s slot, by time: 0, 160, 200, 330, 400 and 520 ms.
+    assert resampled.num_frames == 6 and resampled.meta.fps == pytest.approx(5 / 0.52, rel=1e-3)
+    kept = [0, 4, 5, 7, 9, 10]
+    np.testing.assert_allclose(resampled.kinematics.rotation, capture.kinematics.rotation[kept], atol=0.02)
+
+
 def _zero_frame_video(path: Path) -> None:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=25)
@@ -172,12 +297,14 @@ def _zero_frame_video(path: Path) -> None:
         ("zero_frames", "empty.mp4"),
         ("no_face", "no face"),
         ("tiny_face", "px tall"),
-        ("mixed_sizes", "share a size"),
         ("empty_folder", "no images"),
+        ("face_in_few_frames", "found in only 2 of its 6 frames"),
+        ("too_short_after_fps", "gives 1 frame with --fps 2, fewer than the 5 needed"),
+        ("max_frames_below_min_frames", "--max-frames 3 is fewer than --min-frames 5"),
     ],
 )
 def test_bad_input_exits_2_and_leaves_nothing(case, needle, clip, tmp_path):
-    video, _ = clip
+    video, truth = clip
     source = tmp_path / "input"
     if case == "missing":
         source = tmp_path / "nowhere.mp4"
@@ -204,12 +331,16 @@ def test_bad_input_exits_2_and_leaves_nothing(case, needle, clip, tmp_path):
         canvas = np.zeros((256, 256, 3), np.uint8)
         canvas[:153, :153] = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((153, 153)))
         Image.fromarray(canvas).save(source / "000.png")
-    elif case == "mixed_sizes":
-        source.mkdir()
-        Image.fromarray(skimage.data.astronaut()).save(source / "000.png")
-        Image.fromarray(skimage.data.astronaut()[:400]).save(source / "001.png")
     elif case == "empty_folder":
         source.mkdir()
         (source / "readme.txt").write_text("no frames here")
+    elif case == "face_in_few_frames":
+        source = tmp_path / "away.mp4"
+        frames = list(truth.frames()[:2]) + [np.zeros_like(truth.frames()[0])] * 4
+        write_video(source, frames, 25)
+    extra = []
+    if case.startswith("too_short") or case.startswith("max_frames"):
+        source = video
+        extra = ["--min-frames", "5", *(["--fps", "2"] if case.startswith("too_short") else ["--max-frames", "3"])]
     out = tmp_path / "cap"
-    assert_refused(run(["track", str(source), "-o", str(out), "--size", "128"]), out, needle)
+    assert_refused(run(["track", str(source), "-o", str(out), "--size", "128", *extra]), out, needle)
