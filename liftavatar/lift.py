@@ -8,7 +8,9 @@
    the observed frame nearest to it, in expression and pose; with ``poses="wide"`` the head also
    turns toward a wider pose than the capture shows.
 3. **Generation.** The rig, with the capture's tracked identity and camera, is rendered into
-   shading maps and masks at the capture's size; the prior generates the person from K reference
+   shading maps at the capture's size; the lifted frames' masks follow the rule of the capture's own frames
+   (filmed frames: :mod:`liftavatar.face.masks`' head-and-neck masks, segmented from the generated picture;
+   synthetic ones: the rig's silhouette, as the renderer gives them); the prior generates the person from K reference
    frames of the capture at its own resolution (references and target shading maps resized to it,
    the generated frames resized back: :mod:`liftavatar.generator.inputs`), so a capture of any
    square size can be lifted and keeps its resolution.
@@ -23,6 +25,7 @@ Coverage before and after is the share of a held-out set of library expressions 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +38,7 @@ from scipy.spatial.transform import Rotation, Slerp
 from tqdm import tqdm
 
 import liftavatar
-from liftavatar.capture import PROVENANCE_LIFTED, Capture, CaptureMeta, CaptureWriter, Kinematics
+from liftavatar.capture import PROVENANCE_LIFTED, PROVENANCE_OBSERVED, Capture, CaptureMeta, CaptureWriter, Kinematics
 from liftavatar.errors import ConfigError, LiftAvatarError
 from liftavatar.generator.pipeline import SamplerConfig, Solver
 from liftavatar.generator.prior import PriorConfig
@@ -121,6 +124,20 @@ def target_trajectories(kinematics: Kinematics, targets: np.ndarray, frames: int
             np.concatenate(translations).astype(np.float32))
 
 
+def _mask_rule(kinematics: Kinematics):
+    """How lifted frames get their masks: as the capture's own frames got theirs. Filmed frames (provenance
+    observed) carry :mod:`liftavatar.face.masks`' head-and-neck masks (person segmentation × head region), so the
+    generated ones get the same, segmented from the generated picture: returns a :class:`SelfieSegmenter`. Rendered
+    ground truth (provenance synthetic) carries the renderer's silhouette, so the generated frames get the rig's
+    silhouette at their kinematics: returns None."""
+    observed = kinematics.provenance[kinematics.valid] == PROVENANCE_OBSERVED
+    if not observed.any():
+        return None
+    from liftavatar.face.masks import SelfieSegmenter
+
+    return SelfieSegmenter()
+
+
 def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | Path | None = None,
          config: LiftConfig | None = None, expressions_from: str | Path | None = None, device: str | None = None,
          overwrite: bool = False, resume: bool = False, progress: bool = True) -> tuple[Capture, dict]:
@@ -130,6 +147,7 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
     overrides the config's. Every refusal (bad settings, capture, prior or library) comes before anything is
     written; ``resume`` continues only a staging directory made from the same settings and inputs."""
     from liftavatar.face.control import render_controls
+    from liftavatar.face.masks import head_masks, head_region
     from liftavatar.face.rig import FaceRig
     from liftavatar.fingerprint import capture_identity
     from liftavatar.generator.inputs import (
@@ -193,7 +211,8 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
     span = lambda c: range(c * frames, (c + 1) * frames)  # noqa: E731  (clip c's rows of the lifted arrays)
     todo = [c for c in range(clips) if not all(writer.has_frame(n0 + j) for j in span(c))]
     generated = False
-    with writer:
+    segment = _mask_rule(kin)  # lifted frames get the masks their capture's frames have (None: the rig's)
+    with writer, segment or contextlib.nullcontext():
         try:
             for i in range(n0):
                 if not writer.has_frame(i):
@@ -211,8 +230,13 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
                                             config.guidance, config.solver, config.batch_size)
                 generated = True
                 rgb = video_to_uint8(resize_images(video, capture.size))
+                masks = maps.mask
+                if segment is not None:
+                    region = head_region(kin.identity, expression[rows], rotation[rows], translation[rows],
+                                         capture.meta.intrinsics, capture.size, rig)
+                    masks = head_masks(np.stack([segment(frame) for frame in rgb]), region)
                 for k, row in enumerate(rows):
-                    writer.add_frame(n0 + row, rgb[k], maps.mask[k], maps.shading[k])
+                    writer.add_frame(n0 + row, rgb[k], masks[k], maps.shading[k])
                 bar.update(len(chosen))
             bar.close()
         except LiftAvatarError:

@@ -74,12 +74,12 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:  # noqa: F821
     return float(rate) if rate else 0.0
 
 
-def _quarter_turns(frame: av.VideoFrame) -> int:
+def _quarter_turns(frame: av.VideoFrame) -> int:  # noqa: F821
     """How many quarter turns counter-clockwise the display rotation of ``frame`` asks for (0..3)."""
     return round((frame.rotation or 0) / 90) % 4
 
 
-def _upright(frame: av.VideoFrame) -> np.ndarray:
+def _upright(frame: av.VideoFrame) -> np.ndarray:  # noqa: F821
     """The decoded ``frame`` as (H, W, 3) uint8 RGB, turned as the display matrix says (PyAV reports the rotation
     counter-clockwise, which is ``np.rot90``'s direction for an image with row 0 at the top)."""
     image = frame.to_ndarray(format="rgb24")

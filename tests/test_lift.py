@@ -100,6 +100,21 @@ def test_lift_a_capture_tracked_from_an_mp4(tmp_path):
     assert out.num_frames == tracked.num_frames + 4
     assert (out.kinematics.provenance[-4:] == PROVENANCE_LIFTED).all()
     assert out.size == tracked.size and report["generated_size"] == 64
+    # Lifted frames of a tracked capture get the tracked frames' mask rule: the person segmented from the
+    # generated picture, within the head region of the frame's kinematics (not the rig's silhouette).
+    from liftavatar.face.control import render_controls
+    from liftavatar.face.masks import SelfieSegmenter, head_masks, head_region
+    from liftavatar.face.rig import FaceRig
+
+    rig, k, n0 = FaceRig.load(), out.kinematics, tracked.num_frames
+    lifted = list(range(n0, out.num_frames))
+    region = head_region(k.identity, k.expression[lifted], k.rotation[lifted], k.translation[lifted],
+                         out.meta.intrinsics, out.size, rig)
+    with SelfieSegmenter() as segment:
+        expected = head_masks(np.stack([segment(f) for f in out.frames(lifted)]), region)
+    assert np.array_equal(out.masks(lifted), expected)
+    verts = rig.vertices(k.identity, k.expression[lifted], k.rotation[lifted], k.translation[lifted])
+    assert not np.array_equal(out.masks(lifted), render_controls(verts, out.meta.intrinsics, out.size, rig).mask)
 
 
 def test_coverage_rises_where_targets_are_added_and_only_there(tmp_path, tiny_prior_and_capture):
