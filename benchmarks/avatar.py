@@ -199,7 +199,8 @@ def _speed_avatar(capture: Path, per_triangle: int, seed: int = 6099) -> Avatar:
     cap = Capture.load(capture)
     rig = FaceRig.load()
     meta = AvatarMeta(cap.meta.subject, {"name": rig.name, "version": rig.version}, list(rig.expression_names),
-                      tuple(cap.size), tuple(cap.meta.intrinsics), config=AvatarConfig(gaussians_per_triangle=per_triangle))
+                      tuple(cap.size), tuple(cap.meta.intrinsics), config=AvatarConfig(gaussians_per_triangle=per_triangle,
+                                                                                      deform_width=0))
     avatar = init_avatar(rig, cap.kinematics.identity, meta, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     n = avatar.num_gaussians

@@ -151,6 +151,8 @@ class Bench:
     observed_share: float = AVATAR_DEFAULTS.observed_share
     """Observed frames are repeated to make about this share of the training draws (0: plain union; as
     `avatar train --observed-share`)."""
+    deform_width: int = AVATAR_DEFAULTS.avatar.deform_width
+    """Width of the avatars' expression-deformation MLP, 0: none (as `avatar train --avatar.deform-width`)."""
     lift_poses: Literal["observed", "wide"] | None = None
     """Lifted clips keep the capture's head poses or also turn toward wider ones (default wide)."""
     track_appearance: bool = True

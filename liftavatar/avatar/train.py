@@ -68,7 +68,6 @@ from liftavatar.avatar.model import (
     deform_condition,
     encode_positions,
     init_avatar,
-    init_deform,
     read_checkpoint,
     render_avatar,
     rgb_to_sh0,
@@ -647,9 +646,8 @@ def train_avatar(
     if cfg.refine_kinematics:
         kin_delta = torch.nn.Parameter(torch.zeros(n_frames, frames.expression.shape[1] + 6, device=device))
         kin_opt = torch.optim.Adam([kin_delta], lr=cfg.lr_kinematics)
-    if not resume:
-        avatar.deform = init_deform(cfg.avatar, frames.expression.shape[1] + 3, seed=cfg.seed)
-        avatar.deform = None if avatar.deform is None else {k: v.to(device) for k, v in avatar.deform.items()}
+    if avatar.deform is not None:
+        avatar.deform = {k: v.to(device) for k, v in avatar.deform.items()}
     deform = None if avatar.deform is None else {k: torch.nn.Parameter(v.clone()) for k, v in avatar.deform.items()}
     deform_opt = None if deform is None else torch.optim.Adam(list(deform.values()), lr=cfg.lr_deform)
     # The subject's neutral head, where the deformation reads every Gaussian's canonical position.

@@ -125,6 +125,9 @@ class BenchConfig:
     observed_finish: float = AVATAR_DEFAULTS.observed_finish
     """The last share of an avatar's iterations draws observed frames only
     (:attr:`liftavatar.avatar.train.TrainConfig.observed_finish`)."""
+    deform_width: int = AVATAR_DEFAULTS.avatar.deform_width
+    """Width of the avatars' expression-deformation MLP, 0: none
+    (:attr:`liftavatar.avatar.model.AvatarConfig.deform_width`, where the measurements that chose it are)."""
     avatar_seed: int = 0
     metrics: tuple[str, ...] = DEFAULT_METRICS
     grid_frames: int = 6
@@ -237,9 +240,9 @@ def demo_config(**overrides: Any) -> BenchConfig:
     return replace(base, **overrides)
 
 
-LEGACY_FIELDS: dict[str, Any] = {"observed_finish": 0.0}
+LEGACY_FIELDS: dict[str, Any] = {"observed_finish": 0.0, "deform_width": 0}
 """What a run folder's config.json made before a field existed meant (runs made before observed_finish trained
-without it)."""
+without it, runs made before deform_width trained avatars without deformation)."""
 
 
 def config_from_json(data: dict[str, Any]) -> BenchConfig:

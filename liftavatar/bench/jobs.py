@@ -50,7 +50,8 @@ def avatar_capture(cfg: BenchConfig, run: Path, name: str, k: int) -> Path:
 
 def avatar_config(cfg: BenchConfig, progress: bool = True) -> AvatarTrainConfig:
     """The avatar trainer's config of every avatar of the run: the library's recipe with the run's settings."""
-    return replace(AvatarTrainConfig(), iters=cfg.avatar_iters, size=cfg.size, lifted_weight=cfg.lifted_weight,
+    defaults = AvatarTrainConfig()
+    return replace(defaults, avatar=replace(defaults.avatar, deform_width=cfg.deform_width), iters=cfg.avatar_iters, size=cfg.size, lifted_weight=cfg.lifted_weight,
                    observed_share=cfg.observed_share, observed_finish=cfg.observed_finish, val_every=0,
                    checkpoint_every=max(cfg.avatar_iters // 4, 100), seed=cfg.avatar_seed, device=cfg.device,
                    progress=progress)

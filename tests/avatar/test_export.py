@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from liftavatar.avatar.export import export_ply, read_ply
-from liftavatar.avatar.model import gaussians_world, load_avatar
+from liftavatar.avatar.model import bake_deformation, deform_condition, gaussians_world, load_avatar
 
 
 def test_ply_round_trip(trained, tmp_path):
@@ -27,7 +27,10 @@ def test_ply_round_trip(trained, tmp_path):
     assert all(len(v) == n for v in data.values())
 
     zeros = torch.zeros(1, 3)
-    verts = avatar.vertices(torch.zeros(1, len(avatar.meta.expression_names)), zeros, zeros)
+    assert avatar.deform is not None  # the default avatar deforms: the file holds the neutral head's Gaussians
+    neutral = torch.zeros(1, len(avatar.meta.expression_names))
+    avatar = bake_deformation(avatar, deform_condition(neutral, zeros))
+    verts = avatar.vertices(neutral, zeros, zeros)
     world = gaussians_world(avatar.params, avatar.binding, verts, avatar.faces, 0)
     xyz = np.stack([data[c] for c in "xyz"], -1)
     np.testing.assert_allclose(xyz, world.means[0].detach().numpy(), atol=1e-7)

@@ -16,6 +16,7 @@ from liftavatar.avatar.fast_render import (
     AvatarRenderer,
 )
 from liftavatar.avatar.model import (
+    AvatarConfig,
     AvatarMeta,
     activate_gaussians,
     init_avatar,
@@ -31,7 +32,7 @@ def _avatar(rig, size: int = 64, seed: int = 6004):
     rotations and anisotropic scales (so every part of the pose → Gaussians path matters)."""
     f = 119.4 * size / 64
     meta = AvatarMeta("synth-006004", {"name": rig.name, "version": rig.version}, list(rig.expression_names),
-                      (size, size), (f, f, size / 2, size / 2))
+                      (size, size), (f, f, size / 2, size / 2), config=AvatarConfig(deform_width=0))
     av = init_avatar(rig, np.full(rig.num_identity, 0.2, np.float32), meta)
     gen = torch.Generator().manual_seed(seed)
     n = av.num_gaussians

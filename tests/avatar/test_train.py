@@ -338,7 +338,8 @@ def test_a_deforming_avatar_starts_as_the_plain_binding_and_learns_offsets(captu
     from liftavatar.avatar.export import export_ply, read_ply, render_frames
     from liftavatar.avatar.model import AvatarConfig, bake_deformation, deform_condition, load_avatar
 
-    plain_cfg = TrainConfig(iters=3, size=32, val_every=0, checkpoint_every=0, progress=False)
+    plain_cfg = TrainConfig(iters=3, size=32, val_every=0, checkpoint_every=0, progress=False,
+                            avatar=AvatarConfig(deform_width=0))
     deform_cfg = TrainConfig(iters=3, size=32, val_every=0, checkpoint_every=0, progress=False,
                              avatar=AvatarConfig(deform_width=16, deform_frequencies=2))
     # Zero iterations of change: the two start identical (max_steps=0 writes the initial checkpoint).

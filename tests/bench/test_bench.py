@@ -67,7 +67,8 @@ def test_the_bench_trains_avatars_with_the_library_recipe():
 
 def test_a_run_folder_of_an_earlier_version_resumes(tmp_path):
     """A run folder whose config.json an earlier version wrote (the committed headline's, and one from before
-    observed_finish existed) is not refused as made with other settings."""
+    observed_finish existed) is not refused as made with its own settings, and is refused with today's defaults where
+    they differ."""
     from liftavatar.bench.config import config_from_json
     from liftavatar.bench.runner import check_run_dir
 
@@ -75,14 +76,16 @@ def test_a_run_folder_of_an_earlier_version_resumes(tmp_path):
     run = tmp_path / "headline"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"liftavatar_version": "0.1.0", "config": stored}))
-    check_run_dir(run, full_config(curve=tuple(stored["curve"]), device="cuda", workers=4), force=False)
+    check_run_dir(run, full_config(curve=tuple(stored["curve"]), deform_width=0, device="cuda", workers=4), force=False)
+    with pytest.raises(BenchError, match="deform_width"):  # its avatars did not deform: today's default would mix
+        check_run_dir(run, full_config(curve=tuple(stored["curve"]), device="cuda", workers=4), force=False)
 
     older = json.loads((RESULTS / "bench_run1_no_finish.json").read_text())["config"]
     assert "observed_finish" not in older and config_from_json(older).observed_finish == 0.0
     run = tmp_path / "older"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": older}))
-    check_run_dir(run, full_config(observed_finish=0.0, track_appearance=True, workers=2), force=False)
+    check_run_dir(run, full_config(observed_finish=0.0, deform_width=0, track_appearance=True, workers=2), force=False)
     with pytest.raises(BenchError, match="observed_finish"):
         check_run_dir(run, full_config(), force=False)
 
