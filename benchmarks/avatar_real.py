@@ -29,6 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def capture_name(capture: str) -> str:
+    """What the results call a capture: its folder's name, or its clip's for a bench run's ``…/NAME/tracked``."""
+    path = Path(capture)
+    return path.parent.name if path.name == "tracked" else path.name
+
+
 def _job(capture: str, variant: str, overrides: dict, device: str, work: str, fit_frames: int) -> dict:
     import numpy as np
     import torch
@@ -46,7 +52,7 @@ def _job(capture: str, variant: str, overrides: dict, device: str, work: str, fi
         torch.set_num_threads(1)
     source = Capture.load(capture)
     split = split_frames(source.kinematics)
-    name = Path(capture).name
+    name = capture_name(capture)
     folder = Path(work) / name
     if not (folder / "train" / "capture.json").is_file():
         subset_capture(source, folder / "train", split.train.tolist(), {"split": "train"})
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() and not args.force else {"runs": []}
     done = {(r["capture"], r["variant"]) for r in results["runs"]}
-    jobs = [(c, v, o) for c in args.captures for v, o in variants.items() if (Path(c).name, v) not in done]
+    jobs = [(c, v, o) for c in args.captures for v, o in variants.items() if (capture_name(c), v) not in done]
 
     def record(run: dict) -> None:
         results["runs"].append(run)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU part of the real-clip results (issue 19) as it ran: one H200 lent through a device whose calls each carry
+# at most 64 MiB (the repository included) and return at most 8 files, so the work went as several calls in a row to
+# one warm machine, each carrying part of what the later ones read. Steps, each one call, run from the repository
+# root there:
+#
+#   setup WHEELS PACKS        install WHEELS/*.whl into /root/site (MediaPipe, gsplat, tyro, …), keep the packs
+#                             (benchmarks/bench_split.py pack folders) in /root/packs, build gsplat's CUDA code
+#   d512  WHEELS CLIPS PACKS  install more wheels (PyAV, diffusers), keep more packs; track every clip at 512² and
+#                             train and score an avatar on each with the library's defaults
+#                             (benchmarks/avatar_real.py): $OUT/avatar_real_eval_512.json
+#   lift  PACKS -- BENCH OPTIONS
+#                             keep the last packs (in $KEEP, one folder per run); every kept pack's lift and avatars
+#                             (`liftavatar bench --device cuda --until avatars --only NAME`), what the evaluation
+#                             reads of each tarred to $OUT/NAME.tar for `bench_split.py unpack`
+#
+# The packs of a real run are made here with `python benchmarks/bench_split.py pack RUN NAME DIR` after
+# `liftavatar bench --videos … --until refs -o RUN`; after the lift step, `tar -xf NAME.tar -C BACK/NAME`,
+# `python benchmarks/bench_split.py unpack BACK/NAME NAME RUN` and `… finish RUN -- OPTIONS` evaluate and report.
+set -euo pipefail
+step=$1
+shift
+SITE=/root/site
+KEEP=${KEEP:-/root/packs}  # one folder per run: a later lift step of another run names its own
+OUT=${OUT:-/tmp/out}
+mkdir -p "$SITE" "$KEEP" "$OUT"
+export PYTHONPATH="$SITE:$PWD" MAX_JOBS=16 PYTHONUNBUFFERED=1
+install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$1"/*.whl; }
+keep() { cp -r "$1"/. "$KEEP"/; ls "$KEEP"; }
+
+case "$step" in
+  setup)
+    install "$1"
+    keep "$2"
+    python3 - <<'EOF'
+import time
+import numpy as np
+import torch
+t = time.time()
+from liftavatar.avatar.raster import rasterization
+dev = torch.device("cuda")
+m = torch.tensor([[0.0, 0.0, 1.0]], device=dev)
+k = torch.tensor([[[16.0, 0, 8], [0, 16.0, 8], [0, 0, 1]]], device=dev)
+out = rasterization(m, torch.tensor([[1.0, 0, 0, 0]], device=dev), torch.full((1, 3), 0.01, device=dev),
+                    torch.ones(1, device=dev), torch.ones(1, 3, device=dev), torch.eye(4, device=dev)[None], k, 16, 16)
+print("gsplat built and ran:", tuple(out[0].shape), f"{time.time() - t:.0f} s")
+import mediapipe as mp
+seg = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+print("mediapipe selfie segmentation:", seg.process(np.zeros((256, 256, 3), np.uint8)).segmentation_mask.shape)
+import liftavatar.cli, liftavatar.bench.runner, liftavatar.lift, liftavatar.avatar.train  # noqa: F401,E401
+print("liftavatar imports")
+EOF
+    ;;
+  d512)
+    install "$1"
+    keep "$3"
+    mkdir -p /root/t512
+    for clip in "$2"/*; do
+      name=$(basename "${clip%.*}")
+      OMP_NUM_THREADS=2 python3 -m liftavatar.cli track "$clip" -o "/root/t512/$name" --size 512 --force \
+        > "/root/t512/$name.log" 2>&1 &
+    done
+    wait
+    tail -n 2 /root/t512/*.log
+    python3 benchmarks/avatar_real.py --captures $(ls -d /root/t512/*/) --variants default='{}' --device cuda \
+      --jobs 6 --work /root/ar512 --out "$OUT/avatar_real_eval_512.json"
+    ;;
+  lift)
+    # The embedded prior travels in one call only (44 MB): kept here for later calls that cannot carry it.
+    prior=liftavatar/generator/default_prior
+    if ls "$prior"/model-*.safetensors > /dev/null 2>&1; then
+      mkdir -p /root/prior && cp "$prior"/model-*.safetensors /root/prior/
+    else
+      cp /root/prior/model-*.safetensors "$prior"/
+    fi
+    keep "$1"
+    shift
+    [ "${1:-}" = "--" ] && shift
+    pids=()
+    for pack in "$KEEP"/*/; do
+      name=$(basename "$pack")
+      [ -f "$pack/job_done" ] && continue
+      # Stopped before the call's 10 minutes so that what finished is tarred; a later lift step resumes the rest.
+      timeout "${LIMIT:-520}" python3 -m liftavatar.cli bench --device cuda --workers 2 --until avatars --only "$name" -o "$pack" "$@" \
+        > "$KEEP/$name.log" 2>&1 && touch "$pack/job_done" &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || true; done
+    tail -n 3 "$KEEP"/*.log
+    python3 - "$KEEP" "$OUT" <<'EOF'
+import sys, tarfile
+from pathlib import Path
+from liftavatar.bench.layout import avatar_stage_outputs
+keep, out = Path(sys.argv[1]), Path(sys.argv[2])
+for pack in sorted(p for p in keep.iterdir() if p.is_dir()):
+    files = avatar_stage_outputs(pack, pack.name)
+    with tarfile.open(out / f"{pack.name}.tar", "w") as tar:
+        for f in files:
+            tar.add(pack / f, arcname=str(f))
+    print(pack.name, len(files), "files")
+EOF
+    ;;
+  *)
+    echo "unknown step $step: setup, d512 or lift" >&2
+    exit 2
+    ;;
+esac
