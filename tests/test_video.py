@@ -10,6 +10,7 @@ import pytest
 
 from liftavatar.errors import ConfigError, VideoError
 from liftavatar.video import probe_video, read_video, write_video
+from tests.clips import write_phone_clip
 
 H, W = 32, 48
 
@@ -159,25 +160,6 @@ def test_read_image_applies_the_exif_orientation_a_phone_records(tmp_path):
     assert image[:10].mean() > 200 and image[20:].mean() < 50
 
 
-def _encode(path: Path, frames: list[np.ndarray], pts_ms: list[int] | None = None, rotation: int = 0) -> None:
-    """An H.264 clip of ``frames`` made with PyAV, as a phone stores it: with a display rotation (degrees
-    counter-clockwise) and, where given, irregular presentation times in milliseconds (variable frame rate)."""
-    from fractions import Fraction
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        if rotation:
-            stream.set_display_rotation(rotation)
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = (pts_ms[i] if pts_ms else round(i * 1000 / 30)), Fraction(1, 1000)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-
-
 def _portrait() -> np.ndarray:
     """An upright portrait picture (48 rows, 32 columns): white at the top, red down the left side."""
     image = np.full((48, 32, 3), 40, np.uint8)
@@ -194,7 +176,7 @@ def test_a_rotated_phone_clip_decodes_upright(tmp_path: Path, rotation: int) -> 
     upright = _portrait()
     stored = np.ascontiguousarray(np.rot90(upright, k=-rotation // 90))  # k < 0: clockwise
     path = tmp_path / "phone.mp4"
-    _encode(path, [stored] * 3, rotation=rotation)
+    write_phone_clip(path, [stored] * 3, rotation=rotation)
     frames = list(read_video(path))
     assert len(frames) == 3
     for frame in frames:
@@ -211,7 +193,7 @@ def test_a_variable_frame_rate_clip_decodes_every_frame_and_resamples_by_time(tm
     times_ms = [0, 30, 50, 200, 230, 500, 520, 540, 900, 1000]
     frames = [np.full((32, 32, 3), 20 * i, np.uint8) for i in range(len(times_ms))]
     path = tmp_path / "vfr.mp4"
-    _encode(path, frames, pts_ms=times_ms)
+    write_phone_clip(path, frames, times_ms=times_ms)
     timed = list(read_video_timed(path))
     assert [round(t, 3) for t, _ in timed] == [t / 1000 for t in times_ms]
     assert [round(f.mean() / 20) for _, f in timed] == list(range(10))

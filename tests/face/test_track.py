@@ -18,6 +18,7 @@ from liftavatar.face.rig import FaceRig
 from liftavatar.face.track import TrackConfig, crop_frame, crop_intrinsics, track
 from liftavatar.synth.world import SynthSpec, synthesize
 from liftavatar.video import write_video
+from tests.clips import write_phone_clip
 
 
 @pytest.fixture(scope="module")
@@ -165,21 +166,8 @@ def _rotation_error_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _phone_clip(path: Path, frames: list[np.ndarray], rotation: int = 0, times_ms: list[int] | None = None) -> None:
     """An H.264 clip as a phone stores it: the upright ``frames`` stored turned clockwise by ``rotation`` degrees
     with a display rotation that turns them back, and (``times_ms``) irregular frame times."""
-    from fractions import Fraction
-
     stored = [np.ascontiguousarray(np.rot90(f, k=-rotation // 90)) for f in frames]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.height, stream.width = stored[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        if rotation:
-            stream.set_display_rotation(rotation)
-        for i, image in enumerate(stored):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = (times_ms[i] if times_ms else 40 * i), Fraction(1, 1000)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    write_phone_clip(path, stored, rate=25, times_ms=times_ms, rotation=rotation)
 
 
 def _fov_for(width: float, focal_px: float) -> float:
