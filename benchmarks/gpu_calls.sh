@@ -62,8 +62,9 @@ EOF
     done
     wait
     tail -n 2 /root/t512/*.log
-    python3 benchmarks/avatar_real.py --captures $(ls -d /root/t512/*/) --variants default='{}' --device cuda \
-      --jobs 6 --work /root/ar512 --out "$OUT/avatar_real_eval_512.json"
+    # Results merge into the JSON as each avatar finishes; stopped before the call's 10 minutes so they come back.
+    timeout "${LIMIT:-470}" python3 benchmarks/avatar_real.py --captures $(ls -d /root/t512/*/) --variants default='{}' --device cuda \
+      --jobs 6 --work /root/ar512 --out "$OUT/avatar_real_eval_512.json" || true
     ;;
   lift)
     # The embedded prior travels in one call only (44 MB): kept here for later calls that cannot carry it.
