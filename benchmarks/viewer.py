@@ -69,6 +69,7 @@ def time_calls(fn, seconds: float) -> list[float]:
 def served(viewer: AvatarViewer, seconds: float) -> dict:
     """Updates/s and bytes/update of the running viewer with one websocket client draining it."""
     import viser
+    from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     received = {"bytes": 0, "messages": 0}
@@ -81,7 +82,7 @@ def served(viewer: AvatarViewer, seconds: float) -> dict:
                 msg = ws.recv(timeout=0.5)
             except TimeoutError:
                 continue
-            except Exception:
+            except ConnectionClosed:
                 return
             received["bytes"] += len(msg)
             received["messages"] += 1
@@ -134,7 +135,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         poser = AvatarPoser(avatar)
-        pose_s = time_calls(lambda: poser.pose(expression, rotation), args.seconds / 2)
+        pose_s = time_calls(lambda poser=poser: poser.pose(expression, rotation), args.seconds / 2)
         viewer = AvatarViewer([poser], ["bench"], port=0)
         viewer.start()
         try:

@@ -7,6 +7,7 @@ without flags here: it falls back to SwiftShader (software WebGL 2).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import itertools
 import json
@@ -14,9 +15,11 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from typing import Self
 
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.test_report_html import find_chromium
 
@@ -76,10 +79,8 @@ class Browser:
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ConnectionClosed):
             self._ws.close()
-        except Exception:
-            pass
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -89,7 +90,7 @@ class Browser:
                 self.process.wait()
         self._profile.cleanup()
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

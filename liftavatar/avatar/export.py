@@ -34,13 +34,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from liftavatar.avatar.model import (
+    Avatar,
+    AvatarError,
+    bake_deformation,
+    deform_condition,
+    deform_features,
+    gaussians_world,
+    quaternion_multiply,
+    render_avatar,
+    triangle_frames,
+)
 from liftavatar.io import atomic_write, to_uint8, write_json
 from liftavatar.video import check_frames_output, write_frames
-from liftavatar.avatar.model import (Avatar, AvatarError, bake_deformation, deform_condition, deform_features,
-                                     gaussians_world, quaternion_multiply, render_avatar, triangle_frames)
 
-__all__ = ["Y_UP", "export_ply", "export_ply_sequence", "read_ply", "render_kinematics", "rotate_sh",
-           "check_kinematics", "reference_translation"]
+__all__ = [
+    "Y_UP",
+    "check_kinematics",
+    "export_ply",
+    "export_ply_sequence",
+    "read_ply",
+    "reference_translation",
+    "render_kinematics",
+    "rotate_sh",
+]
 
 Y_UP = (1.0, -1.0, -1.0)
 """The exported (and viewed) world from the rig's OpenCV-like head frame: the diagonal of a turn of 180° about x

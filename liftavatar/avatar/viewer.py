@@ -39,13 +39,20 @@ import numpy as np
 import torch
 
 from liftavatar.avatar.export import Y_UP, check_kinematics, reference_translation
-from liftavatar.avatar.model import (Avatar, AvatarError, activate_gaussians, deform_condition, deform_features,
-                                     deform_gaussians, triangle_frames)
+from liftavatar.avatar.model import (
+    Avatar,
+    AvatarError,
+    activate_gaussians,
+    deform_condition,
+    deform_features,
+    deform_gaussians,
+    triangle_frames,
+)
 from liftavatar.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AvatarPoser", "AvatarViewer", "SplatFrame", "Playback", "check_port", "pose_rotation", "view_avatars"]
+__all__ = ["AvatarPoser", "AvatarViewer", "Playback", "SplatFrame", "check_port", "pose_rotation", "view_avatars"]
 
 SPLAT_UNITS = 100.0
 """Splats are sent in centimetres (see the module docstring); the scene node's scale is its inverse."""
@@ -191,10 +198,10 @@ class Playback:
 
     @property
     def num_frames(self) -> int:
-        return int(len(self.expression))
+        return len(self.expression)
 
     @classmethod
-    def from_capture(cls, capture, with_frames: bool = False) -> "Playback":
+    def from_capture(cls, capture, with_frames: bool = False) -> Playback:
         kin = capture.kinematics
         return cls(kin.expression, kin.rotation, kin.translation - reference_translation(kin), kin.provenance,
                    kin.valid, float(capture.meta.fps), capture.path.name,

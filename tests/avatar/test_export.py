@@ -6,7 +6,12 @@ import numpy as np
 import torch
 
 from liftavatar.avatar.export import export_ply, read_ply
-from liftavatar.avatar.model import bake_deformation, deform_condition, gaussians_world, load_avatar
+from liftavatar.avatar.model import (
+    bake_deformation,
+    deform_condition,
+    gaussians_world,
+    load_avatar,
+)
 
 
 def test_ply_round_trip(trained, tmp_path):

@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from liftavatar.avatar.model import deform_condition, deform_features, gaussians_world, load_avatar
+from liftavatar.avatar.model import (
+    deform_condition,
+    deform_features,
+    gaussians_world,
+    load_avatar,
+)
 from liftavatar.avatar.viewer import AvatarPoser, AvatarViewer, Playback, pose_rotation
 from liftavatar.cli import main
 
@@ -81,7 +86,6 @@ def _render(viewer: AvatarViewer, timeout: float = 60.0) -> np.ndarray:
 
 def test_the_page_draws_the_avatar_and_a_slider_changes_it(trained, capture, tmp_path):
     from liftavatar.capture import Capture
-
     from tests.cdp import Browser
 
     cap = Capture.load(capture)
