@@ -513,25 +513,61 @@ class AvatarRender:
 
 @dataclass
 class AvatarExport:
-    """Export an avatar as a standard 3DGS .ply (neutral pose, head frame) plus its binding."""
+    """Export an avatar as a standard 3DGS .ply (neutral expression, world space: metres, right-handed, y up, the
+    face toward +z, SH colour in the world frame) plus its binding; with --kinematics, one .ply per frame."""
 
     avatar: tyro.conf.Positional[Path]
     """Avatar directory from `liftavatar avatar train`."""
     out: Out
-    """The .ply file to write."""
+    """The .ply file to write; with --kinematics, a folder for 000000.ply ... and frames.json."""
+    kinematics: Path | None = None
+    """Capture whose kinematics pose the avatar, one .ply per frame (for offline splat players)."""
+    force: bool = False
+    """With --kinematics: replace a sequence an earlier export wrote in OUT."""
     allow_unfinished: bool = False
     """Export an avatar whose training stopped before its iterations were done (interrupted or time-boxed)."""
 
 
 @dataclass
+class AvatarView:
+    """Look at an avatar in the browser: a local web page (viser) with a slider per blendshape and for the head
+    pose; play a capture's kinematics or a tracked clip; compare two avatars. CPU only; stops when the browser
+    is closed (or Ctrl+C)."""
+
+    runs: tyro.conf.Positional[tuple[Path, ...]]
+    """One avatar directory from `liftavatar avatar train`, or two (for example baseline and lifted) to compare
+    side by side, driven by the same kinematics."""
+    kinematics: Path | None = None
+    """Capture whose kinematics the avatars play (play / pause / scrub; observed and lifted frames marked)."""
+    drive: Path | None = None
+    """Video to track and drive the avatars with (cross-reenactment), shown beside its frames."""
+    port: int = 8080
+    """Port of the page (0: any free port)."""
+    host: str = "127.0.0.1"
+    """Address to serve on (0.0.0.0 lets other machines of the network connect)."""
+    linger: float = 5.0
+    """Seconds to wait after the last browser tab closed before stopping (a reload comes back sooner)."""
+    drive_size: int = 256
+    """Side of the tracked clip's frames, pixels (--drive)."""
+    drive_max_frames: int | None = None
+    """Track only this many frames of the clip (--drive)."""
+    allow_unfinished: bool = False
+    """Show avatars whose training stopped before their iterations were done."""
+    threads: int | None = None
+    """Torch CPU threads for deforming the avatar (None: torch's default, all cores; benchmarks/viewer.py
+    measured 35 updates/s on 2 threads, 28 on 1, for 40k Gaussians on a 2-core CPU)."""
+
+
+@dataclass
 class AvatarCommand:
-    """The 3D Gaussian avatar: train on captures, render kinematics, export a .ply."""
+    """The 3D Gaussian avatar: train on captures, render kinematics, export a .ply, view in the browser."""
 
     command: Annotated[
         _Union[
             Annotated[AvatarTrain, tyro.conf.subcommand("train")],
             Annotated[AvatarRender, tyro.conf.subcommand("render")],
             Annotated[AvatarExport, tyro.conf.subcommand("export")],
+            Annotated[AvatarView, tyro.conf.subcommand("view")],
         ],
         tyro.conf.arg(name=""),
         tyro.conf.OmitSubcommandPrefixes,
@@ -562,12 +598,26 @@ def run_avatar(cfg: AvatarCommand) -> None:
         out, n = render_kinematics(avatar, cmd.kinematics, cmd.out, size=cmd.size, background=cmd.background,
                                    device=cmd.device, force=cmd.force)
         print(f"rendered {n} frames: {out}")
-    else:
-        from liftavatar.avatar.export import export_ply
+    elif isinstance(cmd, AvatarExport):
+        from liftavatar.avatar.export import export_ply, export_ply_sequence
         from liftavatar.avatar.model import load_avatar
 
         avatar = load_avatar(cmd.avatar, allow_unfinished=cmd.allow_unfinished)
-        print(f"wrote {avatar.num_gaussians} Gaussians: {export_ply(avatar, cmd.out)}")
+        if cmd.kinematics is None:
+            print(f"wrote {avatar.num_gaussians} Gaussians: {export_ply(avatar, cmd.out)}")
+        else:
+            out, n = export_ply_sequence(avatar, cmd.kinematics, cmd.out, force=cmd.force)
+            print(f"wrote {n} frames of {avatar.num_gaussians} Gaussians: {out}")
+    else:
+        from liftavatar.avatar.viewer import view_avatars
+
+        def ready(viewer) -> None:
+            print(f"viewer: {viewer.url} (open it in a browser; close the tab or press Ctrl+C to stop)", flush=True)
+
+        how = view_avatars(list(cmd.runs), kinematics=cmd.kinematics, drive=cmd.drive, port=cmd.port, host=cmd.host,
+                           linger=cmd.linger, drive_size=cmd.drive_size, drive_max_frames=cmd.drive_max_frames,
+                           allow_unfinished=cmd.allow_unfinished, on_ready=ready)
+        print(f"viewer stopped ({'browser closed' if how == 'closed' else how})")
 
 
 COMMANDS = {
