@@ -12,7 +12,7 @@ GUI controls; this module deforms the avatar on the CPU and sends it a new set o
 - :class:`AvatarViewer`: the server and its GUI: a slider per named blendshape and for the head's yaw, pitch
   and roll, a reset button; with kinematics (a Capture, or a clip tracked with ``--drive``), play / pause / a
   frame slider whose marks show where observed and lifted frames lie; one or two avatars (side by side, or
-  one at a time) driven by the same kinematics; with ``--drive``, the clip's frame beside the avatars.
+  one at a time) driven by the same kinematics; with ``--drive``, the clip's frame in the panel beside the avatars.
 
 One worker thread computes and sends updates: a GUI event only records what changed and wakes it, so a
 burst of slider events costs one update, not one per event, and the updates never pile up.
@@ -314,8 +314,8 @@ class AvatarViewer:
     # ---------------------------------------------------------------- scene and GUI
 
     def _offsets(self) -> list[float]:
-        """x (metres) of each avatar, then of the clip's frame when there is one."""
-        count = len(self.posers) + (self.playback is not None and self.playback.frames is not None)
+        """x (metres) of each avatar."""
+        count = len(self.posers)
         return [SIDE_BY_SIDE_GAP * (i - (count - 1) / 2) for i in range(count)]
 
     def _build_scene(self) -> None:
@@ -343,16 +343,10 @@ class AvatarViewer:
             if len(self.posers) > 1:
                 self.label_handles.append(server.scene.add_label(f"/label{i}", label,
                                                                  position=(offsets[i], 0.13, 0.0)))
-        self.clip_image = None
-        if self.playback is not None and self.playback.frames is not None:
-            picture = self.playback.frames(0)
-            h, w = picture.shape[:2]
-            height = 0.24
-            self.clip_image = server.scene.add_image("/clip", picture, height * w / h, height, format="jpeg",
-                                                     position=(offsets[-1], 0.0, 0.0))
 
     def _build_gui(self) -> None:
         gui = self.server.gui
+        self.clip_image = None
         self.info = gui.add_markdown(self._info_text())
         if len(self.posers) > 1:
             self.layout = gui.add_dropdown("Show", ("side by side", self.labels[0], self.labels[1]),
@@ -368,6 +362,11 @@ class AvatarViewer:
                 self.frame.on_update(lambda event: self._on_frame(event))
                 self.copy = gui.add_button("Frame to sliders")
                 self.copy.on_click(lambda _: self._frame_to_sliders())
+                # The clip's frame goes in the panel, not the 3D scene: a scene image retextured at the playback
+                # rate was often not drawn at all in (software-WebGL) Chromium, and in the panel it never hides
+                # behind the controls.
+                if pb.frames is not None:
+                    self.clip_image = gui.add_image(pb.frames(0), label="clip frame", format="jpeg")
         with gui.add_folder("Head pose (degrees)"):
             self.pose_sliders = [gui.add_slider(name, -POSE_LIMIT_DEG, POSE_LIMIT_DEG, 1.0, 0.0)
                                  for name in ("yaw", "pitch", "roll")]
