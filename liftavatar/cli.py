@@ -153,8 +153,10 @@ class Bench:
     `avatar train --observed-share`)."""
     deform_width: int = AVATAR_DEFAULTS.avatar.deform_width
     """Width of the avatars' expression-deformation MLP, 0: none (as `avatar train --avatar.deform-width`)."""
-    lift_poses: Literal["observed", "wide"] | None = None
-    """Lifted clips keep the capture's head poses or also turn toward wider ones (default wide)."""
+    lift_library: Literal["tracked", "rig"] | None = None
+    """Lift's kinematic library: tracked real people (default) or the rig's extreme presets (an ablation)."""
+    lift_poses: Literal["library", "observed", "wide"] | None = None
+    """Lifted clips take their targets' poses (default), keep the capture's, or turn toward random wider ones."""
     track_appearance: bool = True
     """Track with the appearance network as well as the landmarks (as `track` does by default)."""
     kinematics: Literal["tracked", "truth"] = "tracked"
@@ -375,7 +377,7 @@ class Lift:
     config: Annotated[_lift_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _lift_config()())
     """What to lift and how it samples (options without a prefix)."""
     expressions_from: Path | None = None
-    """Use another capture's expressions as the library instead of the rig's extreme presets."""
+    """Use another capture's expressions and head poses as the kinematic library instead of --library's."""
     force: bool = False
     """Replace an existing capture at OUT."""
     resume: bool = False
@@ -388,8 +390,11 @@ def run_lift(cfg: Lift) -> None:
     start = time.perf_counter()
     capture, report = lift(cfg.capture, cfg.out, cfg.prior, cfg.config, cfg.expressions_from,
                            overwrite=cfg.force, resume=cfg.resume)
-    print(f"coverage of held-out extreme expressions within {report['coverage_radius']}: "
-          f"{report['coverage_before']:.1%} before, {report['coverage_after']:.1%} after")
+    before, after = report["coverage"]["before"], report["coverage"]["after"]
+    print(f"coverage of {report['held_out_entries']} held-out library entries ({report['library']}; expression within "
+          f"{report['coverage_radius']}, pose within {report['pose_radius_deg']:g}°): expression "
+          f"{before['expression']:.1%} → {after['expression']:.1%}, pose {before['pose']:.1%} → {after['pose']:.1%}, "
+          f"both {before['joint']:.1%} → {after['joint']:.1%}")
     print(f"wrote {capture.path}: {report['lifted_frames']} lifted frames added "
           f"({time.perf_counter() - start:.1f} s)")
 
