@@ -399,6 +399,55 @@ def run_lift(cfg: Lift) -> None:
           f"({time.perf_counter() - start:.1f} s)")
 
 
+def _adapt_config():
+    from liftavatar.generator.adapt import AdaptConfig
+
+    return AdaptConfig
+
+
+@dataclass
+class Adapt:
+    """Fine-tune a prior on one person's capture so that it generates that person (per-subject adaptation): LoRA or
+    full fine-tuning on the capture's clips with the references `lift` uses, early stopping on held-out clips, the
+    best weights written as a prior for `lift --prior` / `generate --prior`. Running the same command again continues
+    an interrupted run; a finished one returns at once."""
+
+    capture: tyro.conf.Positional[Path]
+    """Capture of the person (from `track` or `synth`; any square size: the prior trains at its own)."""
+    out: Out
+    """Prior directory to write (the adapted prior, adapt.json with the history, loss.png); the run works in
+    OUT.partial until it is complete."""
+    config: Annotated[_adapt_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _adapt_config()())
+    """How to adapt (options without a prefix)."""
+    prior: Path | None = None
+    """Prior to adapt (default: the embedded prior)."""
+    base: Path | None = None
+    """Local Wan2.1 weights of a LoRA prior (default: the path the prior records)."""
+    vae: Path | None = None
+    """Local Wan VAE directory of a prior trained with it (default: the path the prior records)."""
+    force: bool = False
+    """Start over: discard an interrupted run and replace an adapted prior at OUT (never anything else)."""
+
+
+def run_adapt(cfg: Adapt) -> None:
+    import json
+
+    from liftavatar.generator.adapt import ADAPT_FILE, adapt
+    from liftavatar.generator.prior import PriorConfig
+
+    start = time.perf_counter()
+    prior = PriorConfig(prior=cfg.prior, base=cfg.base, vae=cfg.vae, device=cfg.config.device)
+    out = adapt(cfg.capture, cfg.out, cfg.config, prior, force=cfg.force)
+    if out is None:
+        print(f"paused (checkpointed in {cfg.out}.partial); run the same command again to continue")
+        return
+    record = json.loads((out / ADAPT_FILE).read_text())
+    print(f"adapted to {record['subject']}: validation loss {record['val_before']:.4f} → {record['best_val']:.4f} "
+          f"(best at step {record['best_step']} of {record['steps']}, {record['stopped']}; "
+          f"{time.perf_counter() - start:.0f} s)")
+    print(f"prior: {out} (use it with `liftavatar lift --prior {out}`)")
+
+
 def run_train(cfg) -> None:
     from liftavatar.generator.train import train
 
@@ -582,6 +631,7 @@ COMMANDS = {
     "refs": (Refs, run_refs),
     "eval": (Eval, run_eval),
     "train": (_train_config(), run_train),
+    "adapt": (Adapt, run_adapt),
     "generate": (Generate, run_generate),
     "lift": (Lift, run_lift),
     "avatar": (AvatarCommand, run_avatar),

@@ -15,7 +15,9 @@
    synthetic ones: the rig's silhouette, as the renderer gives them); the prior generates the person from K reference
    frames of the capture at its own resolution (references and target shading maps resized to it,
    the generated frames resized back: :mod:`liftavatar.generator.inputs`), so a capture of any
-   square size can be lifted and keeps its resolution.
+   square size can be lifted and keeps its resolution. With ``adapt`` the prior is first fine-tuned on the
+   capture itself (:mod:`liftavatar.generator.adapt`, into ``OUT_prior``, with lift's references) and
+   lifts with that.
 4. **Output.** A new Capture: the original frames, then the lifted ones (provenance 1) with the
    kinematics they were generated from. Clips are written as they finish; ``resume`` keeps them,
    and only them: the staging directory records what the clips are made from (settings, prior,
@@ -89,10 +91,22 @@ class LiftConfig(SamplerConfig):
     """Coverage counts held-out expressions within this L2 distance of some frame."""
     pose_radius_deg: float = 10.0
     """Coverage counts held-out poses within this angle of some frame's."""
+    adapt: bool = False
+    """Adapt the prior to this capture first (`liftavatar adapt` with its defaults and this lift's --refs,
+    --ref-selection, --seed and --device) into OUT_prior beside the output, then lift with the adapted prior. Off by
+    default until GPU measurements decide; resumable, and reused while the capture, prior and settings are the same
+    (--force adapts again)."""
 
 
-# LiftConfig fields that do not change the lifted frames: a resume may change them.
-_NOT_IN_FINGERPRINT = ("batch_size", "coverage_radius", "pose_radius_deg")
+# LiftConfig fields that do not change the lifted frames: a resume may change them. (`adapt` changes the prior, whose
+# content identity is in the fingerprint.)
+_NOT_IN_FINGERPRINT = ("batch_size", "coverage_radius", "pose_radius_deg", "adapt")
+
+
+def adapted_prior_path(out: str | Path) -> Path:
+    """Where `lift --adapt` writes the prior it adapts: beside the lifted capture OUT, as OUT_prior."""
+    out = Path(out)
+    return out.with_name(f"{out.name}_prior")
 
 
 def _mask_rule(kinematics: Kinematics):
@@ -163,6 +177,15 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
     ref_idx, note = reference_indices(capture, config.refs, config.ref_selection, config.seed)
     if note and progress:
         logger.info(note)
+    adapted = None
+    if config.adapt:
+        from liftavatar.capture import check_capture_target
+        from liftavatar.generator.adapt import AdaptConfig, adapt
+
+        check_capture_target(out, overwrite)  # before minutes of adaptation, not after
+        settings = AdaptConfig(refs=config.refs, ref_method=config.ref_selection, seed=config.seed, device=prior.device)
+        adapted = adapt(capture.path, adapted_prior_path(out), settings, prior, force=overwrite, progress=progress)
+        prior = replace(prior, prior=adapted)
     pipe = LiftAvatarPipeline.from_pretrained(prior)
     pipe.check_controls(num_controls(len(rig.expression_names)), f"{capture.path} (with the prior {prior.path})")
     frames = pipe.window
@@ -234,7 +257,8 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
                   np.concatenate([observed_rotation, relative_rotations(rotation, typical)]))
     report = {
         "source": str(capture.path), "lifted_expressions": config.num_expressions, "lifted_frames": n_new,
-        "frames_per_expression": frames, "generated_size": size, "library": library.source,
+        "frames_per_expression": frames, "generated_size": size, "prior": str(prior.path),
+        "adapted_prior": None if adapted is None else str(adapted), "library": library.source,
         "library_entries": len(library), "held_out_entries": len(held_out), "poses": config.poses,
         "coverage_radius": config.coverage_radius, "pose_radius_deg": config.pose_radius_deg,
         "coverage_before": before["joint"], "coverage_after": after["joint"],

@@ -14,6 +14,8 @@ from liftavatar.lift import LiftConfig, lift
 from liftavatar.targets import coverage, farthest_targets
 from liftavatar.synth.world import SynthSpec, synthesize
 
+from .conftest import tiny_prior
+
 SIZE = 32
 
 
@@ -33,19 +35,10 @@ def test_coverage_counts_queries_within_the_radius():
     assert coverage(query, np.zeros((0, 2)), 0.5) == 0.0
 
 
-def _tiny_prior(path, seed=0, size=SIZE, frames=3):
-    """An untrained tiny prior for ``size``² frames (pixel codec ×2), windows of ``frames``."""
-    from liftavatar.generator.transformer import LiftAvatarTransformer
-
-    LiftAvatarTransformer.from_preset("tiny", 43, in_channels=12, out_channels=12, seed=seed).save_pretrained(
-        path, extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None}, "frames": frames, "size": size})
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_prior_and_capture(tmp_path_factory):
     root = tmp_path_factory.mktemp("lift")
-    _tiny_prior(root / "prior")
+    tiny_prior(root / "prior")
     capture = synthesize(SynthSpec(seed=7403, preset="sparse", frames=8, size=SIZE), root / "capture", progress=False)
     return root / "prior", capture
 
@@ -211,7 +204,7 @@ def test_lift_resume_continues_only_the_run_it_was_started_as(tmp_path, tiny_pri
     # (the seed also draws the library's widened poses, so the library differs with it)
     for kw, what in ((dict(config=replace(config, seed=1)), r"seed, library_contents differ"),
                      (dict(config=replace(config, library="rig")), r"library, library_contents differ"),
-                     (dict(prior=_tiny_prior(tmp_path / "other_prior", seed=1)), r"prior differs")):
+                     (dict(prior=tiny_prior(tmp_path / "other_prior", seed=1)), r"prior differs")):
         with pytest.raises(CaptureError, match=rf"other inputs \({what}\).*without --resume"):
             lift(capture.path, out, **{"prior": prior, "config": config, **kw}, resume=True, progress=False)
         assert first.read_bytes() == kept and not out.exists()
