@@ -4,11 +4,11 @@
     python benchmarks/adapt_speed.py --device cpu      # target: ≤ 5 min a mode on a 2-core CPU
     python benchmarks/adapt_speed.py --device cuda     # target: ≤ 60 s a mode on one H100 / H200
 
-The capture is what `liftavatar demo` tracks and lifts, made with the project's synthetic world: a held-out
+The capture is of the kind `liftavatar demo` tracks and lifts, made with the project's synthetic world: a held-out
 synthetic subject (seed 6310, a development seed outside the prior's training range and every benchmark's test
-range) performing the `sparse` preset, 300 frames at the embedded prior's size (128²). Each mode (lora, full) adapts
-the embedded prior with the library's defaults (:class:`liftavatar.generator.adapt.AdaptConfig`; ``--steps`` etc.
-override them); the wall time covers the whole call: loading the capture and the prior, decoding the frames, the
+range) performing the `sparse` preset, 300 frames at the embedded prior's size (128²). Each mode (full, the default
+for the embedded prior, and lora) adapts the embedded prior with the library's defaults for that mode and device
+(:class:`liftavatar.generator.adapt.AdaptConfig`; ``--steps`` etc. override them); the wall time covers the whole call: loading the capture and the prior, decoding the frames, the
 initial validation, training with early stopping and writing the adapted prior. Writes the device's entry ("cpu"
 or "cuda") of benchmarks/results/adapt_speed.json (``--out`` for another file), keeping the other's, with the
 machine named.
@@ -47,7 +47,7 @@ def _lscpu() -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["lora", "full"])
     parser.add_argument("--capture", type=Path, default=None, help="adapt on this capture instead of the synthetic one")
     parser.add_argument("--prior", type=Path, default=None, help="default: the embedded prior")
     parser.add_argument("--steps", type=int, default=None)
@@ -99,7 +99,7 @@ def main() -> None:
             }
             print(f"{mode}: {seconds:.1f} s, {steps} steps, validation loss {record['val_before']:.5f} → "
                   f"{record['best_val']:.5f} (best at step {record['best_step']}, {record['stopped']})", flush=True)
-    results["defaults"] = asdict(AdaptConfig(device=args.device))
+    results["defaults_for_a_full_prior"] = asdict(AdaptConfig(device=args.device).resolved())
     out = args.out or RESULTS / "adapt_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     everything = json.loads(out.read_text()) if out.is_file() else {}

@@ -112,6 +112,10 @@ DEVICE_DEFAULTS: dict[str, dict[str, int]] = {
 """The budget-bound settings :class:`AdaptConfig` leaves at None, by device type: on the 2-core CPU a 300-frame
 128² capture adapts in about 5 minutes with them (benchmarks/results/adapt_speed.json); the CUDA ones are sized for
 about a minute on one H100 and are to be measured there."""
+MODE_LR = {"lora": 1e-4, "full": 1e-5}
+"""Default peak learning rates by mode, chosen on the benchmark's synthetic capture (a development subject) within
+the CPU budget: full at 1e-5 lowered the validation loss by 2.7 % in 16 steps and LoRA at 1e-4 by 1.0 %, while full
+at 3e-5 and 1e-4 and LoRA at 3e-4 and 1e-3 raised it (benchmarks/results/adapt_speed.json, ``selection_cpu``)."""
 _VAL_STREAM = 0x7A1
 _NOT_IN_FINGERPRINT = ("device", "save_every", "log_every", "stop_after")
 
@@ -120,9 +124,12 @@ _NOT_IN_FINGERPRINT = ("device", "save_every", "log_every", "stop_after")
 class AdaptConfig:
     """How `liftavatar adapt` fine-tunes a prior on one capture (see :mod:`liftavatar.generator.adapt`)."""
 
-    mode: Literal["lora", "full"] = "lora"
-    """lora: a LoRA adapter on the transformer's attention and FFN projections plus LiftAvatar's own modules (the
-    references', shading and control layers), merged into the weights when saved; full: every weight."""
+    mode: Literal["lora", "full"] | None = None
+    """full: every weight; lora: a LoRA adapter on the transformer's attention and FFN projections plus LiftAvatar's
+    own modules (the references', shading and control layers), merged into the weights when saved (a LoRA prior of
+    a Wan base keeps its adapter and base). Default: full for a full prior such as the embedded one (it lowered the
+    validation loss more than LoRA at the same cost: benchmarks/results/adapt_speed.json), lora for a LoRA prior of
+    a Wan base (its base stays frozen)."""
     lora_rank: int = 16
     """Rank of the adapter (mode lora, a full source prior; a LoRA source prior continues its own adapter)."""
     steps: int | None = None
@@ -130,9 +137,10 @@ class AdaptConfig:
     minutes on a 2-core CPU and about 1 minute on one H100 for a 300-frame 128² capture)."""
     batch_size: int | None = None
     """Clips a step (default: 2 on a CPU, 8 on CUDA)."""
-    lr: float = 1e-4
-    """Peak learning rate (AdamW)."""
+    lr: float | None = None
+    """Peak learning rate, AdamW (default: 1e-4 for lora, 1e-5 for full)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup: int = 2
     """Steps of linear warmup."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -168,10 +176,13 @@ class AdaptConfig:
     stop_after: int | None = None
     """End this run after this many steps (checkpointed; running the command again continues): time slices."""
 
-    def resolved(self) -> AdaptConfig:
-        """This config with the settings left at None set to the device's defaults (:data:`DEVICE_DEFAULTS`)."""
-        defaults = DEVICE_DEFAULTS["cuda" if str(self.device).startswith("cuda") else "cpu"]
-        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+    def resolved(self, lora_prior: bool = False) -> AdaptConfig:
+        """This config with the settings left at None set: the mode by the prior (``lora_prior``: a LoRA prior of a
+        Wan base), the learning rate by the mode (:data:`MODE_LR`), the budget by the device
+        (:data:`DEVICE_DEFAULTS`)."""
+        mode = self.mode or ("lora" if lora_prior else "full")
+        defaults = {**DEVICE_DEFAULTS["cuda" if str(self.device).startswith("cuda") else "cpu"], "lr": MODE_LR[mode]}
+        return replace(self, mode=mode, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
 
 @dataclass
@@ -274,11 +285,11 @@ def _check_config(config: AdaptConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: use 1 or more.")
     if config.warmup < 0:
         raise ConfigError(f"--warmup {config.warmup}: use 0 or more.")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
+    if config.lr is not None and not (config.lr > 0 and math.isfinite(config.lr)):
         raise ConfigError(f"--lr {config.lr}: use a positive learning rate.")
     if not 0 <= config.control_dropout < 1:
         raise ConfigError(f"--control-dropout {config.control_dropout}: use a share in [0, 1).")
-    if config.mode not in ("lora", "full"):
+    if config.mode not in (None, "lora", "full"):
         raise ConfigError(f"--mode {config.mode}: use lora or full.")
     if config.mixed_precision not in ("no", "bf16"):
         raise ConfigError(f"--mixed-precision {config.mixed_precision}: use no or bf16.")
@@ -324,7 +335,6 @@ def adapt(capture_path: str | Path, out: str | Path, config: AdaptConfig | None 
 
     config = config or AdaptConfig()
     _check_config(config)
-    config = config.resolved()
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
     _check_out(out, staging)
@@ -332,6 +342,7 @@ def adapt(capture_path: str | Path, out: str | Path, config: AdaptConfig | None 
     capture = Capture.load(capture_path)
     side = square_side(capture, "adapt")
     recorded = read_config(prior.path)  # cheap: the weights load only when there is work to do
+    config = config.resolved(lora_prior=recorded.lora is not None)
     extra = recorded.extra
     names = list(capture.meta.expression_names)
     if num_controls(len(names)) != recorded.num_controls:

@@ -235,3 +235,41 @@ def test_lift_adapt_adapts_first_and_lifts_with_the_adapted_prior(tmp_path, caps
     n0 = capture.num_frames
     assert not np.array_equal(out.frames(range(n0, out.num_frames)),
                               Capture.load(tmp_path / "plain").frames(range(n0, out.num_frames)))
+
+
+def test_frames_are_decoded_once_however_many_steps(subject, tmp_path, monkeypatch):
+    """Every image the run uses is read at its start: a longer run reads no more PNGs."""
+    prior, capture = subject
+    reads = []
+    real = Capture._read
+    monkeypatch.setattr(Capture, "_read", lambda self, folder, i: reads.append((folder, i)) or real(self, folder, i))
+    counts = []
+    for steps in (1, 6):
+        reads.clear()
+        adapt(capture.path, tmp_path / f"steps{steps}", _config(steps=steps), prior, progress=False)
+        counts.append(len(reads))
+    assert counts[0] == counts[1] <= 2 * (capture.num_frames + 2)  # frames and shading maps, the references again
+    assert {folder for folder, _ in reads} == {"frames", "shading"}  # masks are not used
+
+
+def test_a_lora_prior_of_a_wan_base_keeps_its_base_or_is_merged(subject, tmp_path):
+    """LoRA mode continues the adapter of a LoRA prior and saves a LoRA prior of the same base (the base is not
+    copied); full mode merges it and saves a full prior."""
+    from diffusers import WanTransformer3DModel
+
+    from liftavatar.generator.transformer import ADAPTER_NAME, BASE_PRESETS, WEIGHTS_NAME
+
+    _, capture = subject
+    WanTransformer3DModel(**{**BASE_PRESETS["tiny"], "in_channels": 12, "out_channels": 12}).save_pretrained(
+        tmp_path / "base")
+    model = LiftAvatarTransformer.from_base(tmp_path / "base", 43)
+    model.add_lora(rank=4)
+    model.save_pretrained(tmp_path / "lora", extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None},
+                                                    "frames": FRAMES, "size": SIZE})
+    lora = adapt(capture.path, tmp_path / "as_lora", _config(mode="lora", steps=2), tmp_path / "lora", progress=False)
+    assert (lora / ADAPTER_NAME).is_file() and not (lora / WEIGHTS_NAME).exists()
+    loaded = LiftAvatarTransformer.from_pretrained(lora)
+    assert loaded.uses_lora and loaded.config.lora["r"] == 4
+    assert loaded.config.base_path == str((tmp_path / "base").resolve())
+    full = adapt(capture.path, tmp_path / "as_full", _config(mode="full", steps=2), tmp_path / "lora", progress=False)
+    assert (full / WEIGHTS_NAME).is_file() and not LiftAvatarTransformer.from_pretrained(full).uses_lora
