@@ -92,10 +92,10 @@ class LiftConfig(SamplerConfig):
     pose_radius_deg: float = 10.0
     """Coverage counts held-out poses within this angle of some frame's."""
     adapt: bool = False
-    """Adapt the prior to this capture first (`liftavatar adapt` with its defaults and this lift's --refs,
-    --ref-selection, --seed and --device) into OUT_prior beside the output, then lift with the adapted prior. Off by
-    default until GPU measurements decide; resumable, and reused while the capture, prior and settings are the same
-    (--force adapts again)."""
+    """Adapt the prior to this capture first (`liftavatar adapt` with its defaults and this lift's
+    refs, reference selection, seed and device) into OUT_prior beside the output, then lift with
+    the adapted prior. Off by default until GPU measurements decide. Resumable, and reused while
+    the capture, prior and settings are the same; with --force it adapts again."""
 
 
 # LiftConfig fields that do not change the lifted frames: a resume may change them. (`adapt` changes the prior, whose

@@ -125,11 +125,10 @@ class AdaptConfig:
     """How `liftavatar adapt` fine-tunes a prior on one capture (see :mod:`liftavatar.generator.adapt`)."""
 
     mode: Literal["lora", "full"] | None = None
-    """full: every weight; lora: a LoRA adapter on the transformer's attention and FFN projections plus LiftAvatar's
-    own modules (the references', shading and control layers), merged into the weights when saved (a LoRA prior of
-    a Wan base keeps its adapter and base). Default: full for a full prior such as the embedded one (it lowered the
-    validation loss more than LoRA at the same cost: benchmarks/results/adapt_speed.json), lora for a LoRA prior of
-    a Wan base (its base stays frozen)."""
+    """Train every weight (full), or a LoRA adapter on the attention and FFN projections plus the
+    control and reference modules (lora), merged into the weights when saved. Default: full for a
+    full prior such as the embedded one (it lowered the validation loss more than LoRA at the same
+    cost), lora for a LoRA prior of a Wan base (its adapter continues, its base stays frozen)."""
     lora_rank: int = 16
     """Rank of the adapter (mode lora, a full source prior; a LoRA source prior continues its own adapter)."""
     steps: int | None = None
@@ -346,9 +345,10 @@ def adapt(capture_path: str | Path, out: str | Path, config: AdaptConfig | None 
     extra = recorded.extra
     names = list(capture.meta.expression_names)
     if num_controls(len(names)) != recorded.num_controls:
-        raise ConfigError(f"{capture.path}: {len(names)} expression coefficients ({num_controls(len(names))} controls a "
-                          f"frame), the prior {prior.path} takes {recorded.num_controls}; adapt a prior trained on "
-                          "this capture's rig, or track the capture with this prior's rig.")
+        controls = num_controls(len(names))
+        raise ConfigError(f"{capture.path}: {len(names)} expression coefficients ({controls} controls a frame), the "
+                          f"prior {prior.path} takes {recorded.num_controls}; adapt a prior trained on this capture's "
+                          "rig, or track the capture with this prior's rig.")
     if extra.get("expression_names") is not None and list(extra["expression_names"]) != names:
         raise ConfigError(f"{capture.path}: its expression coefficients are not the ones the prior {prior.path} was "
                           "trained on (same count, other names or order); adapt a prior of this capture's rig.")
