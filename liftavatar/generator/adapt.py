@@ -14,10 +14,11 @@ same frames) and encoded once. A step's batch is ``batch_size`` windows of ``fra
 indexed out of those tensors: no image file is read after the start. Masks are not read: the loss covers the
 whole frame, as the prior's training did (lifted frames get their masks by the capture's rule afterwards).
 
-**Validation split.** ``val_clips`` held-out clips of ``frames`` consecutive valid frames, in blocks of up to
-three clips (3 · frames consecutive frames), blocks spread evenly over the capture (block j as near as possible to
-the middle of the j-th of as many equal stretches of the capture), preferably where no reference frame lies (a
-reference inside a validation clip would let the model copy it). Around each block a guard band of
+**Validation split.** ``val_clips`` held-out clips (6, or a quarter of a short capture's valid frames) of
+``frames`` consecutive valid frames, in blocks of up to three clips (3 · frames consecutive frames), blocks spread
+evenly over the capture (block j as near as possible to the middle of the j-th of as many equal stretches of the
+capture), preferably where no reference frame lies (a reference inside a validation clip would let the model copy
+it). Around each block a guard band of
 ``frames // 2`` frames on each side belongs to neither split, so no training window overlaps a validation clip
 or touches its nearest neighbours in time. Training windows are every start (stride 1) whose ``frames``
 consecutive frames are valid and outside every block and guard band; there must be at least as many distinct
@@ -65,6 +66,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import liftavatar
 from liftavatar.capture import PROVENANCE_LIFTED, Capture
 from liftavatar.errors import ConfigError
 from liftavatar.generator.checkpoint import (
@@ -105,6 +107,9 @@ RUN_FILE = "adapt_run.json"
 """The marker of a run in progress in ``<out>.partial/``: its fingerprint."""
 CLIPS_PER_BLOCK = 3
 """Validation clips per held-out block of consecutive frames."""
+VAL_CLIPS = 6
+"""Validation clips of a capture long enough (``AdaptConfig.val_clips`` None): fixed draws on 6 clips cost a CPU
+about 11 s an evaluation at 128² (8 frames + 5 references)."""
 DEVICE_DEFAULTS: dict[str, dict[str, int]] = {
     "cpu": {"steps": 16, "batch_size": 2, "val_every": 4},
     "cuda": {"steps": 400, "batch_size": 8, "val_every": 20},
@@ -150,8 +155,9 @@ class AdaptConfig:
     """Reference frames K (as `lift --refs`)."""
     ref_method: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
     """How the references are chosen when the capture does not store K of them (as `lift --ref-selection`)."""
-    val_clips: int = 6
-    """Held-out validation clips (blocks of up to 3 clips of consecutive frames, spread over the capture)."""
+    val_clips: int | None = None
+    """Held-out validation clips, in blocks of up to 3 clips of consecutive frames spread over the capture (default:
+    6, fewer for a short capture: at most a quarter of its valid frames, at least 1)."""
     val_every: int | None = None
     """Evaluate the validation loss every this many steps, and before the first (default: 4 on a CPU, 20 on CUDA)."""
     patience: int = 3
@@ -275,10 +281,10 @@ class _Flow:
 
 
 def _check_config(config: AdaptConfig) -> None:
-    for name in ("lora_rank", "refs", "val_clips", "patience", "save_every", "log_every"):
+    for name in ("lora_rank", "refs", "patience", "save_every", "log_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: use 1 or more.")
-    for name in ("steps", "batch_size", "val_every", "frames", "stop_after"):
+    for name in ("steps", "batch_size", "val_every", "val_clips", "frames", "stop_after"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: use 1 or more.")
@@ -358,6 +364,8 @@ def adapt(capture_path: str | Path, out: str | Path, config: AdaptConfig | None 
     steps = config.steps
     kin = capture.kinematics
     usable = kin.valid & (kin.provenance != PROVENANCE_LIFTED)
+    if config.val_clips is None:
+        config = replace(config, val_clips=max(1, min(VAL_CLIPS, int(usable.sum()) // (4 * frames))))
     ref_idx, note = reference_indices(capture, config.refs, config.ref_method, config.seed)
     split = split_frames(usable, frames, config.val_clips, ref_idx)
     check_split(split, capture, usable, frames, config.val_clips)
@@ -542,7 +550,8 @@ def adapt(capture_path: str | Path, out: str | Path, config: AdaptConfig | None 
         "reference_indices": ref_idx.tolist(), "seconds": state["seconds"],
     }
     model.save_pretrained(staging, extra={**extra, "adaptation": summary})
-    write_json(staging / ADAPT_FILE, {"fingerprint": fingerprint, **summary, "config": settings,
+    versions = {"liftavatar": liftavatar.__version__, "torch": torch.__version__, "device": str(device)}
+    write_json(staging / ADAPT_FILE, {"fingerprint": fingerprint, **summary, "config": settings, **versions,
                                       "split": split.summary(), "history": state["history"]})
     plot_history([[h["step"], h["train_loss"]] for h in state["history"] if h["train_loss"] is not None],
                  staging / "loss.png",

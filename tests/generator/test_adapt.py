@@ -226,6 +226,7 @@ def test_lift_adapt_adapts_first_and_lifts_with_the_adapted_prior(tmp_path, caps
     adapted = tmp_path / "lifted_prior"
     record = _record(adapted)
     assert record["refs"] == 2 and record["best_val"] < record["val_before"]
+    assert len(record["split"]["val_clips"]) == 40 // (4 * FRAMES)  # a short capture: a quarter of it held out
     out = Capture.load(tmp_path / "lifted")
     report = json.loads((out.path / "lift_report.json").read_text())
     assert report["adapted_prior"] == str(adapted) == report["prior"]
