@@ -88,9 +88,9 @@ def main() -> None:
             steps = record["steps"]
             results["modes"][mode] = {
                 "seconds_total": seconds, "steps": steps, "max_steps": record["max_steps"],
-                "steps_per_second_training": steps / record["seconds"] if record["seconds"] else None,
+                "steps_per_second_training": steps / record["training_seconds"] if record["training_seconds"] else None,
                 "seconds_per_step_overall": seconds / steps if steps else None,
-                "seconds_in_training_loop": record["seconds"],
+                "seconds_in_training_loop": record["training_seconds"],
                 "val_loss_before": record["val_before"], "val_loss_best": record["best_val"],
                 "val_change_percent": 100 * (record["best_val"] / record["val_before"] - 1),
                 "best_step": record["best_step"], "stopped": record["stopped"],

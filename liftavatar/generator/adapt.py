@@ -513,7 +513,6 @@ def adapt(capture_path: str | Path, out: str | Path, config: AdaptConfig | None 
                     state["bad_evals"] += 1
             if entry["train_loss"] is not None or entry["val_loss"] is not None:
                 state["history"].append(entry)
-            if entry["train_loss"] is not None or entry["val_loss"] is not None:
                 last_val = next(h["val_loss"] for h in reversed(state["history"]) if h["val_loss"] is not None)
                 last_loss = next((h["train_loss"] for h in reversed(state["history"]) if h["train_loss"] is not None),
                                  float("nan"))
@@ -547,7 +546,7 @@ def adapt(capture_path: str | Path, out: str | Path, config: AdaptConfig | None 
         "saved_as": saved_as, "steps": step, "max_steps": steps, "best_step": state["best_step"],
         "val_before": state["val_before"], "best_val": state["best_val"],
         "stopped": "early stopping" if stopped() else "max steps", "frames": frames, "refs": len(ref_idx),
-        "reference_indices": ref_idx.tolist(), "seconds": state["seconds"],
+        "reference_indices": ref_idx.tolist(), "training_seconds": state["seconds"],
     }
     model.save_pretrained(staging, extra={**extra, "adaptation": summary})
     versions = {"liftavatar": liftavatar.__version__, "torch": torch.__version__, "device": str(device)}
