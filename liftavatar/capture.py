@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from liftavatar.errors import CaptureError
-from liftavatar.io import atomic_path, save_png, write_json
+from liftavatar.io import atomic_path, differences, save_png, write_json
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -52,6 +52,7 @@ __all__ = [
     "CaptureMeta",
     "Capture",
     "CaptureWriter",
+    "check_capture_target",
     "validate_capture",
     "write_capture",
 ]
@@ -768,6 +769,31 @@ class Capture:
 # Writing
 
 
+def check_capture_target(out_dir: Path | str, overwrite: bool = False) -> None:
+    """Raise a :class:`CaptureError` unless a capture may be written to ``out_dir``: nothing there, an empty
+    directory, or (with ``overwrite``) a capture. Anything else is never replaced. :class:`CaptureWriter` checks
+    this when it starts and again before it moves the finished capture into place; a stage that does long work
+    before it starts its writer checks it first."""
+    out = Path(out_dir)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    if out.is_symlink() or not out.is_dir() or not (out / META_FILE).is_file():
+        raise _error(
+            out,
+            "exists and is not a capture, so it will not be replaced",
+            "choose another output directory (-o)",
+        )
+    if not overwrite:
+        raise _error(
+            out,
+            "a capture already exists here",
+            "pass overwrite=True (--force) to replace it, or choose another output "
+            "directory (-o)",
+        )
+
+
 class CaptureWriter:
     """Writes a capture atomically: into ``<out_dir>.partial/``, then moved into place.
 
@@ -887,44 +913,12 @@ class CaptureWriter:
         if not isinstance(recorded, dict):
             raise _error(self.staging, "was staged without a record of its inputs, so it cannot be resumed safely",
                          "run without --resume to start over")
-        differ = self._differing_keys(recorded, self.fingerprint)
-        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
-        raise _error(self.staging, f"was staged from other inputs ({shown} differ{'s' if len(differ) == 1 else ''})",
+        raise _error(self.staging, f"was staged from other inputs ({differences(recorded, self.fingerprint)})",
                      "run without --resume to start over, or resume with the inputs and settings it was started with")
-
-    @staticmethod
-    def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-        """Dotted names of the entries two fingerprints disagree on (nested mappings are followed)."""
-        keys = list(a) + [k for k in b if k not in a]
-        out = []
-        for key in keys:
-            x, y = a.get(key), b.get(key)
-            if isinstance(x, Mapping) and isinstance(y, Mapping):
-                out += CaptureWriter._differing_keys(x, y, f"{prefix}{key}.")
-            elif x != y or (key in a) != (key in b):
-                out.append(f"{prefix}{key}")
-        return out
 
     def _check_target(self) -> None:
         """Raise if finalize would have to replace something it must not."""
-        out = self.out_dir
-        if not out.exists() and not out.is_symlink():
-            return
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            return
-        if out.is_symlink() or not out.is_dir() or not (out / META_FILE).is_file():
-            raise _error(
-                out,
-                "exists and is not a capture, so it will not be replaced",
-                "choose another output directory (-o)",
-            )
-        if not self.overwrite:
-            raise _error(
-                out,
-                "a capture already exists here",
-                "pass overwrite=True (--force) to replace it, or choose another output "
-                "directory (-o)",
-            )
+        check_capture_target(self.out_dir, self.overwrite)
 
     def _image_path(self, folder: str, index: int) -> Path:
         return self.staging / folder / _frame_name(index)

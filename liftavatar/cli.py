@@ -153,8 +153,10 @@ class Bench:
     `avatar train --observed-share`)."""
     deform_width: int = AVATAR_DEFAULTS.avatar.deform_width
     """Width of the avatars' expression-deformation MLP, 0: none (as `avatar train --avatar.deform-width`)."""
-    lift_poses: Literal["observed", "wide"] | None = None
-    """Lifted clips keep the capture's head poses or also turn toward wider ones (default wide)."""
+    lift_library: Literal["tracked", "rig"] | None = None
+    """Lift's kinematic library: tracked real people (default) or the rig's extreme presets (an ablation)."""
+    lift_poses: Literal["library", "observed", "wide"] | None = None
+    """Lifted clips take their targets' poses (default), keep the capture's, or turn toward random wider ones."""
     track_appearance: bool = True
     """Track with the appearance network as well as the landmarks (as `track` does by default)."""
     kinematics: Literal["tracked", "truth"] = "tracked"
@@ -375,7 +377,7 @@ class Lift:
     config: Annotated[_lift_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _lift_config()())
     """What to lift and how it samples (options without a prefix)."""
     expressions_from: Path | None = None
-    """Use another capture's expressions as the library instead of the rig's extreme presets."""
+    """Use another capture's expressions and head poses as the kinematic library instead of --library's."""
     force: bool = False
     """Replace an existing capture at OUT."""
     resume: bool = False
@@ -388,10 +390,62 @@ def run_lift(cfg: Lift) -> None:
     start = time.perf_counter()
     capture, report = lift(cfg.capture, cfg.out, cfg.prior, cfg.config, cfg.expressions_from,
                            overwrite=cfg.force, resume=cfg.resume)
-    print(f"coverage of held-out extreme expressions within {report['coverage_radius']}: "
-          f"{report['coverage_before']:.1%} before, {report['coverage_after']:.1%} after")
+    before, after = report["coverage"]["before"], report["coverage"]["after"]
+    print(f"coverage of {report['held_out_entries']} held-out library entries ({report['library']}; expression within "
+          f"{report['coverage_radius']}, pose within {report['pose_radius_deg']:g}°): expression "
+          f"{before['expression']:.1%} → {after['expression']:.1%}, pose {before['pose']:.1%} → {after['pose']:.1%}, "
+          f"both {before['joint']:.1%} → {after['joint']:.1%}")
     print(f"wrote {capture.path}: {report['lifted_frames']} lifted frames added "
           f"({time.perf_counter() - start:.1f} s)")
+
+
+def _adapt_config():
+    from liftavatar.generator.adapt import AdaptConfig
+
+    return AdaptConfig
+
+
+@dataclass
+class Adapt:
+    """Fine-tune a prior on one person's capture so that it generates that person (per-subject adaptation): LoRA or
+    full fine-tuning on the capture's clips with the references `lift` uses, early stopping on held-out clips, the
+    best weights written as a prior for `lift --prior` / `generate --prior`. Running the same command again continues
+    an interrupted run; a finished one returns at once."""
+
+    capture: tyro.conf.Positional[Path]
+    """Capture of the person (from `track` or `synth`; any square size: the prior trains at its own)."""
+    out: Out
+    """Prior directory to write (the adapted prior, adapt.json with the history, loss.png); the run works in
+    OUT.partial until it is complete."""
+    config: Annotated[_adapt_config(), tyro.conf.arg(name="")] = field(default_factory=lambda: _adapt_config()())
+    """How to adapt (options without a prefix)."""
+    prior: Path | None = None
+    """Prior to adapt (default: the embedded prior)."""
+    base: Path | None = None
+    """Local Wan2.1 weights of a LoRA prior (default: the path the prior records)."""
+    vae: Path | None = None
+    """Local Wan VAE directory of a prior trained with it (default: the path the prior records)."""
+    force: bool = False
+    """Start over: discard an interrupted run and replace an adapted prior at OUT (never anything else)."""
+
+
+def run_adapt(cfg: Adapt) -> None:
+    import json
+
+    from liftavatar.generator.adapt import ADAPT_FILE, adapt
+    from liftavatar.generator.prior import PriorConfig
+
+    start = time.perf_counter()
+    prior = PriorConfig(prior=cfg.prior, base=cfg.base, vae=cfg.vae, device=cfg.config.device)
+    out = adapt(cfg.capture, cfg.out, cfg.config, prior, force=cfg.force)
+    if out is None:
+        print(f"paused (checkpointed in {cfg.out}.partial); run the same command again to continue")
+        return
+    record = json.loads((out / ADAPT_FILE).read_text())
+    print(f"adapted to {record['subject']}: validation loss {record['val_before']:.4f} → {record['best_val']:.4f} "
+          f"(best at step {record['best_step']} of {record['steps']}, {record['stopped']}; "
+          f"{time.perf_counter() - start:.0f} s)")
+    print(f"prior: {out} (use it with `liftavatar lift --prior {out}`)")
 
 
 def run_train(cfg) -> None:
@@ -627,6 +681,7 @@ COMMANDS = {
     "refs": (Refs, run_refs),
     "eval": (Eval, run_eval),
     "train": (_train_config(), run_train),
+    "adapt": (Adapt, run_adapt),
     "generate": (Generate, run_generate),
     "lift": (Lift, run_lift),
     "avatar": (AvatarCommand, run_avatar),

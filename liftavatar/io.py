@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write", "json_safe", "save_npz", "save_png", "temporary_name", "to_uint8",
+__all__ = ["atomic_path", "atomic_write", "differences", "differing_keys", "json_safe", "save_npz", "save_png", "temporary_name", "to_uint8",
            "write_json", "write_text"]
 
 
@@ -113,3 +113,24 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the entries two JSON records (fingerprints of what a result is made from) disagree on;
+    nested mappings are followed."""
+    keys = list(a) + [k for k in b if k not in a]
+    out = []
+    for key in keys:
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y or (key in a) != (key in b):
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """:func:`differing_keys` as the words of an error message: ``"seed, prior differ"``."""
+    differ = differing_keys(a, b)
+    shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+    return f"{shown} differ{'s' if len(differ) == 1 else ''}"

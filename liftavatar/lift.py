@@ -1,40 +1,43 @@
 """Kinematic-space completion (`liftavatar lift`): add the expressions and poses a capture lacks.
 
-1. **Targets.** From an expression library (the rig's extreme presets and their combinations, or
-   another capture's expressions) pick ``num_expressions`` targets by farthest-point sampling
-   against what the capture already holds: each pick is the library entry farthest from every
-   observed frame and every earlier pick, so the targets cover the empty regions first.
+1. **Targets.** From a kinematic library (:mod:`liftavatar.targets`: by default the expressions and head poses
+   tracked from real people, independent of how any test take is made; or another capture's frames) pick
+   ``num_expressions`` targets, expression and pose jointly, by farthest-point sampling against what the capture
+   already holds: each pick is the library entry farthest from every observed frame and every earlier pick, so the
+   targets cover the empty regions first.
 2. **Trajectories.** Each target is reached by a short, smooth clip (cosine ease) that starts at
-   the observed frame nearest to it, in expression and pose; with ``poses="wide"`` the head also
-   turns toward a wider pose than the capture shows.
+   the observed frame nearest to it and ends at its expression and its pose (relative to the capture's typical
+   pose); ``poses="observed"`` keeps the start frame's pose, ``poses="wide"`` turns toward a random wider one
+   (ablations).
 3. **Generation.** The rig, with the capture's tracked identity and camera, is rendered into
    shading maps at the capture's size; the lifted frames' masks follow the rule of the capture's own frames
    (filmed frames: :mod:`liftavatar.face.masks`' head-and-neck masks, segmented from the generated picture;
    synthetic ones: the rig's silhouette, as the renderer gives them); the prior generates the person from K reference
    frames of the capture at its own resolution (references and target shading maps resized to it,
    the generated frames resized back: :mod:`liftavatar.generator.inputs`), so a capture of any
-   square size can be lifted and keeps its resolution.
+   square size can be lifted and keeps its resolution. With ``adapt`` the prior is first fine-tuned on the
+   capture itself (:mod:`liftavatar.generator.adapt`, into ``OUT_prior``, with lift's references) and
+   lifts with that.
 4. **Output.** A new Capture: the original frames, then the lifted ones (provenance 1) with the
    kinematics they were generated from. Clips are written as they finish; ``resume`` keeps them,
    and only them: the staging directory records what the clips are made from (settings, prior,
    source capture, expression library) and a resume with anything else is refused.
 
-Coverage before and after is the share of a held-out set of library expressions that lies within
-``coverage_radius`` (L2 distance in coefficient space) of some frame.
+Coverage before and after is the share of held-out library entries (whole source clips the targets were not
+picked from) that some frame covers, in expression (within ``coverage_radius``, L2 in coefficient space), in pose
+(within ``pose_radius_deg``) and jointly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from scipy.spatial.transform import Rotation, Slerp
 from tqdm import tqdm
 
 import liftavatar
@@ -43,6 +46,8 @@ from liftavatar.errors import ConfigError, LiftAvatarError
 from liftavatar.generator.pipeline import SamplerConfig, Solver
 from liftavatar.generator.prior import PriorConfig
 from liftavatar.io import write_json
+from liftavatar.targets import (coverage_report, farthest_targets, joint_features, load_library,
+                                relative_rotations, target_trajectories, typical_rotation)
 
 logger = logging.getLogger(__name__)
 
@@ -62,66 +67,46 @@ class LiftConfig(SamplerConfig):
     """Clips sampled at once: faster on a GPU, more memory; the frames are the same up to float rounding."""
     num_expressions: int = 100
     """Target expressions to add (the paper's gains plateau at about 100)."""
-    poses: Literal["observed", "wide"] = "observed"
-    """Keep the capture's head poses, or also turn toward wider ones."""
+    library: Literal["tracked", "rig"] = "tracked"
+    """Kinematic library the targets come from: tracked (expressions and head poses of real people, from the
+    permissively licensed train/ clips) or rig (the rig's extreme presets: the synthetic extreme test's own
+    generator, an ablation that flatters lifting on that test). --expressions-from CAPTURE overrides it."""
+    poses: Literal["library", "observed", "wide"] = "library"
+    """Head poses of the lifted clips: the targets' own (picked jointly with the expression), the start frame's
+    (observed), or a random wider turn (wide); the last two pick targets by expression alone."""
+    turn_deg: float = 40.0
+    """The library's poses are widened by a seeded turn within ±this yaw (±half pitch, ±a fifth roll): talking clips
+    turn little, and lifting should add the poses a capture lacks (library poses only)."""
+    pose_weight: float = 2.0
+    """Radians of relative head rotation → expression-coefficient units when picking targets (2: a 20° turn counts
+    like 0.7 of expression distance)."""
     refs: int = 5
     """Reference frames K."""
     ref_selection: Literal["kmeans", "random", "uniform", "farthest"] = "kmeans"
     """How references are chosen when the capture does not store K of them: kmeans over expression + rotation;
     random, uniform, farthest for ablations."""
     library_size: int = 2000
-    """Expression library entries drawn from the rig's extreme presets (ignored with expressions_from)."""
+    """Entries drawn from the rig's extreme presets (library rig only)."""
     coverage_radius: float = 0.5
     """Coverage counts held-out expressions within this L2 distance of some frame."""
+    pose_radius_deg: float = 10.0
+    """Coverage counts held-out poses within this angle of some frame's."""
+    adapt: bool = False
+    """Adapt the prior to this capture first (`liftavatar adapt` with its defaults and this lift's
+    refs, reference selection, seed and device) into OUT_prior beside the output, then lift with
+    the adapted prior. Off by default until GPU measurements decide. Resumable, and reused while
+    the capture, prior and settings are the same; with --force it adapts again."""
 
 
-# LiftConfig fields that do not change the lifted frames: a resume may change them.
-_NOT_IN_FINGERPRINT = ("batch_size", "coverage_radius")
+# LiftConfig fields that do not change the lifted frames: a resume may change them. (`adapt` changes the prior, whose
+# content identity is in the fingerprint.)
+_NOT_IN_FINGERPRINT = ("batch_size", "coverage_radius", "pose_radius_deg", "adapt")
 
 
-def farthest_targets(library: np.ndarray, observed: np.ndarray, count: int) -> np.ndarray:
-    """Indices of ``count`` library rows chosen by farthest-point sampling against ``observed`` (L2)."""
-    if count > len(library):
-        raise ConfigError(f"--num-expressions {count}: the expression library has only {len(library)} entries.")
-    nearest = np.full(len(library), np.inf) if len(observed) == 0 else \
-        np.min(np.linalg.norm(library[:, None] - observed[None], axis=-1), axis=1)
-    picks = []
-    for _ in range(count):
-        i = int(np.argmax(nearest))
-        picks.append(i)
-        nearest = np.minimum(nearest, np.linalg.norm(library - library[i], axis=1))
-    return np.array(picks)
-
-
-def coverage(query: np.ndarray, frames: np.ndarray, radius: float) -> float:
-    """Share of ``query`` expressions within ``radius`` (L2) of some row of ``frames``."""
-    if len(frames) == 0:
-        return 0.0
-    d = np.min(np.linalg.norm(query[:, None] - frames[None], axis=-1), axis=1)
-    return float(np.mean(d <= radius))
-
-
-def target_trajectories(kinematics: Kinematics, targets: np.ndarray, frames: int, poses: str,
-                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(T·frames, E) expression, rotation, translation: from the nearest observed frame to each target."""
-    valid = np.flatnonzero(kinematics.valid & (kinematics.provenance != PROVENANCE_LIFTED))
-    obs = kinematics.expression[valid]
-    ease = (1 - np.cos(np.linspace(0, math.pi, frames))) / 2  # 0 → 1, smooth at both ends
-    expressions, rotations, translations = [], [], []
-    for target in targets:
-        start = valid[int(np.argmin(np.linalg.norm(obs - target, axis=1)))]
-        e0, r0, t0 = kinematics.expression[start], kinematics.rotation[start], kinematics.translation[start]
-        expressions.append(e0[None] + ease[:, None] * (target - e0)[None])
-        if poses == "wide":
-            turn = Rotation.from_euler("xyz", [rng.uniform(-20, 20), rng.choice([-1, 1]) * rng.uniform(20, 40),
-                                               rng.uniform(-8, 8)], degrees=True)
-            key = Rotation.from_rotvec(np.stack([r0, (turn * Rotation.from_rotvec(r0)).as_rotvec()]))
-            rotations.append(Slerp([0, 1], key)(ease).as_rotvec())
-        else:
-            rotations.append(np.repeat(r0[None], frames, 0))
-        translations.append(np.repeat(t0[None], frames, 0))
-    return (np.concatenate(expressions).astype(np.float32), np.concatenate(rotations).astype(np.float32),
-            np.concatenate(translations).astype(np.float32))
+def adapted_prior_path(out: str | Path) -> Path:
+    """Where `lift --adapt` writes the prior it adapts: beside the lifted capture OUT, as OUT_prior."""
+    out = Path(out)
+    return out.with_name(f"{out.name}_prior")
 
 
 def _mask_rule(kinematics: Kinematics):
@@ -160,8 +145,6 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
         square_side,
     )
     from liftavatar.generator.pipeline import GenerationInputs, LiftAvatarPipeline, check_sampling, video_to_uint8
-    from liftavatar.synth.kinematics import expression_keyframes
-
     config = config or LiftConfig()
     if config.num_expressions < 1:
         raise ConfigError(f"--num-expressions {config.num_expressions}: lift adds at least 1 expression; to use the "
@@ -177,26 +160,40 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
                           "`liftavatar track` or `synth`.")
     side = square_side(capture, "lift")
     kin = capture.kinematics
-    observed = kin.expression[kin.valid & (kin.provenance != PROVENANCE_LIFTED)]
+    own = kin.valid & (kin.provenance != PROVENANCE_LIFTED)
+    observed = kin.expression[own]
     if len(observed) == 0:
         raise ConfigError(f"{capture.path}: no valid observed frames to lift from; track a video with a visible face.")
-    if expressions_from is not None:
-        library = Capture.load(expressions_from).kinematics
-        library = library.expression[library.valid]
-    else:
-        library = expression_keyframes("extreme", config.library_size, rig.expression_names, seed=config.seed)
-    held_out = expression_keyframes("extreme", 500, rig.expression_names, seed=config.seed + 1)
-    picks = farthest_targets(library, observed, config.num_expressions)
+    library = load_library(config.library, rig.expression_names, config.library_size, config.seed, expressions_from)
+    joint = config.poses == "library"
+    if joint:
+        library = library.widened(config.turn_deg, config.seed)
+    pool, held_out = library.split(config.seed)
+    typical = typical_rotation(kin.rotation[own])
+    observed_rotation = relative_rotations(kin.rotation[own], typical)
+    weight = config.pose_weight if joint else 0.0  # observed / wide poses: targets picked by expression alone
+    picks = farthest_targets(joint_features(pool.expression, pool.rotation, weight),
+                             joint_features(observed, observed_rotation, weight), config.num_expressions)
     ref_idx, note = reference_indices(capture, config.refs, config.ref_selection, config.seed)
     if note and progress:
         logger.info(note)
+    adapted = None
+    if config.adapt:
+        from liftavatar.capture import check_capture_target
+        from liftavatar.generator.adapt import AdaptConfig, adapt
+
+        check_capture_target(out, overwrite)  # before minutes of adaptation, not after
+        settings = AdaptConfig(refs=config.refs, ref_method=config.ref_selection, seed=config.seed, device=prior.device)
+        adapted = adapt(capture.path, adapted_prior_path(out), settings, prior, force=overwrite, progress=progress)
+        prior = replace(prior, prior=adapted)
     pipe = LiftAvatarPipeline.from_pretrained(prior)
     pipe.check_controls(num_controls(len(rig.expression_names)), f"{capture.path} (with the prior {prior.path})")
     frames = pipe.window
     size = pipe.size or side  # the prior generates at its own resolution; the capture keeps its own
 
-    rng = np.random.default_rng(config.seed)
-    expression, rotation, translation = target_trajectories(kin, library[picks], frames, config.poses, rng)
+    expression, rotation, translation = target_trajectories(
+        kin, pool.expression[picks], pool.rotation[picks] if joint else None, frames, weight, typical,
+        np.random.default_rng(config.seed) if config.poses == "wide" else None)
     n0, n_new = capture.num_frames, len(expression)
     meta = CaptureMeta(**{**asdict(capture.meta), "num_frames": n0 + n_new,
                           "creator": {"verb": "lift", "version": liftavatar.__version__,
@@ -205,7 +202,8 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
     refs = reference_inputs(capture, ref_idx, size)
     fingerprint = {**{k: v for k, v in asdict(config).items() if k not in _NOT_IN_FINGERPRINT},
                    **prior.identity(), "source": capture_identity(capture.path),
-                   "expressions_from": None if expressions_from is None else capture_identity(expressions_from)}
+                   "expressions_from": None if expressions_from is None else capture_identity(expressions_from),
+                   "library_contents": library.identity()}
     writer = CaptureWriter(out, meta, overwrite=overwrite, resume=resume, fingerprint=fingerprint)
     clips = config.num_expressions
     span = lambda c: range(c * frames, (c + 1) * frames)  # noqa: E731  (clip c's rows of the lifted arrays)
@@ -252,11 +250,19 @@ def lift(capture_path: str | Path, out: str | Path, prior: PriorConfig | str | P
             identity=kin.identity,
         )
         result = writer.finalize(lifted, reference_indices=ref_idx.tolist())
+    cover = lambda e, r: coverage_report(held_out.expression, held_out.rotation, e, r,  # noqa: E731
+                                         config.coverage_radius, config.pose_radius_deg)
+    before = cover(observed, observed_rotation)
+    after = cover(np.concatenate([observed, expression]),
+                  np.concatenate([observed_rotation, relative_rotations(rotation, typical)]))
     report = {
         "source": str(capture.path), "lifted_expressions": config.num_expressions, "lifted_frames": n_new,
-        "frames_per_expression": frames, "generated_size": size, "coverage_radius": config.coverage_radius,
-        "coverage_before": coverage(held_out, observed, config.coverage_radius),
-        "coverage_after": coverage(held_out, np.concatenate([observed, expression]), config.coverage_radius),
+        "frames_per_expression": frames, "generated_size": size, "prior": str(prior.path),
+        "adapted_prior": None if adapted is None else str(adapted), "library": library.source,
+        "library_entries": len(library), "held_out_entries": len(held_out), "poses": config.poses,
+        "coverage_radius": config.coverage_radius, "pose_radius_deg": config.pose_radius_deg,
+        "coverage_before": before["joint"], "coverage_after": after["joint"],
+        "coverage": {"before": before, "after": after},
     }
     write_json(result.path / "lift_report.json", report)
     return result, report

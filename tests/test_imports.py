@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "liftavatar"
 # The package's parts in pipeline order: a part may import its own modules and those of earlier parts only.
 # `report` (pictures of captures and the machine a run used) sits low: the avatar trainer draws its validation
 # sheets with it. The report of a run (tables, plots, the HTML page) is in `bench`.
-ORDER = ("errors", "io", "capture", "fingerprint", "video", "face", "synth", "refs", "generator", "lift", "report",
+ORDER = ("errors", "io", "capture", "fingerprint", "video", "face", "synth", "refs", "targets", "generator", "lift", "report",
          "avatar", "metrics", "bench", "cli")
 
 

@@ -10,8 +10,11 @@ import pytest
 from liftavatar.capture import PROVENANCE_LIFTED, Capture, Kinematics
 from liftavatar.cli import main
 from liftavatar.errors import CaptureError, ConfigError
-from liftavatar.lift import LiftConfig, coverage, farthest_targets, lift
+from liftavatar.lift import LiftConfig, lift
+from liftavatar.targets import coverage, farthest_targets
 from liftavatar.synth.world import SynthSpec, synthesize
+
+from .conftest import tiny_prior
 
 SIZE = 32
 
@@ -32,19 +35,10 @@ def test_coverage_counts_queries_within_the_radius():
     assert coverage(query, np.zeros((0, 2)), 0.5) == 0.0
 
 
-def _tiny_prior(path, seed=0, size=SIZE, frames=3):
-    """An untrained tiny prior for ``size``² frames (pixel codec ×2), windows of ``frames``."""
-    from liftavatar.generator.transformer import LiftAvatarTransformer
-
-    LiftAvatarTransformer.from_preset("tiny", 43, in_channels=12, out_channels=12, seed=seed).save_pretrained(
-        path, extra={"codec": {"kind": "pixel", "factor": 2, "vae_path": None}, "frames": frames, "size": size})
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_prior_and_capture(tmp_path_factory):
     root = tmp_path_factory.mktemp("lift")
-    _tiny_prior(root / "prior")
+    tiny_prior(root / "prior")
     capture = synthesize(SynthSpec(seed=7403, preset="sparse", frames=8, size=SIZE), root / "capture", progress=False)
     return root / "prior", capture
 
@@ -118,24 +112,50 @@ def test_lift_a_capture_tracked_from_an_mp4(tmp_path):
 
 
 def test_coverage_rises_where_targets_are_added_and_only_there(tmp_path, tiny_prior_and_capture):
-    """Coverage counts the held-out expressions near some frame: lifting toward held-out expressions must raise it;
-    lifting a capture whose library is its own expressions can add nothing new and must leave it unchanged."""
+    """Coverage counts held-out library entries near some frame: lifting toward an expression the capture lacks
+    must raise it strictly; lifting a capture whose library is its own frames can add nothing new and must leave it
+    unchanged."""
     from liftavatar.face.rig import FaceRig
     from liftavatar.synth.kinematics import expression_keyframes
 
     prior, capture = tiny_prior_and_capture
-    config = LiftConfig(num_expressions=2, refs=2, steps=1)
-    # lift's held-out set for this seed (lift.py: seed + 1), as a library capture of the same subject
-    held_out = expression_keyframes("extreme", 500, FaceRig.load().expression_names, seed=config.seed + 1)
+    config = LiftConfig(num_expressions=2, refs=2, steps=1, poses="observed")
+    k = capture.kinematics
+    extreme = expression_keyframes("extreme", 50, FaceRig.load().expression_names, seed=3)
+    far = extreme[np.argmax(np.linalg.norm(extreme[:, None] - k.expression[None], axis=-1).min(1))]
+    assert np.linalg.norm(far - k.expression, axis=1).min() > config.coverage_radius
+    # A library capture of the same subject whose every frame shows that expression (held out: every 5th entry).
     library = tmp_path / "library"
     shutil.copytree(capture.path, library)
-    k = capture.kinematics
-    Kinematics(held_out[:capture.num_frames].astype(np.float32), k.rotation, k.translation, k.valid, k.provenance,
-               k.identity, k.landmarks2d).save_npz(library / "kinematics.npz")
+    Kinematics(np.repeat(far[None], capture.num_frames, 0).astype(np.float32), k.rotation, k.translation, k.valid,
+               k.provenance, k.identity, k.landmarks2d).save_npz(library / "kinematics.npz")
     _, toward = lift(capture.path, tmp_path / "toward", prior, config, expressions_from=library, progress=False)
-    assert toward["coverage_after"] >= toward["coverage_before"] + config.num_expressions / 500
+    assert toward["coverage"]["before"]["expression"] == 0.0 and toward["coverage"]["after"]["expression"] == 1.0
+    assert toward["coverage_after"] > toward["coverage_before"]
     _, own = lift(capture.path, tmp_path / "own", prior, config, expressions_from=capture.path, progress=False)
-    assert own["coverage_after"] == own["coverage_before"]
+    assert own["coverage_after"] == own["coverage_before"] == 1.0
+
+
+def test_lift_targets_reach_their_library_poses(tmp_path, tiny_prior_and_capture):
+    """With the default joint library, each lifted clip ends at its target's expression and its pose: the
+    capture's typical pose turned by the entry's relative rotation, well beyond what the sparse capture shows."""
+    from scipy.spatial.transform import Rotation
+
+    from liftavatar.targets import relative_rotations, typical_rotation
+
+    prior, capture = tiny_prior_and_capture
+    out, report = lift(capture.path, tmp_path / "lifted", prior, LiftConfig(num_expressions=3, refs=2, steps=1),
+                       progress=False)
+    assert report["library"].startswith("tracked train/ clips") and report["poses"] == "library"
+    k, n0 = out.kinematics, capture.num_frames
+    typical = typical_rotation(capture.kinematics.rotation)
+    observed = np.degrees(np.linalg.norm(relative_rotations(capture.kinematics.rotation, typical), axis=1)).max()
+    ends = [n0 + 3 * c + 2 for c in range(3)]
+    turned = np.degrees(np.linalg.norm(relative_rotations(k.rotation[ends], typical), axis=1))
+    assert turned.max() > observed + 5  # picked jointly: the farthest targets include wider poses
+    start = Rotation.from_rotvec(k.rotation[n0])
+    assert Rotation.from_rotvec(k.rotation[n0 + 1]).inv() * start != start  # the clip turns on its way
+    assert set(report["coverage"]["after"]) == {"expression", "pose", "joint"}
 
 
 def test_lift_a_capture_larger_than_the_prior_keeps_its_size(tmp_path, tiny_prior_and_capture):
@@ -181,9 +201,11 @@ def test_lift_resume_continues_only_the_run_it_was_started_as(tmp_path, tiny_pri
     kept = first.read_bytes()
     monkeypatch.setattr(control, "render_controls", render)
 
-    for kw, what in ((dict(config=replace(config, seed=1)), "seed"),
-                     (dict(prior=_tiny_prior(tmp_path / "other_prior", seed=1)), "prior")):
-        with pytest.raises(CaptureError, match=rf"other inputs \({what} differs\).*without --resume"):
+    # (the seed also draws the library's widened poses, so the library differs with it)
+    for kw, what in ((dict(config=replace(config, seed=1)), r"seed, library_contents differ"),
+                     (dict(config=replace(config, library="rig")), r"library, library_contents differ"),
+                     (dict(prior=tiny_prior(tmp_path / "other_prior", seed=1)), r"prior differs")):
+        with pytest.raises(CaptureError, match=rf"other inputs \({what}\).*without --resume"):
             lift(capture.path, out, **{"prior": prior, "config": config, **kw}, resume=True, progress=False)
         assert first.read_bytes() == kept and not out.exists()
 

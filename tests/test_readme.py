@@ -28,6 +28,7 @@ TINY: dict[tuple[str, ...], list[str]] = {
                  "--save-every", "1", "--clips-per-subject", "1"],
     ("generate",): ["--steps", "1", "--max-frames", "2"],
     ("lift",): ["--num-expressions", "1", "--steps", "1"],
+    ("adapt",): ["--frames", "2", "--refs", "2", "--val-clips", "1", "--steps", "1", "--batch-size", "1"],
     ("avatar", "train"): ["--iters", "3", "--val-every", "0", "--size", "32"],
     ("eval",): ["--metrics", "psnr", "ssim"],
 }

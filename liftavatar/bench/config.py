@@ -104,8 +104,13 @@ class BenchConfig:
     """Reference frames K (K-means over the training capture)."""
     lift_steps: int = 10
     lift_solver: Literal["euler", "unipc"] = "unipc"
-    lift_poses: Literal["observed", "wide"] = "wide"
-    """Lifted clips keep the capture's head poses, or also turn toward wider ones (the extreme test has them)."""
+    lift_library: Literal["tracked", "rig"] = "tracked"
+    """Where lift's targets come from (:attr:`liftavatar.lift.LiftConfig.library`): tracked real people,
+    independent of how the synthetic extreme test is made, or the rig's extreme presets, the test's own generator
+    (runs made before this field used those)."""
+    lift_poses: Literal["library", "observed", "wide"] = "library"
+    """Lifted clips take their targets' poses (picked jointly with the expressions), keep the capture's, or turn
+    toward random wider ones."""
     lift_seed: int = 0
     observed_share: float = AVATAR_DEFAULTS.observed_share
     """Repeat observed frames so they make about this share of an avatar's training draws (0: plain union);
@@ -240,9 +245,10 @@ def demo_config(**overrides: Any) -> BenchConfig:
     return replace(base, **overrides)
 
 
-LEGACY_FIELDS: dict[str, Any] = {"observed_finish": 0.0, "deform_width": 0}
+LEGACY_FIELDS: dict[str, Any] = {"observed_finish": 0.0, "deform_width": 0, "lift_library": "rig"}
 """What a run folder's config.json made before a field existed meant (runs made before observed_finish trained
-without it, runs made before deform_width trained avatars without deformation)."""
+without it, runs made before deform_width trained avatars without deformation, runs made before lift_library
+lifted from the rig's extreme presets)."""
 
 
 def config_from_json(data: dict[str, Any]) -> BenchConfig:

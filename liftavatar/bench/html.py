@@ -259,7 +259,7 @@ def _per_subject_tables(results: dict[str, Any], split: str) -> str:
 
 def _curve_table(results: dict[str, Any]) -> str:
     curve = results["curve"]
-    head = ("<table><tr><th>lifted expressions</th><th>coverage of held-out extreme expressions</th>"
+    head = ("<table><tr><th>lifted expressions</th><th>coverage of the extreme test (expression and pose)</th>"
             "<th>PSNR extreme (dB)</th><th>SSIM extreme</th><th>AED extreme</th><th>CSIM extreme</th>"
             "<th>PSNR seen (dB)</th></tr>")
     rows = [head]
@@ -339,7 +339,10 @@ def _protocol(results: dict[str, Any]) -> str:
             f"reference selection, lifting or avatar training; test frames without a tracked face are left out.",
         ]
     items += [
-        f"Lifting: K = {c['refs']} K-means references, farthest-point targets from the rig's extreme expression library, "
+        f"Lifting: K = {c['refs']} K-means references, farthest-point targets from "
+        + ("the kinematic library tracked from real people (independent of the extreme test)"
+           if c.get("lift_library", "rig") == "tracked" else "the rig's extreme expression presets (the synthetic "
+           "extreme test's own generator)") + ", "
         f"head poses '{_e(c['lift_poses'])}', {c['lift_steps']} {_e(c['lift_solver'])} steps; the curve's captures are "
         "prefixes of one lifting run.",
         f"Avatars: {c['avatar_iters']} iterations each, same seed and settings; with lifting, observed frames are "
@@ -436,8 +439,10 @@ def render_html(results: dict[str, Any], assets: dict[str, Any]) -> str:
         parts += [f"<h3>Test: {_e(title)}</h3>", _summary_table(results, split), _per_subject_tables(results, split)]
     parts += ["<h2 id='curve'>Curve over the number of lifted expressions</h2>",
               f"<figure><img src='{_e(assets['curve'])}' alt='metrics against the number of lifted expressions'>"
-              "<figcaption>Means over subjects with ± std bars; thin lines are single subjects. Coverage: share of "
-              "held-out extreme expressions within 0.5 (L2, coefficients) of a training frame.</figcaption></figure>",
+              "<figcaption>Means over subjects with ± std bars; thin lines are single subjects. Coverage: share of the "
+              "extreme test's frames that some training frame (observed or lifted) comes near in expression (within "
+              "0.5, L2 in coefficients) and head pose (within 10°, relative to the training frames' typical pose) at "
+              "once.</figcaption></figure>",
               f"<p><strong>Plateau.</strong> {_e(results['plateau'])}</p>", _curve_table(results),
               "<h2 id='frames'>Frames and videos</h2>",
               "<p>Test frames evenly spaced over each test capture (not picked), with their PSNR. Columns of the videos: "

@@ -13,7 +13,7 @@ __all__ = ["curve_plot"]
 
 
 def curve_plot(results: dict[str, Any], path: Path) -> Path:
-    """PSNR (extreme and seen-range tests), AED (extreme) and expression coverage against the number of
+    """PSNR (extreme and seen-range tests), AED (extreme) and coverage of the extreme test against the number of
     lifted expressions: means over subjects with ± std bars, thin lines per subject."""
     import matplotlib
 
@@ -24,7 +24,7 @@ def curve_plot(results: dict[str, Any], path: Path) -> Path:
     x = np.array(curve["points"], dtype=float)
     panels = [("PSNR (dB)", [("extreme", "psnr", "unseen extreme", "tab:red"), ("seen", "psnr", "seen range", "tab:blue")]),
               ("AED (lower is better)", [("extreme", "aed", "unseen extreme", "tab:red")]),
-              ("coverage of extreme expressions", [(None, "coverage", "coverage", "tab:green")])]
+              ("coverage of the extreme test", [(None, "coverage", "coverage", "tab:green")])]
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), dpi=110)
     for ax, (ylabel, series) in zip(axes, panels):
         drawn = False

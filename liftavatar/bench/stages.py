@@ -227,14 +227,16 @@ def lift_config(cfg: BenchConfig, count: int):
     from liftavatar.lift import LiftConfig
 
     prior = PriorConfig(prior=cfg.prior, device=cfg.device)
-    return prior, LiftConfig(num_expressions=count, poses=cfg.lift_poses, refs=cfg.refs, steps=cfg.lift_steps,
-                             solver=cfg.lift_solver, seed=cfg.lift_seed)
+    return prior, LiftConfig(num_expressions=count, library=cfg.lift_library, poses=cfg.lift_poses, refs=cfg.refs,
+                             steps=cfg.lift_steps, solver=cfg.lift_solver, seed=cfg.lift_seed)
 
 
 def lift_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
-    """Lift ``train`` with the curve's largest count, then write the smaller counts as prefixes."""
-    from liftavatar.lift import coverage, lift
-    from liftavatar.synth.kinematics import expression_keyframes
+    """Lift ``train`` with the curve's largest count, then write the smaller counts as prefixes. Each count's
+    coverage is of the extreme test's own kinematics (expression, pose relative to the training frames' typical
+    one, and jointly): how much of what the avatars are tested on some training frame comes near."""
+    from liftavatar.lift import lift
+    from liftavatar.targets import coverage_report, relative_rotations, typical_rotation
 
     top = max(cfg.points())
     out = sdir / "lifted"
@@ -247,8 +249,11 @@ def lift_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
     train = Capture.load(sdir / "train")
     n0 = train.num_frames
     kin = train.kinematics
-    observed = kin.expression[kin.valid & (kin.provenance != PROVENANCE_LIFTED)]
-    held_out = expression_keyframes("extreme", 500, list(train.meta.expression_names), seed=config.seed + 1)
+    own = kin.valid & (kin.provenance != PROVENANCE_LIFTED)
+    observed = kin.expression[own]
+    typical = typical_rotation(kin.rotation[own])
+    test = Capture.load(sdir / "test_extreme").kinematics
+    query = (test.expression[test.valid], relative_rotations(test.rotation[test.valid], typical))
     curve = []
     for k in cfg.points():
         if 0 < k < top:
@@ -256,9 +261,12 @@ def lift_stage(cfg: BenchConfig, sdir: Path, progress: bool) -> dict[str, Any]:
             if not is_capture(path):
                 subset_capture(lifted, path, range(n0 + k * window), {"lifted_expressions": k, "prefix_of": str(out)},
                                reference_indices=lifted.meta.reference_indices)
-        new = lifted.kinematics.expression[n0:n0 + k * window]
-        curve.append({"k": k, "lifted_frames": k * window,
-                      "coverage": coverage(held_out, np.concatenate([observed, new]), config.coverage_radius)})
+        rows = slice(n0, n0 + k * window)
+        cover = coverage_report(*query, np.concatenate([observed, lifted.kinematics.expression[rows]]),
+                                relative_rotations(np.concatenate([kin.rotation[own], lifted.kinematics.rotation[rows]]),
+                                                   typical), config.coverage_radius, config.pose_radius_deg)
+        curve.append({"k": k, "lifted_frames": k * window, "coverage": cover["joint"],
+                      "coverage_expression": cover["expression"], "coverage_pose": cover["pose"]})
     _save_lift_samples(lifted, n0, window, sdir / LIFT_SAMPLES)
     summary = {**report, "window": window, "observed_frames": int(len(observed)), "curve": curve,
                "machine": this_machine(cfg.device)}

@@ -433,7 +433,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
                             *([fmt(row.get("oracle"), d)] if oracle else [])]), "", "</details>", ""]
     curve = results["curve"]
     lines += ["## Curve over the number of lifted expressions", "", results["plateau"], "",
-              "| lifted expressions | coverage | PSNR extreme (dB) | AED extreme | PSNR seen (dB) |", "|---|---|---|---|---|"]
+              "| lifted expressions | coverage of the extreme test | PSNR extreme (dB) | AED extreme | PSNR seen (dB) |", "|---|---|---|---|---|"]
     ext, seen = curve.get("extreme", {}), curve.get("seen", {})
     for i, k in enumerate(curve["points"]):
         def cell(block, key, d):

@@ -122,10 +122,17 @@ def shard_like(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) 
     return out
 
 
+_OWN_FILES = ("model", "optimizer", "ema")
+
+
 def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                     scheduler_state: dict[str, Any], step: int, extra: dict[str, Any],
-                    ema_state: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
-    """Write ``directory/step_XXXXXXXX/`` and prune all but the newest ``keep`` complete checkpoints."""
+                    ema_state: dict[str, torch.Tensor] | None = None, keep: int = 2,
+                    tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``directory/step_XXXXXXXX/`` and prune all but the newest ``keep`` complete checkpoints.
+
+    ``tensors``: further named tensor dicts (the best weights so far of an adaptation run), one
+    ``<name>.safetensors`` each; :func:`load_checkpoint` returns them under ``"tensors"``."""
     target = directory / f"step_{step:08d}"
     partial = directory / f".step_{step:08d}.partial"
     if partial.exists():
@@ -136,6 +143,10 @@ def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], optim
     _atomic_save(opt_tensors, partial / "optimizer.safetensors")
     if ema_state is not None:
         _atomic_save(ema_state, partial / "ema.safetensors")
+    for name, values in (tensors or {}).items():
+        if name in _OWN_FILES or not name.isidentifier():
+            raise ValueError(f"checkpoint tensors {name!r}: use a name other than {', '.join(_OWN_FILES)}")
+        _atomic_save(values, partial / f"{name}.safetensors")
     state = {"step": step, "optimizer": opt_rest, "scheduler": scheduler_state, **extra}
     write_json(partial / STATE_NAME, state, indent=None)
     if target.exists():
@@ -153,13 +164,15 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """{'model', 'optimizer', 'scheduler', 'ema' (or None), 'step', and the extra keys}."""
+    """{'model', 'optimizer', 'scheduler', 'ema' (or None), 'tensors' (the further named tensor dicts), 'step',
+    and the extra keys}."""
     try:
         state = json.loads((path / STATE_NAME).read_text())
         model = load_file(str(path / "model.safetensors"))
         optimizer = optimizer_from_flat(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
         ema_path = path / "ema.safetensors"
         ema = load_file(str(ema_path)) if ema_path.is_file() else None
+        tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors")) if p.stem not in _OWN_FILES}
     except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as exc:
         raise ConfigError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from the one before.") from exc
-    return {**state, "model": model, "optimizer": optimizer, "ema": ema}
+    return {**state, "model": model, "optimizer": optimizer, "ema": ema, "tensors": tensors}

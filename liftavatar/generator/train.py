@@ -41,7 +41,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -170,7 +170,24 @@ def sample_sigmas(generator: torch.Generator, n: int, mean: float, std: float, s
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
+class FlowSettings(Protocol):
+    """What the rectified-flow loss reads of a config (:class:`TrainConfig`, the adaptation's config)."""
+
+    logit_mean: float
+    logit_std: float
+    shift: float
+    control_dropout: float
+
+
+class ScheduleSettings(Protocol):
+    """What the learning-rate schedule reads of a config (:class:`TrainConfig`, the adaptation's config)."""
+
+    warmup: int
+    lr_schedule: str
+    steps: int
+
+
+def lr_factor(step: int, config: ScheduleSettings) -> float:
     """Linear warmup, then constant or cosine decay to 0.1 at ``config.steps``."""
     warm = min(1.0, (step + 1) / max(1, config.warmup))
     if config.lr_schedule == "constant":
@@ -179,33 +196,65 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def encode_clips(batch: dict[str, torch.Tensor], codec, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The model's inputs from a batch of clips (the keys of :mod:`liftavatar.generator.data`, (B, F, C, H, W)
+    images float in [0, 1] or 8-bit), on ``device``, without gradients: ``x0`` and ``shading`` (codec latents of
+    the targets and their shading maps), ``ref_latents`` and ``ref_shading`` (each reference its own one-frame
+    latent), ``controls`` grouped by the codec's frame groups and ``ref_controls`` (each reference's repeated over
+    a group). Only the keys the batch holds are encoded, so fixed inputs (the references of one capture) can be
+    encoded once and reused."""
+    to5 = lambda x: as_float_images(x.to(device)).permute(0, 2, 1, 3, 4)  # noqa: E731  (B, F, C, H, W) → (B, C, F, H, W)
+    tf = codec.temporal_factor
+    out = {}
+    with torch.no_grad():
+        for key, name, encode in (("frames", "x0", codec.encode), ("shading", "shading", codec.encode),
+                                  ("ref_frames", "ref_latents", codec.encode_frames),
+                                  ("ref_shading", "ref_shading", codec.encode_frames)):
+            if key in batch:
+                out[name] = encode(to5(batch[key]))
+    if "controls" in batch:
+        out["controls"] = group_controls(batch["controls"].to(device), tf)
+    if "ref_controls" in batch:
+        # Each reference is its own one-frame latent, so its control group is that frame repeated.
+        out["ref_controls"] = group_controls(batch["ref_controls"].to(device), 1).expand(-1, -1, tf, -1)
+    return out
+
+
+def draw_flow_noise(generator: torch.Generator, shape: tuple[int, ...], config: FlowSettings,
+                    global_batch: int | None = None, offset: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, σ, control dropout) for a batch of latents of ``shape`` (B, C, F, h, w), in this order from
+    ``generator``: drawn for ``global_batch`` clips (default: B) of which this batch takes rows ``offset …``."""
+    b = shape[0]
+    n = global_batch or b
+    rows = slice(offset, offset + b)
+    noise = torch.randn((n, *shape[1:]), generator=generator, device=generator.device)[rows]
+    sigma = sample_sigmas(generator, n, config.logit_mean, config.logit_std, config.shift)[rows]
+    drop = (torch.rand(n, generator=generator, device=generator.device) < config.control_dropout)[rows]
+    return noise, sigma, drop
+
+
+def velocity_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], noise: torch.Tensor, sigma: torch.Tensor,
+                  drop: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow MSE of ``model`` on encoded clips (:func:`encode_clips`) for given draws:
+    ``x_t = (1 − σ) x_0 + σ ε``, target ``ε − x_0``, target tokens only."""
+    x0 = inputs["x0"]
+    s = sigma.view(x0.shape[0], 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    pred = model(xt, sigma * 1000, inputs["shading"], inputs["controls"], inputs["ref_latents"],
+                 inputs["ref_shading"], inputs["ref_controls"], drop_controls=drop)
+    return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+
+
 def flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], codec, generator: torch.Generator,
-                       config: TrainConfig, global_batch: int | None = None, offset: int = 0) -> torch.Tensor:
+                       config: FlowSettings, global_batch: int | None = None, offset: int = 0) -> torch.Tensor:
     """One rectified-flow loss on a batch of clips (see the module docstring).
 
     The noise, σ and dropout are drawn for ``global_batch`` clips (default: this batch's) and this batch
     takes rows ``offset …``: every process of a multi-process step draws the same global numbers."""
-    device = next(model.parameters()).device
-    to5 = lambda x: as_float_images(x.to(device)).permute(0, 2, 1, 3, 4)  # noqa: E731  (B, F, C, H, W) → (B, C, F, H, W)
-    with torch.no_grad():
-        x0 = codec.encode(to5(batch["frames"]))
-        shading = codec.encode(to5(batch["shading"]))
-        ref_latents = codec.encode_frames(to5(batch["ref_frames"]))
-        ref_shading = codec.encode_frames(to5(batch["ref_shading"]))
-    b = x0.shape[0]
-    n = global_batch or b
-    rows = slice(offset, offset + b)
-    noise = torch.randn((n, *x0.shape[1:]), generator=generator, device=generator.device)[rows]
-    sigma = sample_sigmas(generator, n, config.logit_mean, config.logit_std, config.shift)[rows]
-    drop = (torch.rand(n, generator=generator, device=generator.device) < config.control_dropout)[rows]
-    s = sigma.view(b, 1, 1, 1, 1)
-    xt = (1 - s) * x0 + s * noise
-    tf = codec.temporal_factor
-    # Each reference is its own one-frame latent, so its control group is that frame repeated.
-    ref_controls = group_controls(batch["ref_controls"].to(device), 1).expand(-1, -1, tf, -1)
-    pred = model(xt, sigma * 1000, shading, group_controls(batch["controls"].to(device), tf), ref_latents,
-                 ref_shading, ref_controls, drop_controls=drop)
-    return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+    inputs = encode_clips(batch, codec, next(model.parameters()).device)
+    return velocity_loss(model, inputs, *draw_flow_noise(generator, tuple(inputs["x0"].shape), config,
+                                                         global_batch, offset))
 
 
 def build_model(config: TrainConfig, n_controls: int) -> LiftAvatarTransformer:
@@ -255,9 +304,7 @@ def warm_start(model: LiftAvatarTransformer, start: LiftAvatarTransformer, confi
                                   f"{config.lora_rank}; pass --lora-rank {lora['r']} to continue its adapter.")
             model.add_lora(rank=lora["r"], alpha=lora["lora_alpha"], targets=tuple(lora["target_modules"]))
         else:
-            start.base.fuse_lora()
-            start.base.unload_lora()
-            start.config.lora = None
+            start.merge_lora()
     state = start.state_dict()
     prompt = state.get("prompt_embedding")
     if prompt is not None and prompt.shape != model.prompt_embedding.shape \
@@ -317,14 +364,14 @@ def prior_metadata(config: dict[str, Any], step: int, history: list[list[float]]
             "final_loss": history[-1][1] if history else None}
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the end of the step and stops."""
 
     def __init__(self):
         self.stop = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -462,7 +509,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         if batches is not None:
             return next(batches)
         # The global batch's clip indices, drawn alike on every process; this process takes its rows.
-        g = torch.Generator().manual_seed(_step_seed(config.seed, step, 1000 + micro))
+        g = torch.Generator().manual_seed(step_seed(config.seed, step, 1000 + micro))
         idx = torch.randint(len(dataset), (global_batch,), generator=g)
         return collate([dataset[i] for i in idx[rank * config.batch_size:(rank + 1) * config.batch_size].tolist()])
 
@@ -496,7 +543,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     window_loss = []
     last_step = min(config.steps, start_step + config.stop_after) if config.stop_after else config.steps
 
-    def stop_reasons(flag: _StopFlag) -> tuple[bool, bool]:
+    def stop_reasons(flag: StopFlag) -> tuple[bool, bool]:
         """(signalled, out of time), agreed by all processes: one stopping alone would hang the others."""
         late = config.time_limit_min is not None and time.perf_counter() - run_start > 60 * config.time_limit_min
         if procs == 1:
@@ -505,14 +552,14 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         return agreed[0] > 0, agreed[1] > 0
 
     signalled = False
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while step < last_step:
             signalled, late = stop_reasons(flag)
             if signalled or late:
                 break
             for micro in range(config.grad_accum):
                 batch = next_batch(step, micro)
-                g = torch.Generator(device).manual_seed(_step_seed(config.seed, step, micro))
+                g = torch.Generator(device).manual_seed(step_seed(config.seed, step, micro))
                 with accelerator.accumulate(model), accelerator.autocast():
                     loss = flow_matching_loss(model, batch, codec, g, config, global_batch,
                                               rank * config.batch_size)
@@ -681,7 +728,9 @@ def _single_threaded_worker(_: int) -> None:
         pass
 
 
-def _step_seed(seed: int, step: int, stream: int) -> int:
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """The seed of random stream ``stream`` at step ``step`` of a run seeded ``seed``: every draw of a step comes
+    from its own generator, so a resumed run draws what an uninterrupted one would."""
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
 
 
@@ -693,21 +742,26 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-def plot_history(history: list[list[float]], path: Path) -> Path | None:
-    if not history:
+def plot_history(history: list[list[float]], path: Path, validation: list[list[float]] | None = None) -> Path | None:
+    """The loss curve ([step, loss] pairs, log scale) as a PNG; ``validation`` pairs are drawn as a second line."""
+    if not history and not validation:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses = zip(*history)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(steps, losses, lw=1.2)
+    for pairs, label, style in ((history, "train", "-"), (validation, "validation", "o-")):
+        if pairs:
+            steps, losses = zip(*pairs)
+            ax.plot(steps, losses, style, lw=1.2, ms=3, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax.grid(alpha=0.3)
+    if validation:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -228,6 +228,15 @@ class LiftAvatarTransformer(nn.Module):
     def uses_lora(self) -> bool:
         return self.config.lora is not None
 
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapter into the base weights (diffusers' ``fuse_lora``) and remove it: the model computes
+        what it computed, as a plain (full) model that saves and loads without its Wan base. A no-op without LoRA."""
+        if not self.uses_lora:
+            return
+        self.base.fuse_lora()
+        self.base.unload_lora()
+        self.config.lora = None
+
     def zero_initialised_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters that start at exactly zero so that a new model computes the base's function: LoRA B,
         the shading embedding, the control projection and the adapters' output projections (in

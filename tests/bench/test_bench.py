@@ -76,16 +76,22 @@ def test_a_run_folder_of_an_earlier_version_resumes(tmp_path):
     run = tmp_path / "headline"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"liftavatar_version": "0.1.0", "config": stored}))
-    check_run_dir(run, full_config(curve=tuple(stored["curve"]), deform_width=0, device="cuda", workers=4), force=False)
-    with pytest.raises(BenchError, match="deform_width"):  # its avatars did not deform: today's default would mix
+    then = dict(deform_width=0, lift_library="rig", lift_poses="wide")
+    check_run_dir(run, full_config(curve=tuple(stored["curve"]), **then, device="cuda", workers=4), force=False)
+    # its avatars did not deform and it lifted from the rig's presets: today's defaults would mix
+    with pytest.raises(BenchError, match="deform_width"):
         check_run_dir(run, full_config(curve=tuple(stored["curve"]), device="cuda", workers=4), force=False)
+    with pytest.raises(BenchError, match=r"\(lift_library, lift_poses differ\)"):
+        check_run_dir(run, full_config(curve=tuple(stored["curve"]), deform_width=0, device="cuda", workers=4),
+                      force=False)
 
     older = json.loads((RESULTS / "bench_run1_no_finish.json").read_text())["config"]
     assert "observed_finish" not in older and config_from_json(older).observed_finish == 0.0
     run = tmp_path / "older"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": older}))
-    check_run_dir(run, full_config(observed_finish=0.0, deform_width=0, track_appearance=True, workers=2), force=False)
+    check_run_dir(run, full_config(observed_finish=0.0, deform_width=0, lift_library="rig", lift_poses="wide",
+                                   track_appearance=True, workers=2), force=False)
     with pytest.raises(BenchError, match="observed_finish"):
         check_run_dir(run, full_config(), force=False)
 
