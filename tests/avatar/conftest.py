@@ -54,3 +54,21 @@ def trained(tmp_path_factory, capture) -> Path:
                       refine_start=20, refine_every=20)
     train_avatar([capture], out, cfg)
     return out
+
+
+def with_one_expression_fewer(source: Path, out: Path) -> Path:
+    """A copy of the capture ``source`` whose expression set lacks its last coefficient (a capture of another rig)."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    shutil.copytree(source, out)
+    meta = json.loads((out / "capture.json").read_text())
+    meta["expression_names"] = meta["expression_names"][:-1]
+    (out / "capture.json").write_text(json.dumps(meta))
+    with np.load(out / "kinematics.npz") as z:
+        arrays = dict(z)
+    arrays["expression"] = np.ascontiguousarray(arrays["expression"][:, :-1])
+    np.savez(out / "kinematics.npz", **arrays)
+    return out

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from liftavatar.cli import main
+from tests.avatar.conftest import with_one_expression_fewer
 
 
 def test_train_render_export(capture, tmp_path, capsys):
@@ -87,15 +88,7 @@ def test_mixed_subjects_and_no_valid_frames(capture, other_subject, tmp_path, ca
 
 
 def test_kinematics_with_another_expression_count(trained, other_subject, tmp_path, capsys):
-    fewer = tmp_path / "fewer"
-    shutil.copytree(other_subject, fewer)
-    meta = json.loads((fewer / "capture.json").read_text())
-    meta["expression_names"] = meta["expression_names"][:-1]
-    (fewer / "capture.json").write_text(json.dumps(meta))
-    with np.load(fewer / "kinematics.npz") as z:
-        arrays = dict(z)
-    arrays["expression"] = np.ascontiguousarray(arrays["expression"][:, :-1])
-    np.savez(fewer / "kinematics.npz", **arrays)
+    fewer = with_one_expression_fewer(other_subject, tmp_path / "fewer")
     _one_line_exit_2(["avatar", "render", str(trained), "--kinematics", str(fewer), "-o", str(tmp_path / "f")],
                      "expression coefficients", capsys)
     assert not (tmp_path / "f").exists()

@@ -3,9 +3,7 @@ that closing the browser stops it."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from liftavatar.avatar.model import (
 )
 from liftavatar.avatar.viewer import AvatarPoser, AvatarViewer, Playback, pose_rotation
 from liftavatar.cli import main
+from tests.avatar.conftest import with_one_expression_fewer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,9 +94,14 @@ def test_the_page_draws_the_avatar_and_a_slider_changes_it(trained, capture, tmp
     try:
         with Browser(800, 600) as browser:
             browser.open(viewer.url)
-            first = _render(viewer)
-            background = np.median(np.concatenate([first[:8].reshape(-1, 3), first[-8:].reshape(-1, 3)]), 0)
-            drawn = np.abs(first.astype(int) - background).max(-1) > 40
+            # viser fades new splats in, and a busy CPU draws slowly (software WebGL): look again until drawn.
+            deadline = time.monotonic() + 60
+            while True:
+                first = _render(viewer)
+                background = np.median(np.concatenate([first[:8].reshape(-1, 3), first[-8:].reshape(-1, 3)]), 0)
+                drawn = np.abs(first.astype(int) - background).max(-1) > 40
+                if drawn.mean() > 0.03 or time.monotonic() > deadline:
+                    break
             assert drawn.mean() > 0.03, f"the avatar covers {drawn.mean():.1%} of the canvas"
             # The state shows the capture's first frame; move sliders through viser's API (a head turn, jaw open).
             count = viewer.stats.count
@@ -107,8 +111,12 @@ def test_the_page_draws_the_avatar_and_a_slider_changes_it(trained, capture, tmp
             while viewer.stats.count == count or viewer.state.version != viewer._drawn_version:
                 assert time.monotonic() < deadline, "the viewer sent no update after the slider moved"
                 time.sleep(0.1)
-            second = _render(viewer)
-            changed = np.abs(first.astype(int) - second.astype(int)).max(-1) > 40
+            deadline = time.monotonic() + 60
+            while True:
+                second = _render(viewer)
+                changed = np.abs(first.astype(int) - second.astype(int)).max(-1) > 40
+                if changed.mean() > 0.01 or time.monotonic() > deadline:
+                    break
             assert changed.mean() > 0.01, f"moving the slider changed {changed.mean():.2%} of the canvas"
             assert viewer.state.source == "sliders" and "the sliders" in viewer.info.content
             page = browser.screenshot()
@@ -142,15 +150,7 @@ def test_bad_input_is_one_sentence_and_exit_2(trained, other_subject, tmp_path, 
         port = taken.getsockname()[1]
         _one_line_exit_2(["avatar", "view", str(trained), "--port", str(port)], f"--port {port}: cannot be used",
                          capsys)
-    fewer = tmp_path / "fewer"
-    shutil.copytree(other_subject, fewer)
-    meta = json.loads((fewer / "capture.json").read_text())
-    meta["expression_names"] = meta["expression_names"][:-1]
-    (fewer / "capture.json").write_text(json.dumps(meta))
-    with np.load(fewer / "kinematics.npz") as z:
-        arrays = dict(z)
-    arrays["expression"] = np.ascontiguousarray(arrays["expression"][:, :-1])
-    np.savez(fewer / "kinematics.npz", **arrays)
+    fewer = with_one_expression_fewer(other_subject, tmp_path / "fewer")
     _one_line_exit_2(["avatar", "view", str(trained), "--kinematics", str(fewer), "--port", "0"],
                      "expression coefficients", capsys)
     _one_line_exit_2(["avatar", "view", str(trained), str(trained), str(trained), "--port", "0"], "3 runs given",
