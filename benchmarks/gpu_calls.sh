@@ -9,6 +9,13 @@
 #   d512  WHEELS CLIPS PACKS  install more wheels (PyAV, diffusers), keep more packs; track every clip at 512² and
 #                             train and score an avatar on each with the library's defaults
 #                             (benchmarks/avatar_real.py): $OUT/avatar_real_eval_512.json
+#   adapt, genreal            written for issue 20 and not yet run: no GPU could be had in the session that wrote them
+#   adapt WHEELS              (issue 20) install WHEELS (diffusers), keep the embedded prior (carried in this call) in
+#                             /root/prior, time `liftavatar adapt` on CUDA (benchmarks/adapt_speed.py):
+#                             $OUT/adapt_speed.json
+#   genreal WORK              (issue 20) a benchmarks/generator_real.py work folder (split here): every clip adapted
+#                             and its extreme frames generated, ${JOBS:-3} processes sharing the GPU;
+#                             $OUT/genreal.tar for `tar -xf genreal.tar -C WORK` here, then its score phase
 #   lift  PACKS -- BENCH OPTIONS
 #                             keep the last packs (in $KEEP, one folder per run); every kept pack's lift and avatars
 #                             (`liftavatar bench --device cuda --until avatars --only NAME`), what the evaluation
@@ -27,6 +34,15 @@ mkdir -p "$SITE" "$KEEP" "$OUT"
 export PYTHONPATH="$SITE:$PWD" MAX_JOBS=16 PYTHONUNBUFFERED=1
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$1"/*.whl; }
 keep() { cp -r "$1"/. "$KEEP"/; ls "$KEEP"; }
+# The embedded prior travels in one call only (44 MB): kept for later calls that cannot carry it.
+prior_here() {
+  local prior=liftavatar/generator/default_prior
+  if ls "$prior"/model-*.safetensors > /dev/null 2>&1; then
+    mkdir -p /root/prior && cp "$prior"/model-*.safetensors /root/prior/
+  else
+    cp /root/prior/model-*.safetensors "$prior"/
+  fi
+}
 
 case "$step" in
   setup)
@@ -66,14 +82,35 @@ EOF
     timeout "${LIMIT:-470}" python3 benchmarks/avatar_real.py --captures $(ls -d /root/t512/*/) --variants default='{}' --device cuda \
       --jobs 6 --work /root/ar512 --out "$OUT/avatar_real_eval_512.json" || true
     ;;
+  adapt)
+    install "$1"
+    prior_here
+    python3 benchmarks/adapt_speed.py --device cuda \
+      --note "the library's CUDA defaults on the benchmark's synthetic capture, each mode alone on the GPU"
+    cp benchmarks/results/adapt_speed.json "$OUT"/
+    ;;
+  genreal)
+    prior_here
+    work=$1
+    mapfile -t names < <(for d in "$work"/*/role.json; do basename "$(dirname "$d")"; done)
+    jobs=${JOBS:-3}
+    pids=()
+    for ((j = 0; j < jobs; j++)); do
+      mine=()
+      for ((i = j; i < ${#names[@]}; i += jobs)); do mine+=("${names[i]}"); done
+      [ ${#mine[@]} -eq 0 ] && continue
+      # Stopped before the call's 10 minutes so that what finished comes back; a later call resumes the rest.
+      OMP_NUM_THREADS=4 timeout "${LIMIT:-500}" python3 benchmarks/generator_real.py generate --work "$work" \
+        --device cuda --variants ${VARIANTS:-full lora} --only "${mine[@]}" > "$OUT/genreal_$j.log" 2>&1 &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || true; done
+    tail -n 4 "$OUT"/genreal_*.log
+    (cd "$work" && tar -cf "$OUT/genreal.tar" $(ls -d */gen_*.npz */timings.json */prior_*/adapt.json */prior_*/loss.png \
+      2>/dev/null))
+    ;;
   lift)
-    # The embedded prior travels in one call only (44 MB): kept here for later calls that cannot carry it.
-    prior=liftavatar/generator/default_prior
-    if ls "$prior"/model-*.safetensors > /dev/null 2>&1; then
-      mkdir -p /root/prior && cp "$prior"/model-*.safetensors /root/prior/
-    else
-      cp /root/prior/model-*.safetensors "$prior"/
-    fi
+    prior_here
     keep "$1"
     shift
     [ "${1:-}" = "--" ] && shift
@@ -102,7 +139,7 @@ for pack in sorted(p for p in keep.iterdir() if p.is_dir()):
 EOF
     ;;
   *)
-    echo "unknown step $step: setup, d512 or lift" >&2
+    echo "unknown step $step: setup, d512, adapt, genreal or lift" >&2
     exit 2
     ;;
 esac

@@ -94,7 +94,9 @@ class LiftConfig(SamplerConfig):
     adapt: bool = False
     """Adapt the prior to this capture first (`liftavatar adapt` with its defaults and this lift's
     refs, reference selection, seed and device) into OUT_prior beside the output, then lift with
-    the adapted prior. Off by default until GPU measurements decide. Resumable, and reused while
+    the adapted prior. Off by default: with the CPU defaults it raised PSNR but not expression
+    fidelity on the real validation clips (benchmarks/results/generator_real.md); the CUDA defaults
+    are not measured yet. Resumable, and reused while
     the capture, prior and settings are the same; with --force it adapts again."""
 
 
