@@ -2,7 +2,7 @@
 
 One rule for every mask a Capture holds of a real person, so that training, lifting and evaluation agree:
 
-    mask = person segmentation × head region
+    mask = the largest blob of (person segmentation × head region)
 
 - **Person segmentation**: MediaPipe's selfie segmentation (its model ships inside the ``mediapipe`` wheel),
   the probability that a pixel shows the person, run on the frame at no less than :data:`SEGMENT_SIZE`² and
@@ -35,7 +35,8 @@ from liftavatar.face.render import rasterize
 from liftavatar.face.rig import FaceRig
 from liftavatar.io import to_uint8
 
-__all__ = ["COLLAR_Y", "JAW_Y", "NECK_MARGIN", "SEGMENT_SIZE", "SelfieSegmenter", "head_masks", "head_region"]
+__all__ = ["BLOB_FRINGE", "BLOB_LEVEL", "COLLAR_Y", "JAW_Y", "NECK_MARGIN", "SEGMENT_SIZE", "SelfieSegmenter", "head_blob",
+           "head_masks", "head_region"]
 
 JAW_Y = 0.05
 """Head-frame height (metres, y down) of the jaw line: below it only the rig's silhouette, widened, is kept."""
@@ -44,6 +45,11 @@ COLLAR_Y = 0.12
 NECK_MARGIN = 0.04
 """How far the region below the jaw line reaches beyond the rig's silhouette (face, head, neck), as a share of
 the image side."""
+BLOB_LEVEL = 64
+"""Person probability (of 255) at which blobs are told apart: lower, and the segmentation's faint haze joins
+everything."""
+BLOB_FRINGE = 0.02
+"""How far (share of the image side) beyond the head's blob the soft mask is kept."""
 SEGMENT_SIZE = 256
 """The selfie segmentation model's own input size: frames are segmented at least this large."""
 _LINE_HALF_WIDTH = 0.1  # metres: the two head-frame points whose projection gives a line's direction
@@ -150,5 +156,26 @@ def head_region(identity: np.ndarray, expression: np.ndarray, rotation: np.ndarr
 
 
 def head_masks(person: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """(B, H, W) uint8 masks: the person probability (uint8) where the head region (bool) allows, else 0."""
-    return np.where(region, person, 0).astype(np.uint8)
+    """(B, H, W) uint8 masks: the person probability (uint8) where the head region (bool) allows, else 0, and
+    of that only the head's own blob (:func:`head_blob`)."""
+    return np.stack([head_blob(m) for m in np.where(region, person, 0).astype(np.uint8)])
+
+
+def head_blob(mask: np.ndarray) -> np.ndarray:
+    """(H, W) uint8: ``mask`` (a person probability within the head region) with every blob apart from the
+    largest removed. The segmentation takes anything person-like for the person, and above the jaw line the head
+    region spans the whole frame, so a bottle or a lamp beside the head came into the mask (seen on a clip with a
+    bottle at the frame's edge), and an avatar cannot learn an object that does not move with the head. In a crop
+    framed on the face the head is the largest blob; blobs
+    are cut at :data:`BLOB_LEVEL`, and the kept one is widened by :data:`BLOB_FRINGE` of the side so that its soft
+    edge stays as the segmentation made it."""
+    import cv2  # comes with mediapipe
+
+    solid = (mask >= BLOB_LEVEL).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(solid, connectivity=8)
+    if count <= 2:  # background and at most one blob: nothing to remove
+        return mask
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    radius = max(1, round(BLOB_FRINGE * max(mask.shape)))
+    keep = cv2.dilate((labels == largest).astype(np.uint8), np.ones((2 * radius + 1,) * 2, np.uint8))
+    return np.where(keep > 0, mask, 0).astype(np.uint8)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from liftavatar.face.masks import COLLAR_Y, JAW_Y, SEGMENT_SIZE, SelfieSegmenter, head_masks, head_region
+from liftavatar.face.masks import (BLOB_FRINGE, COLLAR_Y, JAW_Y, SEGMENT_SIZE, SelfieSegmenter, head_blob, head_masks,
+                                   head_region)
 from liftavatar.face.render import project
 from liftavatar.face.rig import FaceRig
 
@@ -118,6 +119,38 @@ def test_head_region_rasterizes_the_neck_at_no_more_than_128_pixels(rig, monkeyp
                          tuple(4 * np.array(K)), (512, 512), rig)
     assert region.shape == (2, 512, 512) and region.dtype == bool
     assert sizes == [(128, 128)]
+
+
+def _soft_disc(size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
+    """uint8 probability of a disc with a soft edge 3 px wide, as the segmentation makes edges."""
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    distance = np.hypot(yy - centre[0], xx - centre[1])
+    return (255 * np.clip((radius - distance) / 3 + 0.5, 0, 1)).astype(np.uint8)
+
+
+def test_only_the_head_blob_is_kept():
+    """A bottle beside the head that the segmentation took for the person is removed, whether it lies in the
+    head region or not; the head's blob, soft edge included, is left exactly as segmented; a mask of one blob, or
+    of none, is returned unchanged."""
+    size = 128
+    head = _soft_disc(size, (60, 56), 30)
+    bottle = np.zeros_like(head)
+    bottle[30:70, 116:124] = 200
+    person = np.maximum(head, bottle)
+    region = np.ones((1, size, size), bool)
+    region[:, 110:, 120:] = False  # the bottle crosses the region's edge: what is left of it is a blob still
+    masks = head_masks(person[None], region)
+    assert masks.shape == (1, size, size) and masks.dtype == np.uint8
+    np.testing.assert_array_equal(masks[0], head)
+    np.testing.assert_array_equal(head_blob(head), head)
+    np.testing.assert_array_equal(head_blob(np.zeros_like(head)), np.zeros_like(head))
+    # A faint haze between the two (below the level blobs are told apart at) does not join them; the haze near
+    # the head, within the kept fringe, stays as segmented.
+    haze = np.maximum(person, 20).astype(np.uint8)
+    kept = head_blob(haze)
+    assert kept[30:70, 116:124].max() == 0 and (kept[head > 0] == haze[head > 0]).all()
+    fringe = round(BLOB_FRINGE * size)
+    assert kept[60, 56 + 30 + fringe - 1] == 20 and kept[60, 56 + 30 + fringe + 4] == 0
 
 
 def test_tracked_masks_are_the_person_within_the_head_region(tmp_path, monkeypatch):
