@@ -9,7 +9,12 @@
 #   d512  WHEELS CLIPS PACKS  install more wheels (PyAV, diffusers), keep more packs; track every clip at 512² and
 #                             train and score an avatar on each with the library's defaults
 #                             (benchmarks/avatar_real.py): $OUT/avatar_real_eval_512.json
-#   adapt, genreal            written for issue 20 and not yet run: no GPU could be had in the session that wrote them
+#   adapt, genreal            (issue 20) ran on one H100 on 2026-12-05: adapt as below; genreal with JOBS=5 VARIANTS="base full"
+#                             LIMIT=470, then twice more to resume (VARIANTS=full). Five adaptations sharing the GPU ran
+#                             each about 5x slower than one alone (no gain in throughput), and a carried folder replaces
+#                             the one there, checkpoints included: a resuming call carries the work folder under another
+#                             name and merges it in (cp -r --update=none GRC2/. GRC/) before this step (it resumed once;
+#                             the next call found the finished clips gone and started them over)
 #   adapt WHEELS              (issue 20) install WHEELS (diffusers), keep the embedded prior (carried in this call) in
 #                             /root/prior, time `liftavatar adapt` on CUDA (benchmarks/adapt_speed.py):
 #                             $OUT/adapt_speed.json

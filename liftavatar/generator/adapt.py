@@ -115,8 +115,9 @@ DEVICE_DEFAULTS: dict[str, dict[str, int]] = {
     "cuda": {"steps": 400, "batch_size": 8, "val_every": 20},
 }
 """The budget-bound settings :class:`AdaptConfig` leaves at None, by device type: on the 2-core CPU a 300-frame
-128² capture adapts in about 5 minutes with them (benchmarks/results/adapt_speed.json); the CUDA ones are sized for
-about a minute on one H100 and are to be measured there."""
+128² capture adapts in about 5 minutes with them (benchmarks/results/adapt_speed.json); the CUDA ones were sized for
+about a minute on one H100 and measured there at 130 s (full, early-stopped at 380 steps, 3.5 steps/s with a
+checkpoint every 8 steps and a validation every 20) and 98 s (LoRA)."""
 MODE_LR = {"lora": 1e-4, "full": 1e-5}
 """Default peak learning rates by mode, chosen on the benchmark's synthetic capture (a development subject) within
 the CPU budget: full at 1e-5 lowered the validation loss by 2.7 % in 16 steps and LoRA at 1e-4 by 1.0 %, while full
