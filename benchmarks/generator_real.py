@@ -172,6 +172,17 @@ def _mean(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _machines(clips: list[Path], variant: str) -> list[str]:
+    """Where ``variant`` was generated, over all clips (a resumed or split run may have used several machines)."""
+    names = set()
+    for clip in clips:
+        timings = json.loads((clip / "timings.json").read_text()) if (clip / "timings.json").is_file() else {}
+        machine = (timings.get(variant) or {}).get("machine") or {}
+        if machine.get("gpu") or machine.get("cpu"):
+            names.add(machine.get("gpu") or machine.get("cpu"))
+    return sorted(names)
+
+
 def score(work: Path, out: Path, grid: Path) -> None:
     from liftavatar.bench.layout import gt_frames, over_black
     from liftavatar.capture import Capture
@@ -211,13 +222,15 @@ def score(work: Path, out: Path, grid: Path) -> None:
         if role["role"] == "eval":
             grid_rows.append((ref_frames, test, generated))
 
-    def variant_mean(role: str, variant: str) -> dict[str, float]:
-        return _mean([c["results"][variant] for c in per_clip if c["role"] == role and variant in c["results"]])
-
     present = sorted({v for c in per_clip for v in c["results"] if v != "reference_copy"},
                      key=lambda v: (v != "base", v))
+    # Means compare like with like: over the clips that have every variant (a run cut short leaves some without).
+    complete = {c["clip"] for c in per_clip if all(v in c["results"] for v in present)}
+
+    def variant_mean(role: str, variant: str) -> dict[str, float]:
+        return _mean([c["results"][variant] for c in per_clip if c["role"] == role and c["clip"] in complete])
     adapted = [v for v in present if v != "base"]
-    validation = [c["clip"] for c in per_clip if c["role"] == "validation"]
+    validation = [c["clip"] for c in per_clip if c["role"] == "validation" and c["clip"] in complete]
     chosen = max(adapted, key=lambda v: variant_mean("validation", v).get("psnr", -np.inf)) if adapted else None
     summary = {role: {v: variant_mean(role, v) for v in ["reference_copy", *present]}
                for role in ("validation", "eval") if any(c["role"] == role for c in per_clip)}
@@ -232,11 +245,10 @@ def score(work: Path, out: Path, grid: Path) -> None:
             checks[c["clip"]]["holds"] = {"psnr_gain_db": checks[c["clip"]]["psnr_gain_db"] >= TARGETS["psnr_gain_db"],
                                           "aed_ratio": checks[c["clip"]]["aed_ratio"] <= TARGETS["aed_ratio"],
                                           "csim": checks[c["clip"]]["csim"] >= TARGETS["csim"]}
-    timings = {v: json.loads((clips[0] / "timings.json").read_text()).get(v, {}).get("machine")
-               for v in present} if (clips[0] / "timings.json").is_file() else {}
+    timings = {v: _machines(clips, v) for v in present}
     result = {"scored_on": machine_info("cpu"), "generated_on": timings, "targets": TARGETS, "variants": present,
-              "chosen_variant": chosen, "chosen_on": validation, "summary": summary, "checks": checks,
-              "clips": per_clip}
+              "chosen_variant": chosen, "chosen_on": validation, "summary": summary,
+              "summary_clips": sorted(complete), "checks": checks, "clips": per_clip}
     write_json(out, result)
     out.with_suffix(".md").write_text(markdown(result))
     if grid_rows:
@@ -270,7 +282,7 @@ def _label(variant: str) -> str:
 
 def markdown(result: dict) -> str:
     chosen = result["chosen_variant"]
-    made = "; ".join(f"{v} on {m.get('gpu') or m.get('cpu')}" for v, m in result["generated_on"].items() if m)
+    made = "; ".join(f"{v} on {' and '.join(m)}" for v, m in result["generated_on"].items() if m)
     lines = ["# Expression fidelity on real people (the prior regenerating a clip's extreme frames)", "",
              f"Generated: {made}; scored on {result['scored_on']['cpu']}. Each clip split as the real "
              "benchmark splits it; K = 5 K-means references from its train split; targets: the extreme split's "
@@ -281,7 +293,10 @@ def markdown(result: dict) -> str:
              f"Adapted variant reported: **{chosen}**, chosen by mean PSNR on the validation clips "
              f"({', '.join(result['chosen_on']) or 'none'}: `train/` clips); eval clips were not used to choose.", ""]
     for role, table in result["summary"].items():
-        lines += [f"## {role} clips (mean ± std over clips)", "",
+        over = [c["clip"] for c in result["clips"] if c["role"] == role and c["clip"] in result["summary_clips"]]
+        left = [c["clip"] for c in result["clips"] if c["role"] == role and c["clip"] not in result["summary_clips"]]
+        lines += [f"## {role} clips (mean ± std over the {len(over)} with every variant"
+                  + (f"; without: {', '.join(left)}" if left else "") + ")", "",
                   "| prediction | PSNR (dB) | PSNR fg (dB) | SSIM | AED ↓ | CSIM ↑ | adapt: steps, val loss Δ % | "
                   "adapt s | generate s |", "|---|---|---|---|---|---|---|---|---|"]
         for variant, m in table.items():
