@@ -178,9 +178,8 @@ def _machines(clips: list[Path], variant: str) -> list[str]:
     for clip in clips:
         timings = json.loads((clip / "timings.json").read_text()) if (clip / "timings.json").is_file() else {}
         machine = (timings.get(variant) or {}).get("machine") or {}
-        if machine.get("gpu") or machine.get("cpu"):
-            names.add(machine.get("gpu") or machine.get("cpu"))
-    return sorted(names)
+        names.add(machine.get("gpu") or machine.get("cpu"))
+    return sorted(names - {None})
 
 
 def score(work: Path, out: Path, grid: Path) -> None:

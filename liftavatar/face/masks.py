@@ -35,8 +35,8 @@ from liftavatar.face.render import rasterize
 from liftavatar.face.rig import FaceRig
 from liftavatar.io import to_uint8
 
-__all__ = ["BLOB_FRINGE", "BLOB_LEVEL", "COLLAR_Y", "JAW_Y", "NECK_MARGIN", "SEGMENT_SIZE", "SelfieSegmenter", "head_blob",
-           "head_masks", "head_region"]
+__all__ = ["BLOB_FRINGE", "BLOB_LEVEL", "COLLAR_Y", "JAW_Y", "NECK_MARGIN", "SEGMENT_SIZE", "SelfieSegmenter",
+           "head_blob", "head_masks", "head_region"]
 
 JAW_Y = 0.05
 """Head-frame height (metres, y down) of the jaw line: below it only the rig's silhouette, widened, is kept."""
@@ -166,9 +166,8 @@ def head_blob(mask: np.ndarray) -> np.ndarray:
     largest removed. The segmentation takes anything person-like for the person, and above the jaw line the head
     region spans the whole frame, so a bottle or a lamp beside the head came into the mask (seen on a clip with a
     bottle at the frame's edge), and an avatar cannot learn an object that does not move with the head. In a crop
-    framed on the face the head is the largest blob; blobs
-    are cut at :data:`BLOB_LEVEL`, and the kept one is widened by :data:`BLOB_FRINGE` of the side so that its soft
-    edge stays as the segmentation made it."""
+    framed on the face the head is the largest blob; blobs are cut at :data:`BLOB_LEVEL`, and the kept one is
+    widened by :data:`BLOB_FRINGE` of the side so that its soft edge stays as the segmentation made it."""
     import cv2  # comes with mediapipe
 
     solid = (mask >= BLOB_LEVEL).astype(np.uint8)
