@@ -56,12 +56,14 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default=None)
+    parser.add_argument("--save-every", type=int, default=None, help="checkpoint every this many steps")
     parser.add_argument("--note", default=None, help="a sentence kept in the JSON (what the run was for)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                        val_every=args.val_every, patience=args.patience,
-                                       mixed_precision=args.mixed_precision).items() if v is not None}
+                                       mixed_precision=args.mixed_precision,
+                                       save_every=args.save_every).items() if v is not None}
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     results = {"machine": {**machine_info(args.device), "lscpu": _lscpu()}, "note": args.note, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:

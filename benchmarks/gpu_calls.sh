@@ -24,7 +24,9 @@
 #   lift  PACKS -- BENCH OPTIONS
 #                             keep the last packs (in $KEEP, one folder per run); every kept pack's lift and avatars
 #                             (`liftavatar bench --device cuda --until avatars --only NAME`), what the evaluation
-#                             reads of each tarred to $OUT/NAME.tar for `bench_split.py unpack`
+#                             reads of each finished one tarred to ${TARS:-$OUT}/NAME.tar for `bench_split.py unpack`
+#   ship  TARS                the tars a lift step left in TARS and no earlier ship step sent, as many as fit in
+#                             what one call brings back ($OUT)
 #
 # The packs of a real run are made here with `python benchmarks/bench_split.py pack RUN NAME DIR` after
 # `liftavatar bench --videos … --until refs -o RUN`; after the lift step, `tar -xf NAME.tar -C BACK/NAME`,
@@ -130,12 +132,13 @@ EOF
     done
     for pid in "${pids[@]}"; do wait "$pid" || true; done
     tail -n 3 "$KEEP"/*.log
-    python3 - "$KEEP" "$OUT" <<'EOF'
+    python3 - "$KEEP" "${TARS:-$OUT}" <<'EOF'
 import sys, tarfile
 from pathlib import Path
 from liftavatar.bench.layout import avatar_stage_outputs
 keep, out = Path(sys.argv[1]), Path(sys.argv[2])
-for pack in sorted(p for p in keep.iterdir() if p.is_dir()):
+out.mkdir(parents=True, exist_ok=True)
+for pack in sorted(p for p in keep.iterdir() if p.is_dir() and (p / "job_done").is_file()):
     files = avatar_stage_outputs(pack, pack.name)
     with tarfile.open(out / f"{pack.name}.tar", "w") as tar:
         for f in files:
@@ -143,8 +146,30 @@ for pack in sorted(p for p in keep.iterdir() if p.is_dir()):
     print(pack.name, len(files), "files")
 EOF
     ;;
+  ship)
+    # The finished packs' tars (TARS, written by lift steps) not shipped before, as many as one call brings back
+    # (8 files, 16 MiB each, 64 MiB together): a later ship step brings the rest. A tar over 15 MiB goes as pieces
+    # NAME.tar.00, NAME.tar.01, … (here: cat NAME.tar.?? > NAME.tar).
+    mkdir -p "$1/shipped"
+    for tar in "$1"/*.tar; do
+      [ -f "$tar" ] && [ "$(stat -c %s "$tar")" -gt $((15 << 20)) ] && split -b 15M -d "$tar" "$tar." && rm "$tar"
+    done
+    total=0
+    for tar in "$1"/*.tar "$1"/*.tar.[0-9][0-9]; do
+      [ -f "$tar" ] || continue
+      name=$(basename "$tar")
+      [ -f "$1/shipped/$name" ] && continue
+      size=$(stat -c %s "$tar")
+      if [ $(ls "$OUT" | wc -l) -ge 7 ] || [ $((total + size)) -gt $((60 << 20)) ]; then
+        echo "left for a later ship step: $name ($((size >> 20)) MiB)"
+        continue
+      fi
+      cp "$tar" "$OUT/" && touch "$1/shipped/$name" && total=$((total + size))
+    done
+    ls -l "$OUT"
+    ;;
   *)
-    echo "unknown step $step: setup, d512, adapt, genreal or lift" >&2
+    echo "unknown step $step: setup, d512, adapt, genreal, lift or ship" >&2
     exit 2
     ;;
 esac

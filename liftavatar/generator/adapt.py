@@ -110,14 +110,16 @@ CLIPS_PER_BLOCK = 3
 VAL_CLIPS = 6
 """Validation clips of a capture long enough (``AdaptConfig.val_clips`` None): fixed draws on 6 clips cost a CPU
 about 11 s an evaluation at 128² (8 frames + 5 references)."""
-DEVICE_DEFAULTS: dict[str, dict[str, int]] = {
-    "cpu": {"steps": 16, "batch_size": 2, "val_every": 4},
-    "cuda": {"steps": 400, "batch_size": 8, "val_every": 20},
+DEVICE_DEFAULTS: dict[str, dict[str, int | str]] = {
+    "cpu": {"steps": 16, "batch_size": 2, "val_every": 4, "mixed_precision": "no", "save_every": 8},
+    "cuda": {"steps": 400, "batch_size": 8, "val_every": 20, "mixed_precision": "bf16", "save_every": 100},
 }
 """The budget-bound settings :class:`AdaptConfig` leaves at None, by device type: on the 2-core CPU a 300-frame
-128² capture adapts in about 5 minutes with them (benchmarks/results/adapt_speed.json); the CUDA ones were sized for
-about a minute on one H100 and measured there at 130 s (full, early-stopped at 380 steps, 3.5 steps/s with a
-checkpoint every 8 steps and a validation every 20) and 98 s (LoRA)."""
+128² capture adapts in about 5 minutes with them (benchmarks/results/adapt_speed.json). On one H100 the CUDA ones
+took 45–53 s (full, two runs, early-stopped at 380 steps, validation loss −12.3 %) and 49 s (LoRA, −9.7 %); with
+fp32 and a checkpoint every 8 steps full took 122 s in the same session (−12.4 %), bf16 alone 68 s: fp32 matmuls
+and a 354 MB checkpoint (weights, AdamW moments, best weights) 47 times were what kept it over a minute
+(``adapt_speed.json``, ``cuda`` and ``cuda_ablation``)."""
 MODE_LR = {"lora": 1e-4, "full": 1e-5}
 """Default peak learning rates by mode, chosen on the benchmark's synthetic capture (a development subject) within
 the CPU budget: full at 1e-5 lowered the validation loss by 2.7 % in 16 steps and LoRA at 1e-4 by 1.0 %, while full
@@ -169,14 +171,16 @@ class AdaptConfig:
     """σ sampling: logit-normal mean (as `train`; the σ shift is the prior's)."""
     logit_std: float = 1.0
     """σ sampling: logit-normal standard deviation (as `train`)."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16 autocast (weights stay fp32): faster on GPUs and on CPUs with bf16 instructions."""
+    mixed_precision: Literal["no", "bf16"] | None = None
+    """bf16 autocast (weights stay fp32): faster on GPUs and on CPUs with bf16 instructions (default: bf16 on CUDA,
+    no on a CPU)."""
     seed: int = 0
     """Seeds the references' choice (as `lift --seed`), the adapter's initialisation, batches, noise and σ."""
     device: str = "cpu"
     """Torch device to train on (cpu, cuda, cuda:1)."""
-    save_every: int = 8
-    """Checkpoint every this many steps (and when interrupted)."""
+    save_every: int | None = None
+    """Checkpoint every this many steps, and when interrupted (default: 8 on a CPU, where a step takes seconds; 100
+    on CUDA, where a checkpoint costs more than a dozen steps)."""
     log_every: int = 1
     """Record the mean training loss every this many steps."""
     stop_after: int | None = None
@@ -282,10 +286,10 @@ class _Flow:
 
 
 def _check_config(config: AdaptConfig) -> None:
-    for name in ("lora_rank", "refs", "patience", "save_every", "log_every"):
+    for name in ("lora_rank", "refs", "patience", "log_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: use 1 or more.")
-    for name in ("steps", "batch_size", "val_every", "val_clips", "frames", "stop_after"):
+    for name in ("steps", "batch_size", "val_every", "val_clips", "frames", "stop_after", "save_every"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: use 1 or more.")
@@ -297,7 +301,7 @@ def _check_config(config: AdaptConfig) -> None:
         raise ConfigError(f"--control-dropout {config.control_dropout}: use a share in [0, 1).")
     if config.mode not in (None, "lora", "full"):
         raise ConfigError(f"--mode {config.mode}: use lora or full.")
-    if config.mixed_precision not in ("no", "bf16"):
+    if config.mixed_precision not in (None, "no", "bf16"):
         raise ConfigError(f"--mixed-precision {config.mixed_precision}: use no or bf16.")
 
 

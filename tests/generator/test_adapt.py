@@ -274,3 +274,13 @@ def test_a_lora_prior_of_a_wan_base_keeps_its_base_or_is_merged(subject, tmp_pat
     assert loaded.config.base_path == str((tmp_path / "base").resolve())
     full = adapt(capture.path, tmp_path / "as_full", _config(mode="full", steps=2), tmp_path / "lora", progress=False)
     assert (full / WEIGHTS_NAME).is_file() and not LiftAvatarTransformer.from_pretrained(full).uses_lora
+
+
+def test_device_defaults_fill_only_what_is_left_unset():
+    cpu, cuda = AdaptConfig(device="cpu").resolved(), AdaptConfig(device="cuda:1").resolved()
+    assert (cpu.mixed_precision, cpu.save_every, cpu.steps) == ("no", 8, 16)
+    assert (cuda.mixed_precision, cuda.save_every, cuda.steps) == ("bf16", 100, 400)
+    mine = AdaptConfig(device="cuda", mixed_precision="no", save_every=5, steps=3).resolved()
+    assert (mine.mixed_precision, mine.save_every, mine.steps) == ("no", 5, 3)
+    with pytest.raises(ConfigError, match="--save-every 0"):
+        adapt_module._check_config(AdaptConfig(save_every=0))
