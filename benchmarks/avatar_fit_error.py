@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _psnr(err: np.ndarray) -> float:
+    """PSNR of squared errors pooled over a set of pixels: the regions cut across frames, so not
+    :func:`liftavatar.metrics.image.psnr`, which scores one image at a time."""
     return float(10 * np.log10(255.0 ** 2 / max(float(err.mean()), 1e-9)))
 
 
