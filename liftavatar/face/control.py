@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from liftavatar.face.render import render_mesh
 from liftavatar.face.rig import FaceRig
@@ -89,9 +88,18 @@ def _render(vertices: torch.Tensor, intrinsics, size: tuple[int, int], rig: Face
     k[..., 1::2] *= rh / size[0]
     out = render_mesh(vertices, torch.as_tensor(rig.faces, device=device), k, (rh, rw),
                       shading_albedo=shading_albedo(rig).to(device), supersample=supersample)
-    shading, mask = out.shading, out.mask
+    shading, mask = to_uint8(out.shading), to_uint8(out.mask) if with_mask else None
     if (rh, rw) != tuple(size):
-        resize = lambda x: F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)  # noqa: E731
-        shading = resize(shading.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        mask = resize(mask[:, None])[:, 0] if with_mask else None
-    return to_uint8(shading), to_uint8(mask) if with_mask else None
+        shading = _upsample(shading, size)
+        mask = _upsample(mask, size) if with_mask else None
+    return shading, mask
+
+
+def _upsample(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 images (B, h, w[, C]) resized bilinearly (pixel-centre aligned) to ``size`` (H, W). In uint8 with
+    OpenCV (it comes with MediaPipe) rather than in float with torch: a 512² shading map takes 22 ms instead of 26
+    on one core of a 2-core Intel Xeon (most of the rest is the rasterizer); pixels differ from the float path's by
+    at most one grey level."""
+    import cv2
+
+    return np.stack([cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for image in images])
