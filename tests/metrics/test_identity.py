@@ -51,3 +51,22 @@ def test_a_face_missed_in_one_frame_uses_the_other_frames_box_and_none_in_both_i
     assert np.isfinite(result.similarity[0]) and result.similarity[0] < 0.95  # a grey square is no astronaut
     assert np.isnan(result.similarity[1]) and result.missed == [1]
     assert result.mean == pytest.approx(result.similarity[0])
+
+
+def test_descriptors_are_remembered_by_content_not_by_array(photos):
+    embedder = FaceEmbedder()
+    calls = []
+    compute = embedder._embed
+    embedder._embed = lambda image, box: calls.append(box) or compute(image, box)
+    first = embedder.embed(photos["astronaut"])
+    again = embedder.embed(photos["astronaut"].copy())  # the same pixels in another array: not computed again
+    assert len(calls) == 1 and np.array_equal(first, again)
+    again[:] = 0  # a caller's copy: changing it leaves the remembered descriptor alone
+    assert np.array_equal(embedder.embed(photos["astronaut"]), first)
+    changed = photos["astronaut"].copy()
+    changed[55:75, 95:125] = 0  # over the eyes and nose (the face box is about (88, 41)-(132, 84))
+    box = embedder.detect(photos["astronaut"])
+    assert not np.array_equal(embedder.embed(changed, box), first) and len(calls) == 2
+    # the same pixels with another box are another descriptor
+    embedder.embed(photos["astronaut"], (box[0] + 4, box[1], box[2] + 4, box[3]))
+    assert len(calls) == 3
