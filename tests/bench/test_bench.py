@@ -66,13 +66,13 @@ def test_the_bench_trains_avatars_with_the_library_recipe():
 
 
 def test_a_run_folder_of_an_earlier_version_resumes(tmp_path):
-    """A run folder whose config.json an earlier version wrote (the committed headline's, and one from before
+    """A run folder whose config.json an earlier version wrote (the earlier headline's, and one from before
     observed_finish existed) is not refused as made with its own settings, and is refused with today's defaults where
     they differ."""
     from liftavatar.bench.config import config_from_json
     from liftavatar.bench.runner import check_run_dir
 
-    stored = json.loads((RESULTS / "bench.json").read_text())["config"]
+    stored = json.loads((RESULTS / "bench_rig_library.json").read_text())["config"]  # the headline before issue 20
     run = tmp_path / "headline"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"liftavatar_version": "0.1.0", "config": stored}))
