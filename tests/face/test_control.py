@@ -49,6 +49,15 @@ def test_large_maps_are_the_budget_render_resized():
     down = torch.nn.functional.avg_pool2d(torch.from_numpy(big.shading).float().permute(0, 3, 1, 2), 2)
     err = (down - torch.from_numpy(small.shading).float().permute(0, 3, 1, 2)).abs().mean()
     assert err < 2.0, f"the 512² map is the 256² map upsampled (mean difference {err:.2f} levels)"
+    # The resize is bilinear on the uint8 raster: within one grey level of resizing the float render.
+    from liftavatar.face.control import shading_albedo
+    from liftavatar.face.render import render_mesh
+    from liftavatar.io import to_uint8
+
+    raster = render_mesh(verts, torch.as_tensor(rig.faces), default_intrinsics(256), (256, 256),
+                         shading_albedo=shading_albedo(rig)).shading.permute(0, 3, 1, 2)
+    float_path = to_uint8(torch.nn.functional.interpolate(raster, size=(512, 512), mode="bilinear").permute(0, 2, 3, 1))
+    assert np.abs(float_path.astype(int) - big.shading).max() <= 1
     # A synthetic capture larger than the budget gets the policy's maps too, not its own supersampled ones.
     frames = render_subject(subject, kin.expression, kin.rotation, kin.translation, 512, default_intrinsics(512), rig)
     assert np.array_equal(frames.shading, big.shading)
