@@ -39,7 +39,8 @@ The subjects are held out (seeds 5400–5499 by default; the embedded prior was 
    It reads only the files of stage 7, so renders made on a GPU machine evaluate on another. The same
    metrics are taken of the **oracle appearance** (``oracle/``): the synthetic world's own renderer, with
    the subject's true texture, on the rig driven exactly as the avatars are (the test captures' tracked
-   kinematics, tracked identity and camera). It is what an avatar that had learned the subject's appearance
+   kinematics, tracked identity and camera), masked as the test frames are (cut at the collar line like the
+   tracked masks). It is what an avatar that had learned the subject's appearance
    perfectly would show, so its AED is what the tracked test kinematics alone cost a perfectly textured rig
    (a reference, not a floor: an avatar trained on frames tracked with the same biases can land below it,
    the biases cancelling).

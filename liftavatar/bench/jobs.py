@@ -154,7 +154,14 @@ def eval_job(cfg: BenchConfig, run: Path, name: str, k: int, progress: bool = Tr
 def oracle_renders(seed: int, capture: Capture, batch: int = 16) -> np.ndarray:
     """(N, H, W, 3) uint8 renders over black of synthetic subject ``seed``'s true texture on the rig, driven by
     ``capture``'s kinematics with its identity and camera (the synthetic world's renderer, as
-    :func:`liftavatar.synth.world.synthesize` uses it): the oracle appearance of :mod:`liftavatar.bench`."""
+    :func:`liftavatar.synth.world.synthesize` uses it): the oracle appearance of :mod:`liftavatar.bench`.
+
+    Masked by the rule the capture's own masks follow, as ``lift`` masks its frames: the renderer's silhouette for
+    rendered ground truth; for tracked frames (the bench's protocol) that silhouette within the head region of the
+    same kinematics (:func:`liftavatar.face.masks.head_region`), which cuts it at the collar line as the tracked
+    masks are cut; uncut, the oracle showed neck and collar where the ground truth is black."""
+    from liftavatar.capture import PROVENANCE_OBSERVED
+    from liftavatar.face.masks import head_region
     from liftavatar.synth.kinematics import KinematicsSequence
     from liftavatar.synth.subject import make_subject
     from liftavatar.synth.world import render_sequence
@@ -163,11 +170,18 @@ def oracle_renders(seed: int, capture: Capture, batch: int = 16) -> np.ndarray:
     if h != w:
         raise BenchError(f"{capture.path}: the oracle appearance renders square frames; this capture is {w}×{h}.")
     kin = capture.kinematics
+    if not len(kin):
+        return np.zeros((0, h, w, 3), np.uint8)
     subject = replace(make_subject(seed), identity=np.asarray(kin.identity, np.float32))
     intrinsics = tuple(float(v) for v in capture.meta.intrinsics)
     motion = KinematicsSequence(kin.expression, kin.rotation, kin.translation)
-    out = [over_black(b.rgb, b.mask) for _, b in render_sequence(subject, motion, h, intrinsics, batch_size=batch)]
-    return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.uint8)
+    batches = [b for _, b in render_sequence(subject, motion, h, intrinsics, batch_size=batch)]
+    rgb, masks = np.concatenate([b.rgb for b in batches]), np.concatenate([b.mask for b in batches])
+    tracked = kin.provenance == PROVENANCE_OBSERVED
+    if tracked.any():
+        region = head_region(kin.identity, kin.expression, kin.rotation, kin.translation, intrinsics, (h, w))
+        masks = np.where(region | ~tracked[:, None, None], masks, 0).astype(np.uint8)
+    return over_black(rgb, masks)
 
 
 def oracle_job(cfg: BenchConfig, run: Path, name: str, progress: bool = True) -> dict[str, Any]:

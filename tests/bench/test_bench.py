@@ -188,6 +188,27 @@ def test_oracle_appearance_reproduces_the_synthetic_frames(tmp_path):
     assert max(psnr(r, g) for r, g in zip(other, gt)) < 30
 
 
+def test_oracle_of_tracked_frames_is_cut_as_their_masks_are(tmp_path):
+    """The same motion marked as tracked: the oracle keeps the rendered pixels inside the head region and turns the
+    rest (the neck and collar below the collar line) black, as the tracker's masks do."""
+    from liftavatar.bench.jobs import oracle_renders
+    from liftavatar.capture import PROVENANCE_OBSERVED, Kinematics
+    from liftavatar.face.masks import head_region
+    from liftavatar.synth.world import SynthSpec, synthesize
+
+    capture = synthesize(SynthSpec(seed=7011, preset="sparse", frames=2, size=64), tmp_path / "synth", progress=False)
+    rendered = oracle_renders(7011, capture)
+    kin = capture.kinematics
+    tracked = Kinematics(**{**kin.arrays(), "identity": kin.identity,
+                            "provenance": np.full(len(kin), PROVENANCE_OBSERVED, np.uint8)})
+    tracked.save_npz(capture.path / "kinematics.npz")
+    cut = oracle_renders(7011, Capture.load(capture.path))
+    region = head_region(kin.identity, kin.expression, kin.rotation, kin.translation,
+                         tuple(capture.meta.intrinsics), capture.size)
+    assert np.array_equal(cut[region], rendered[region])
+    assert not cut[~region].any() and rendered[~region].any()  # the collar was there, and is gone
+
+
 def test_truth_kinematics_replace_the_tracker(tmp_path):
     """bench --kinematics truth: the captures carry the synthetic truth (the extreme test's kinematics are the
     extreme take's), framed like a tracked run, so the oracle appearance reproduces the test frames exactly."""
