@@ -107,6 +107,10 @@ class TrainConfig:
     """Local diffusers AutoencoderKLWan directory (codec wan-vae)."""
     captures: list[Path] = field(default_factory=list)
     """Train on these Captures; empty: the synthetic stream."""
+    synthetic_share: float = 0.0
+    """With --captures: this share of every batch's clips comes from the synthetic stream (--seed-range), the rest
+    from the captures; 0 trains on the captures alone. A generic prior that has seen real people keeps learning the
+    synthetic world's controls (exact shading and coefficients) while it learns real faces (issue 20)."""
     pools: list[Path] = field(default_factory=list)
     """Optional reference pools, one per capture (same subject)."""
     frames: int = 8
@@ -162,6 +166,45 @@ class TrainConfig:
     """Synthetic clips rendered per subject draw."""
     data_workers: int = 0
     """Worker processes rendering synthetic batches (each renders on --device; 0: in the training loop)."""
+
+
+def mixed_rows(config: TrainConfig) -> int:
+    """How many of a batch's clips come from the synthetic stream when training on captures
+    (``synthetic_share`` × batch size, rounded, at least one and at most all but one); 0 without a mix."""
+    share = config.synthetic_share
+    if not 0 <= share < 1:
+        raise ConfigError(f"--synthetic-share {share}: give a share in [0, 1) (0 trains on the captures alone).")
+    if not share:
+        return 0
+    if not config.captures:
+        raise ConfigError("--synthetic-share mixes the synthetic stream into --captures; pass captures, or leave it "
+                          "out to train on the synthetic stream alone.")
+    if config.batch_size < 2:
+        raise ConfigError(f"--synthetic-share needs --batch-size 2 or more (one clip of each kind); got "
+                          f"{config.batch_size}.")
+    return min(config.batch_size - 1, max(1, round(share * config.batch_size)))
+
+
+def check_capture_size(dataset: CaptureClips, size: int) -> None:
+    """Captures mixed with the synthetic stream must be at its resolution (``--size``): their clips share batches."""
+    for capture in dataset.captures:
+        if capture.size != (size, size):
+            h, w = capture.size
+            raise ConfigError(f"{capture.path}: {w}×{h} frames, but this run trains at --size {size}; track the clip "
+                              f"with `liftavatar track CLIP --size {size}` or pass --size {h}.")
+
+
+def concat_batches(*batches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One batch of the clips of several (the same keys), images as float in [0, 1] on the CPU: the synthetic
+    stream gives 8-bit images, captures float ones."""
+    def rows(key: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        value = batch[key].cpu()
+        return value if key.endswith("controls") else as_float_images(value)
+
+    keys = batches[0].keys()
+    if any(b.keys() != keys for b in batches):
+        raise ValueError(f"batches with different keys: {[sorted(b) for b in batches]}")
+    return {key: torch.cat([rows(key, b) for b in batches]) for key in keys}
 
 
 def sample_sigmas(generator: torch.Generator, n: int, mean: float, std: float, shift: float) -> torch.Tensor:
@@ -405,6 +448,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         raise ConfigError(f"--frames {config.frames}: the Wan VAE needs 4n + 1 frames (e.g. 9 or 17).")
     if config.grad_accum < 1 or config.batch_size < 1:
         raise ConfigError("--batch-size and --grad-accum must be at least 1.")
+    synthetic_rows = mixed_rows(config)
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
                               cpu=config.device == "cpu")
@@ -443,15 +487,16 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
 
     # This process's GPU (cuda:k under a multi-GPU launch), not cuda:0 for every rank's renderer.
     render_device = config.device or ((str(device) if procs > 1 else "cuda") if device.type == "cuda" else "cpu")
+    dataset, synthetic = None, None
     if config.captures:
         dataset = CaptureClips(config.captures, config.frames, config.refs, config.ref_method,
                                config.pools or None, seed=config.seed)
+        if synthetic_rows:
+            check_capture_size(dataset, config.size)
         if main:
             for note in dataset.notes:
                 logger.info(note)
-        synthetic = None
-    else:
-        dataset = None
+    if not config.captures or synthetic_rows:
         synthetic = SyntheticDataConfig(
             seed_range=tuple(config.seed_range), frames=config.frames, refs=config.refs, size=config.size,
             ref_method=config.ref_method, stream_seed=config.seed, clips_per_subject=config.clips_per_subject,
@@ -496,7 +541,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     batches = None
     if synthetic is not None:
         # Batch index of (step, micro, process): a pure function, so resume needs only the step.
-        source = SyntheticBatches(synthetic, config.batch_size, render_device,
+        source = SyntheticBatches(synthetic, synthetic_rows or config.batch_size, render_device,
                                   first=start_step * config.grad_accum * procs, stride=procs, offset=rank)
         if config.data_workers > 0:
             batches = iter(torch.utils.data.DataLoader(
@@ -505,13 +550,18 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         else:
             batches = iter(source)
 
-    def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
-        if batches is not None:
-            return next(batches)
+    def capture_rows(step: int, micro: int, rows: int) -> dict[str, torch.Tensor]:
         # The global batch's clip indices, drawn alike on every process; this process takes its rows.
         g = torch.Generator().manual_seed(step_seed(config.seed, step, 1000 + micro))
-        idx = torch.randint(len(dataset), (global_batch,), generator=g)
-        return collate([dataset[i] for i in idx[rank * config.batch_size:(rank + 1) * config.batch_size].tolist()])
+        idx = torch.randint(len(dataset), (rows * procs,), generator=g)
+        return collate([dataset[i] for i in idx[rank * rows:(rank + 1) * rows].tolist()])
+
+    def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        if dataset is None:
+            return next(batches)
+        if not synthetic_rows:
+            return capture_rows(step, micro, config.batch_size)
+        return concat_batches(capture_rows(step, micro, config.batch_size - synthetic_rows), next(batches))
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
     if main:

@@ -284,3 +284,45 @@ def test_clips_sampled_together_equal_clips_sampled_alone(tmp_path, tiny_capture
     assert not torch.allclose(alone[:3], alone[3:], atol=1e-3)
     with pytest.raises(ConfigError, match="one seed per clip"):
         pipe.generate_clips(inputs, 3, [4], steps=1)
+
+
+def test_captures_mixed_with_the_synthetic_stream(tmp_path, tiny_capture):
+    """--synthetic-share: every batch holds capture clips and synthetic ones; the run resumes exactly and learns
+    something other than the captures alone; a share without captures, of 1 or more, in a batch of one, or with
+    captures of another size is refused."""
+    from liftavatar.generator.train import concat_batches, mixed_rows
+
+    mixed = dict(synthetic_share=0.5, batch_size=2, seed_range=(7402, 7404), clips_per_subject=1, save_every=2)
+    straight = train(_config(tmp_path, tiny_capture, "mix", steps=2, **mixed), progress=False)
+    split = _config(tmp_path, tiny_capture, "mix_split", steps=2, stop_after=1, **mixed)
+    assert train(split, progress=False) is None
+    split.stop_after, split.resume = None, True
+    resumed = train(split, progress=False)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    alone = load_file(str(train(_config(tmp_path, tiny_capture, "alone", steps=2, batch_size=2, save_every=2),
+                                progress=False) / "model.safetensors"))
+    assert not all(torch.equal(a[k], alone[k]) for k in a)
+    assert json.loads((tmp_path / "mix" / "train_config.json").read_text())["synthetic_share"] == 0.5
+
+    assert mixed_rows(_config(tmp_path, tiny_capture, "r", synthetic_share=0.25, batch_size=8)) == 2
+    assert mixed_rows(_config(tmp_path, tiny_capture, "r", synthetic_share=0.01, batch_size=8)) == 1
+    assert mixed_rows(_config(tmp_path, tiny_capture, "r", synthetic_share=0.99, batch_size=8)) == 7
+    assert mixed_rows(_config(tmp_path, tiny_capture, "r")) == 0
+    for bad, match in ((dict(synthetic_share=1.0, batch_size=2), r"\[0, 1\)"),
+                       (dict(synthetic_share=0.5, batch_size=1), "batch-size 2"),
+                       (dict(synthetic_share=0.5, batch_size=2, captures=[]), "pass captures"),
+                       (dict(synthetic_share=0.5, batch_size=2, size=2 * SIZE), "--size")):
+        with pytest.raises(ConfigError, match=match):
+            train(_config(tmp_path, tiny_capture, "bad", steps=1, **bad), progress=False)
+
+    capture_clip = collate_one(CaptureClips([tiny_capture.path], frames=4, refs=2)[0])
+    synthetic_clip = {k: (v * 255).round().to(torch.uint8) if not k.endswith("controls") else v
+                      for k, v in capture_clip.items()}
+    both = concat_batches(capture_clip, synthetic_clip)
+    assert both["frames"].shape[0] == 2 and both["frames"].dtype == torch.float32
+    assert torch.allclose(both["frames"][1], capture_clip["frames"][0], atol=0.5 / 255)
+
+
+def collate_one(clip):
+    return {k: v[None] for k, v in clip.items()}
