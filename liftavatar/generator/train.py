@@ -107,6 +107,9 @@ class TrainConfig:
     """Local diffusers AutoencoderKLWan directory (codec wan-vae)."""
     captures: list[Path] = field(default_factory=list)
     """Train on these Captures; empty: the synthetic stream."""
+    captures_in_memory: bool = True
+    """Decode the captures' frames once and keep them in memory (112 KiB a frame at 128²) rather than read their
+    PNGs for every clip drawn; --no-captures-in-memory for captures too large to hold."""
     synthetic_share: float = 0.0
     """With --captures: this share of every batch's clips comes from the synthetic stream (--seed-range), the rest
     from the captures; 0 trains on the captures alone. A generic prior that has seen real people keeps learning the
@@ -490,7 +493,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     dataset, synthetic = None, None
     if config.captures:
         dataset = CaptureClips(config.captures, config.frames, config.refs, config.ref_method,
-                               config.pools or None, seed=config.seed)
+                               config.pools or None, seed=config.seed, in_memory=config.captures_in_memory)
         if synthetic_rows:
             check_capture_size(dataset, config.size)
         if main:

@@ -326,3 +326,12 @@ def test_captures_mixed_with_the_synthetic_stream(tmp_path, tiny_capture):
 
 def collate_one(clip):
     return {k: v[None] for k, v in clip.items()}
+
+
+def test_captures_held_in_memory_give_the_clips_read_from_disk(tiny_capture):
+    read = CaptureClips([tiny_capture.path], frames=4, refs=2, stride=1)
+    held = CaptureClips([tiny_capture.path], frames=4, refs=2, stride=1, in_memory=True)
+    assert len(read) == len(held) == 3 and held.decoded and not read.decoded
+    for i in range(len(read)):
+        a, b = read[i], held[i]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
