@@ -28,6 +28,12 @@
 #   ship  TARS                the tars a lift step left in TARS and no earlier ship step sent, as many as fit in
 #                             what one call brings back ($OUT)
 #
+# A step can outlive its call: started with `setsid nohup … &` from a copy of the repository (/root/repo, so that a
+# later call's tree does not change it under the running process), it runs on while later calls carry more packs or
+# only poll; the machine goes back after 30 s without a call, with everything on it, so poll with `sleep` calls and
+# ship what finished as soon as it exists. The headline of 2026-12-06 ran so: both lift steps (6 real packs, 3
+# synthetic) in the background on one H200, about 11 minutes for all nine subjects, then two ship steps.
+#
 # The packs of a real run are made here with `python benchmarks/bench_split.py pack RUN NAME DIR` after
 # `liftavatar bench --videos … --until refs -o RUN`; after the lift step, `tar -xf NAME.tar -C BACK/NAME`,
 # `python benchmarks/bench_split.py unpack BACK/NAME NAME RUN` and `… finish RUN -- OPTIONS` evaluate and report.
