@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from liftavatar.avatar.export import render_frames
     from liftavatar.avatar.model import load_avatar
+    from liftavatar.bench.layout import over_black
     from liftavatar.capture import Capture
     from liftavatar.face.render import rasterize
     from liftavatar.face.rig import FaceRig
@@ -62,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     kin = capture.kinematics.select(idx)
     intrinsics, size = tuple(capture.meta.intrinsics), tuple(capture.size)
     render = np.stack(list(render_frames(avatar, kin, intrinsics, size))).astype(np.float32)
-    mask = capture.masks(idx).astype(np.float32) / 255
-    truth = capture.frames(idx).astype(np.float32) * mask[..., None]
+    masks = capture.masks(idx)
+    truth = over_black(capture.frames(idx), masks).astype(np.float32)
+    mask = masks.astype(np.float32) / 255
     err = ((render - truth) ** 2).mean(-1)
     inside = mask > 0.5
     scored = inside | (render.sum(-1) > 0)

@@ -238,7 +238,6 @@ class CaptureClips(Dataset):
         self.frames = frames
         self.items: list[tuple[int, int]] = []
         self.captures: list[Capture] = []
-        self.refs: list[tuple[Capture, np.ndarray]] = []
         self.ref_inputs: list[dict[str, torch.Tensor]] = []
         self.decoded: list[dict[str, np.ndarray]] = []
         self.notes: list[str] = []
@@ -252,7 +251,6 @@ class CaptureClips(Dataset):
             if note:
                 self.notes.append(note)
             self.captures.append(capture)
-            self.refs.append((pool, ref_idx))
             self.ref_inputs.append(reference_inputs(pool, ref_idx))
             if in_memory:
                 self.decoded.append(dict(frames=capture.frames(), shading=capture.shadings(), masks=capture.masks()))
