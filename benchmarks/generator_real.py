@@ -97,7 +97,7 @@ def _generate_frames(pipe, train, test, steps: int, solver: str) -> np.ndarray:
 
 
 def generate(work: Path, variants: list[str], device: str, prior: Path | None, only: list[str] | None,
-             steps: int, solver: str, adapt_steps: int | None = None) -> None:
+             steps: int, solver: str, adapt_steps: int | None = None, prior_name: str | None = None) -> None:
     from liftavatar.capture import Capture
     from liftavatar.generator.adapt import AdaptConfig, adapt
     from liftavatar.generator.pipeline import LiftAvatarPipeline
@@ -115,6 +115,8 @@ def generate(work: Path, variants: list[str], device: str, prior: Path | None, o
             variant = mode if mode == "base" else f"{mode}_{'cuda' if device.startswith('cuda') else 'cpu'}"
             if mode != "base" and adapt_steps is not None:
                 variant += f"_s{adapt_steps}"
+            if prior_name:  # another prior than the embedded one, side by side with it in one work folder
+                variant += f"@{prior_name}"
             out = clip / f"gen_{variant}.npz"
             if out.is_file():
                 continue
@@ -228,7 +230,7 @@ def score(work: Path, out: Path, grid: Path) -> None:
 
     def variant_mean(role: str, variant: str) -> dict[str, float]:
         return _mean([c["results"][variant] for c in per_clip if c["role"] == role and c["clip"] in complete])
-    adapted = [v for v in present if v != "base"]
+    adapted = [v for v in present if not _is_base(v)]
     validation = [c["clip"] for c in per_clip if c["role"] == "validation" and c["clip"] in complete]
     chosen = max(adapted, key=lambda v: variant_mean("validation", v).get("psnr", -np.inf)) if adapted else None
     summary = {role: {v: variant_mean(role, v) for v in ["reference_copy", *present]}
@@ -273,10 +275,21 @@ def _grid(clips: list[tuple], chosen: str | None) -> np.ndarray:
     return np.concatenate(rows, 0)
 
 
+def _is_base(variant: str) -> bool:
+    """``base`` or ``base@NAME``: a prior as given, not adapted."""
+    return variant.split("@")[0] == "base"
+
+
 def _label(variant: str) -> str:
-    """``full_cpu`` → "adapted (full, cpu defaults)"; ``full_cpu_s48`` → "adapted (full, cpu defaults, 48 steps)"."""
-    mode, device, *steps = variant.split("_")
-    return f"adapted ({mode}, {device} defaults{f', {steps[0][1:]} steps' if steps else ''})"
+    """``base`` → "prior as given"; ``full_cpu`` → "adapted (full, cpu defaults)"; ``full_cpu_s48`` → "adapted
+    (full, cpu defaults, 48 steps)"; ``…@generic``: made from the prior named generic instead of the embedded one."""
+    variant, _, prior = variant.partition("@")
+    if variant == "base":
+        label = "prior as given"
+    else:
+        mode, device, *steps = variant.split("_")
+        label = f"adapted ({mode}, {device} defaults{f', {steps[0][1:]} steps' if steps else ''})"
+    return f"{label}, {prior} prior" if prior else label
 
 
 def markdown(result: dict) -> str:
@@ -301,8 +314,7 @@ def markdown(result: dict) -> str:
         for variant, m in table.items():
             def cell(key: str, fmt: str) -> str:
                 return "–" if key not in m or not np.isfinite(m[key]) else f"{m[key]:{fmt}} ± {m[key + '_std']:{fmt}}"
-            fixed = {"reference_copy": "best reference copied", "base": "prior as given"}
-            name = fixed[variant] if variant in fixed else _label(variant)
+            name = "best reference copied" if variant == "reference_copy" else _label(variant)
             lines.append(f"| {name} | {cell('psnr', '.2f')} | {cell('psnr_masked', '.2f')} | {cell('ssim', '.3f')} | "
                          f"{cell('aed', '.4f')} | {cell('csim', '.3f')} | "
                          f"{cell('adapt_steps', '.0f')}, {cell('adapt_val_change_percent', '+.1f')} | "
@@ -345,6 +357,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prior", type=Path, default=None, help="default: the embedded prior")
+    p.add_argument("--prior-name", default=None,
+                   help="with --prior: its variants are named VARIANT@NAME, beside the embedded prior's")
     p.add_argument("--only", nargs="+", default=None, help="these clips (folder names) only")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--solver", default="unipc", choices=["unipc", "euler"])
@@ -360,7 +374,7 @@ def main() -> None:
         split(args.captures, args.work, args.role)
     elif args.phase == "generate":
         generate(args.work, args.variants, args.device, args.prior, args.only, args.steps, args.solver,
-                 args.adapt_steps)
+                 args.adapt_steps, args.prior_name)
     else:
         score(args.work, args.out, args.grid)
 

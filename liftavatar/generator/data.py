@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -225,33 +225,59 @@ class CaptureClips(Dataset):
     and 5 references from 11 tracked 128² clips, one core of a 2-core Intel Xeon: 0.29 s reading everything per
     clip, 0.20 s with the references read once, 0.04 s in memory (2.5 s to decode 1,733 frames first); a training
     step of the embedded prior's preset takes about 0.27 s on an H100.
+
+    ``references``: ``whole`` takes a capture's K references from all of it (its stored ones when it has K), so
+    a quarter of the 8-frame clips of a 150-frame capture hold one of their own references and the model can
+    learn to copy it instead of following the controls (fine-tuning on a person's own frames smeared mouths
+    and let the references' expressions leak into the targets: issue 20). ``other-half`` splits the capture
+    in two halves in time, chooses K references in each (``ref_method``, half a clip away from the middle so no
+    clip reaches them), and gives a clip the references of the half its middle frame is not in — as `lift` and
+    the benchmarks use a prior: references from frames other than the ones generated. A capture too short for
+    K in each half is used whole (with a note). Explicit ``pools`` are other captures, used whole either way.
     """
 
     def __init__(self, captures: Sequence[str | Path], frames: int = 8, refs: int = 5, ref_method: str = "kmeans",
                  pools: Sequence[str | Path] | None = None, seed: int = 0, stride: int | None = None,
-                 in_memory: bool = False):
+                 in_memory: bool = False, references: Literal["whole", "other-half"] = "whole"):
         if not captures:
             raise ConfigError("no captures given; pass at least one capture directory.")
         pools = list(pools) if pools else list(captures)
         if len(pools) != len(captures):
             raise ConfigError(f"{len(pools)} reference pools for {len(captures)} captures; give one per capture.")
+        if references not in ("whole", "other-half"):
+            raise ConfigError(f"references={references!r}: use 'whole' or 'other-half'.")
         self.frames = frames
         self.items: list[tuple[int, int]] = []
         self.captures: list[Capture] = []
-        self.ref_inputs: list[dict[str, torch.Tensor]] = []
+        # Per capture: the references of its first and of its second half (the same twice when used whole),
+        # and the frame where the second half starts.
+        self.ref_inputs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.middle: list[int] = []
+        self.reference_frames: list[tuple[list[int], list[int]]] = []
         self.decoded: list[dict[str, np.ndarray]] = []
         self.notes: list[str] = []
         for ci, (path, pool_path) in enumerate(zip(captures, pools)):
             capture = Capture.load(path)
-            pool = capture if Path(pool_path) == Path(path) else Capture.load(pool_path)
+            own_pool = Path(pool_path) == Path(path)
+            pool = capture if own_pool else Capture.load(pool_path)
             if pool.meta.subject != capture.meta.subject:
                 raise ConfigError(f"{pool_path}: its subject {pool.meta.subject} is not {capture.meta.subject} of "
                                   f"{path}; references must show the same person.")
-            ref_idx, note = reference_indices(pool, refs, ref_method, seed)
-            if note:
-                self.notes.append(note)
             self.captures.append(capture)
-            self.ref_inputs.append(reference_inputs(pool, ref_idx))
+            self.middle.append(capture.num_frames // 2)
+            halves = _half_references(capture, refs, ref_method, seed, frames // 2) if (
+                references == "other-half" and own_pool) else None
+            if halves is None and references == "other-half" and own_pool:
+                self.notes.append(f"{path}: fewer than {refs} valid frames in one of its halves away from the middle; "
+                                  "its clips take references from the whole capture")
+            if halves is None:
+                ref_idx, note = reference_indices(pool, refs, ref_method, seed)
+                if note:
+                    self.notes.append(note)
+                halves = (ref_idx, ref_idx)
+            self.reference_frames.append(tuple(np.asarray(h).tolist() for h in halves))
+            first, second = (reference_inputs(pool, h) for h in halves)
+            self.ref_inputs.append((first, second))
             if in_memory:
                 self.decoded.append(dict(frames=capture.frames(), shading=capture.shadings(), masks=capture.masks()))
             valid = capture.kinematics.valid
@@ -278,6 +304,26 @@ class CaptureClips(Dataset):
         return dict(
             frames=image_tensor(images["frames"]), shading=image_tensor(images["shading"]),
             controls=torch.from_numpy(kinematic_controls(k.expression[idx], k.rotation[idx], k.translation[idx])),
-            masks=image_tensor(images["masks"]), **self.ref_inputs[ci],
+            masks=image_tensor(images["masks"]),
+            # The other half's references: a clip whose middle is in the first half takes the second's.
+            **self.ref_inputs[ci][1 if start + self.frames // 2 < self.middle[ci] else 0],
         )
+
+
+def _half_references(capture: Capture, k: int, method: str, seed: int,
+                     margin: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """K references chosen among the first half's and among the second half's valid frames, the first half's
+    before ``middle - margin`` and the second's from ``middle + margin`` on (``margin`` = half a clip: then no
+    clip reaches the references it is given); None when a half has fewer than K such frames."""
+    from liftavatar.refs import select_references
+
+    n, middle = capture.num_frames, capture.num_frames // 2
+    t = np.arange(n)
+    halves = []
+    for inside in (t < middle - margin, t >= middle + margin):
+        kin = replace(capture.kinematics, valid=np.asarray(capture.kinematics.valid, bool) & inside)
+        if int(kin.valid.sum()) < k:
+            return None
+        halves.append(select_references(kin, k, method, seed=seed, source=str(capture.path)))
+    return halves[0], halves[1]
 

@@ -116,6 +116,13 @@ class TrainConfig:
     synthetic world's controls (exact shading and coefficients) while it learns real faces (issue 20)."""
     pools: list[Path] = field(default_factory=list)
     """Optional reference pools, one per capture (same subject)."""
+    capture_references: Literal["whole", "other-half"] = "other-half"
+    """Where a capture clip's K references come from: the other half of its capture in time (no clip holds one
+    of its own references to copy, as at lift time), or the whole capture (CaptureClips says why the default)."""
+    capture_color_jitter: float = 0.0
+    """With --captures: each capture clip's frames and references are multiplied by one per-channel gain drawn
+    in [1 - j, 1 + j] (the same for the clip's targets and its references, so the model still takes colour from
+    the references): more apparent people and lights out of a few real clips."""
     frames: int = 8
     refs: int = 5
     ref_method: str = "kmeans"
@@ -452,6 +459,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     if config.grad_accum < 1 or config.batch_size < 1:
         raise ConfigError("--batch-size and --grad-accum must be at least 1.")
     synthetic_rows = mixed_rows(config)
+    if not 0 <= config.capture_color_jitter < 1:
+        raise ConfigError(f"--capture-color-jitter {config.capture_color_jitter}: give a gain spread in [0, 1) "
+                          "(0.1 multiplies each channel by 0.9 to 1.1).")
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
                               cpu=config.device == "cpu")
@@ -493,7 +503,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
     dataset, synthetic = None, None
     if config.captures:
         dataset = CaptureClips(config.captures, config.frames, config.refs, config.ref_method,
-                               config.pools or None, seed=config.seed, in_memory=config.captures_in_memory)
+                               config.pools or None, seed=config.seed, in_memory=config.captures_in_memory,
+                               references=config.capture_references)
         if synthetic_rows:
             check_capture_size(dataset, config.size)
         if main:
@@ -557,7 +568,13 @@ def train(config: TrainConfig, progress: bool = True) -> Path | None:
         # The global batch's clip indices, drawn alike on every process; this process takes its rows.
         g = torch.Generator().manual_seed(step_seed(config.seed, step, 1000 + micro))
         idx = torch.randint(len(dataset), (rows * procs,), generator=g)
-        return collate([dataset[i] for i in idx[rank * rows:(rank + 1) * rows].tolist()])
+        gains = 1 + config.capture_color_jitter * (2 * torch.rand(rows * procs, 1, 3, 1, 1, generator=g) - 1)
+        batch = collate([dataset[i] for i in idx[rank * rows:(rank + 1) * rows].tolist()])
+        if config.capture_color_jitter:
+            mine = gains[rank * rows:(rank + 1) * rows]
+            for key in ("frames", "ref_frames"):
+                batch[key] = (batch[key] * mine).clamp(0, 1)
+        return batch
 
     def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         if dataset is None:

@@ -335,3 +335,43 @@ def test_captures_held_in_memory_give_the_clips_read_from_disk(tiny_capture):
     for i in range(len(read)):
         a, b = read[i], held[i]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_capture_clips_take_references_from_the_other_half(tmp_path):
+    """references='other-half': every clip's references lie in the half of the capture its middle is not in and
+    outside the clip; a capture too short for K in each half is used whole, with a note."""
+    from liftavatar.synth.world import SynthSpec, synthesize
+
+    capture = synthesize(SynthSpec(seed=7403, preset="full", frames=24, size=SIZE), tmp_path / "c", progress=False)
+    clips = CaptureClips([capture.path], frames=4, refs=3, stride=1, references="other-half")
+    first, second = clips.reference_frames[0]
+    assert max(first) < 12 - 2 and min(second) >= 12 + 2, (first, second)
+    whole = CaptureClips([capture.path], frames=4, refs=3, stride=1)
+    assert whole.reference_frames[0][0] == whole.reference_frames[0][1]
+    frames = capture.frames()
+    for i, (_, start) in enumerate(clips.items):
+        refs = first if start + 2 >= 12 else second
+        assert not set(refs) & set(range(start, start + 4))
+        got = clips[i]["ref_frames"]
+        assert torch.allclose(got, torch.from_numpy(frames[refs]).permute(0, 3, 1, 2).float() / 255)
+
+    short = CaptureClips([capture.path], frames=4, refs=11, references="other-half")
+    assert short.reference_frames[0][0] == short.reference_frames[0][1] and any("whole capture" in n for n in short.notes)
+    with pytest.raises(ConfigError, match="other-half"):
+        CaptureClips([capture.path], references="halves")
+
+
+def test_capture_color_jitter(tmp_path, tiny_capture):
+    """--capture-color-jitter changes what is learned, resumes exactly, and a spread outside [0, 1) is refused."""
+    jitter = dict(capture_color_jitter=0.2, batch_size=2, save_every=1)
+    straight = train(_config(tmp_path, tiny_capture, "j", steps=2, **jitter), progress=False)
+    split = _config(tmp_path, tiny_capture, "j_split", steps=2, stop_after=1, **jitter)
+    assert train(split, progress=False) is None
+    split.stop_after, split.resume = None, True
+    a, b = (load_file(str(p / "model.safetensors")) for p in (straight, train(split, progress=False)))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = load_file(str(train(_config(tmp_path, tiny_capture, "p", steps=2, batch_size=2), progress=False)
+                          / "model.safetensors"))
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
+    with pytest.raises(ConfigError, match="color-jitter"):
+        train(_config(tmp_path, tiny_capture, "bad_j", steps=1, capture_color_jitter=1.0), progress=False)
