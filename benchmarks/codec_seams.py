@@ -44,6 +44,11 @@ def position_errors(pred: np.ndarray, gt: np.ndarray, block: int = BLOCK) -> tup
 
 def seam_summary(sse: np.ndarray, count: np.ndarray) -> dict[str, float]:
     ring = seam_mask(len(sse))
+    with np.errstate(divide="ignore"):  # error-free interiors give infinite ratios and PSNRs, as they should
+        return _summary(sse, count, ring)
+
+
+def _summary(sse: np.ndarray, count: np.ndarray, ring: np.ndarray) -> dict[str, float]:
     mse = sse.sum() / count.sum()
     seam, inner = sse[ring].sum() / count[ring].sum(), sse[~ring].sum() / count[~ring].sum()
     fixed = (np.minimum(seam, inner) * count[ring].sum() + sse[~ring].sum()) / count.sum()
