@@ -265,11 +265,12 @@ class CaptureClips(Dataset):
                                   f"{path}; references must show the same person.")
             self.captures.append(capture)
             self.middle.append(capture.num_frames // 2)
-            halves = _half_references(capture, refs, ref_method, seed, frames // 2) if (
-                references == "other-half" and own_pool) else None
-            if halves is None and references == "other-half" and own_pool:
-                self.notes.append(f"{path}: fewer than {refs} valid frames in one of its halves away from the middle; "
-                                  "its clips take references from the whole capture")
+            halves = None
+            if references == "other-half" and own_pool:
+                halves = _half_references(capture, refs, ref_method, seed, frames // 2)
+                if halves is None:
+                    self.notes.append(f"{path}: fewer than {refs} valid frames in one of its halves away from the "
+                                      "middle; its clips take references from the whole capture")
             if halves is None:
                 ref_idx, note = reference_indices(pool, refs, ref_method, seed)
                 if note:
