@@ -249,10 +249,8 @@ class CaptureClips(Dataset):
         self.frames = frames
         self.items: list[tuple[int, int]] = []
         self.captures: list[Capture] = []
-        # Per capture: the references of its first and of its second half (the same twice when used whole),
-        # and the frame where the second half starts.
+        # Per capture: the references of its first and of its second half (one read, twice, when used whole).
         self.ref_inputs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-        self.middle: list[int] = []
         self.reference_frames: list[tuple[list[int], list[int]]] = []
         self.decoded: list[dict[str, np.ndarray]] = []
         self.notes: list[str] = []
@@ -264,7 +262,6 @@ class CaptureClips(Dataset):
                 raise ConfigError(f"{pool_path}: its subject {pool.meta.subject} is not {capture.meta.subject} of "
                                   f"{path}; references must show the same person.")
             self.captures.append(capture)
-            self.middle.append(capture.num_frames // 2)
             halves = None
             if references == "other-half" and own_pool:
                 halves = _half_references(capture, refs, ref_method, seed, frames // 2)
@@ -277,8 +274,9 @@ class CaptureClips(Dataset):
                     self.notes.append(note)
                 halves = (ref_idx, ref_idx)
             self.reference_frames.append(tuple(np.asarray(h).tolist() for h in halves))
-            first, second = (reference_inputs(pool, h) for h in halves)
-            self.ref_inputs.append((first, second))
+            first = reference_inputs(pool, halves[0])
+            same = np.array_equal(halves[0], halves[1])
+            self.ref_inputs.append((first, first if same else reference_inputs(pool, halves[1])))
             if in_memory:
                 self.decoded.append(dict(frames=capture.frames(), shading=capture.shadings(), masks=capture.masks()))
             valid = capture.kinematics.valid
@@ -307,7 +305,7 @@ class CaptureClips(Dataset):
             controls=torch.from_numpy(kinematic_controls(k.expression[idx], k.rotation[idx], k.translation[idx])),
             masks=image_tensor(images["masks"]),
             # The other half's references: a clip whose middle is in the first half takes the second's.
-            **self.ref_inputs[ci][1 if start + self.frames // 2 < self.middle[ci] else 0],
+            **self.ref_inputs[ci][1 if start + self.frames // 2 < capture.num_frames // 2 else 0],
         )
 
 
