@@ -31,6 +31,11 @@
 #                               --lr 1e-4 --warmup 100 --steps 3000 --ema 0.999 --seed 3 --seed-range 100000 102000
 #                               --clips-per-subject 16 --subject-pool 256 --data-workers 4 --fast-path --attention cudnn
 #                               --compile --save-every 250 --log-every 50 --time-limit-min 11 --device cuda
+#                             on 2026-12-06 (second run, one H100): NAME s75lr3 with --synthetic-share 0.75 --lr 3e-5
+#                             --steps 1600 --data-workers 5 --time-limit-min 10, otherwise as above: 1,600 steps in
+#                             9 min 48 s (3.3 steps/s). Two names side by side do not pay: each main process decodes
+#                             and jitters its capture clips on the CPU (1,400 % alone), and two of them on 16 cores
+#                             ran 0.7 steps/s each, so the second run (lr 1e-4) was stopped at step 77
 #   poll [SECONDS]            wait, then the background steps' last lines
 #   priorval NAME...          export each run's EMA weights (fp16 shards) and generate /root/grw's extreme frames with
 #                             the embedded prior (base) and each (base@NAME): $OUT/gen_priors.tar; then, that day,
@@ -208,7 +213,7 @@ EOF
     # (issue 20 item 2) a generic prior NAME: the embedded prior fine-tuned on the synthetic stream plus every kept
     # clip of /root/gp, `liftavatar train` with the options after --, in the background from a copy of the
     # repository (it outlives this call; `poll` watches it): /root/runs/NAME, /root/train_NAME.log. Several
-    # names may run side by side (the run of 2026-12-06 was bound by its data, not the GPU).
+    # names may run side by side, but on 16 cores they slow each other down (see the header): run one at a time.
     name=$1
     shift
     prior_here
@@ -218,12 +223,13 @@ EOF
       --out "/root/runs/$name" --init-from liftavatar/generator/default_prior --captures $(ls -d /root/gp/*/) "$@" \
       > "/root/train_$name.log" 2>&1 < /dev/null &)
     sleep "${WAIT:-150}"
-    tr '\r' '\n' < "/root/train_$name.log" | grep -v '^$' | tail -n 6
+    # A log still empty would fail grep and, under pipefail, the step (and a chain of steps after it).
+    tr '\r' '\n' < "/root/train_$name.log" | grep -v '^$' | tail -n 6 || true
     ;;
   poll)
     sleep "${1:-240}"
     for log in /root/train_*.log /root/genreal.log; do
-      [ -f "$log" ] && { echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^$' | tail -n 3; }
+      [ -f "$log" ] && { echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^$' | tail -n 3 || true; }
     done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ;;
