@@ -12,7 +12,11 @@ the benchmark's convention, over the pixels the mask or the render covers. The s
   the mask (hair, ears, neck, whatever the segmentation kept);
 - by distance to the mask's edge: bands of ±1…4 px around the mask's outline (dilation minus erosion of mask > ½),
   with the PSNR of the pixels outside each band;
-- by head turn: per-frame PSNR against |yaw| from the clip's median, and against the expression's norm.
+- by head turn: per-frame PSNR against |yaw| from the clip's median, and against the expression's norm;
+- by tracking: per-frame PSNR against the tracker's own landmark residual (the median distance of the fitted rig's
+  surface landmarks to FaceMesh's detections, in pixels of the capture; :func:`liftavatar.face.fit.surface_reprojection_px`),
+  when the capture keeps its detections (``landmarks2d``). A small residual says the rig sits on the detections,
+  not that the detections sit on the face.
 
 The figure shows the worst and the best frames: ground truth | render | error (×4, white = 64 levels or more).
 Read it for ``train/`` clips when choosing what to change; it chooses nothing by itself.
@@ -85,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     per_frame = np.array([_psnr(err[i][scored[i]]) for i in range(len(idx))])
     yaw = np.degrees(Rotation.from_rotvec(kin.rotation).as_euler("YXZ")[:, 0])
     yaw = np.abs(yaw - np.median(yaw))
+    tracking = {}
+    if kin.landmarks2d is not None:
+        from liftavatar.face.fit import LandmarkModel, surface_reprojection_px
+
+        residual = surface_reprojection_px(LandmarkModel.default(rig), kin.expression, kin.identity, kin.rotation,
+                                           kin.translation, kin.landmarks2d, intrinsics)
+        tracking = {"landmark_residual_px_median": float(np.median(residual)),
+                    "landmark_residual_px_p90": float(np.percentile(residual, 90)),
+                    "corr_with_landmark_residual": float(np.corrcoef(per_frame, residual)[0, 1])}
     result = {
         "capture": str(args.capture), "avatar": str(args.avatar), "frames": int(len(idx)),
         "machine": machine_name(machine_info("cpu")),
@@ -99,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                       "corr_with_abs_yaw": float(np.corrcoef(per_frame, yaw)[0, 1]),
                       "abs_yaw_max_deg": float(yaw.max()),
                       "corr_with_expression_norm": float(np.corrcoef(per_frame,
-                                                                     np.linalg.norm(kin.expression, axis=1))[0, 1])},
+                                                                     np.linalg.norm(kin.expression, axis=1))[0, 1]),
+                      **tracking},
     }
     write_json(args.out, result)
     print(json.dumps(result, indent=1))

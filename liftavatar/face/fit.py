@@ -846,15 +846,28 @@ def single_threaded_math() -> Iterator[None]:
 
 def _reprojection(model: LandmarkModel, s: _State, obs: np.ndarray, intrinsics) -> np.ndarray:
     """(M,) median pixel distance of the fitted surface landmarks (0–467) to the detections."""
+    frame = s.frame.double().cpu().numpy()
+    return surface_reprojection_px(model, frame[:, 6:], s.identity.double().cpu().numpy(), frame[:, :3],
+                                   frame[:, 3:6], obs, intrinsics)
+
+
+def surface_reprojection_px(model: LandmarkModel, expression: np.ndarray, identity: np.ndarray,
+                            rotation: np.ndarray, translation: np.ndarray, landmarks: np.ndarray,
+                            intrinsics) -> np.ndarray:
+    """(M,) per frame, the median pixel distance of the surface landmarks (0–467) of the rig posed by (M, E)
+    ``expression``, (I,) ``identity``, (M, 3) ``rotation`` (axis-angle) and ``translation`` to (M, ≥468, 2)
+    detected ``landmarks``, through ``intrinsics`` (fx, fy, cx, cy): how well a fit explains its detections
+    (a capture's kinematics and ``landmarks2d`` give it per frame after tracking)."""
     n = NUM_SURFACE
+    coeff = np.concatenate([np.asarray(expression, np.float64),
+                            np.broadcast_to(np.asarray(identity, np.float64), (len(expression), len(identity)))], 1)
     basis = np.concatenate([model.expression_basis[:, :n], model.identity_basis[:, :n]])
-    coeff = s.coefficients.double().cpu().numpy()
     shape = model.template[None, :n] + np.einsum("mk,klc->mlc", coeff, basis)
-    rmat = Rotation.from_rotvec(s.frame[:, :3].double().cpu().numpy()).as_matrix()
-    cam = np.einsum("mab,mlb->mla", rmat, shape) + s.frame[:, None, 3:6].double().cpu().numpy()
+    rmat = Rotation.from_rotvec(np.asarray(rotation, np.float64)).as_matrix()
+    cam = np.einsum("mab,mlb->mla", rmat, shape) + np.asarray(translation, np.float64)[:, None]
     fx, fy, cx, cy = intrinsics
     uv = np.stack((fx * cam[..., 0] / cam[..., 2] + cx, fy * cam[..., 1] / cam[..., 2] + cy), -1)
-    return np.median(np.linalg.norm(uv - obs[:, :n], axis=-1), axis=1).astype(np.float32)
+    return np.median(np.linalg.norm(uv - landmarks[:, :n], axis=-1), axis=1).astype(np.float32)
 
 
 def _fill_invalid(index: np.ndarray, num: int, rotation: np.ndarray, translation: np.ndarray,

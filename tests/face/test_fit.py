@@ -61,6 +61,23 @@ def clip(rig: FaceRig, preset: str, seed: int, frames: int = 30):
 # --------------------------------------------------------------------------------------------
 
 
+def test_surface_reprojection_of_known_kinematics(rig, exact_model):
+    """The residual a capture's kinematics and detections give: zero for the rig's own projected landmarks, the
+    shift for landmarks moved by a known offset (3, 4) px, and the fit's own residual for the fit's kinematics."""
+    identity, kin, landmarks = clip(rig, "sparse", 7502, frames=6)
+    args = (kin.expression, identity, kin.rotation, kin.translation)
+    exact = fitmod.surface_reprojection_px(exact_model, *args, landmarks, K)
+    assert exact.shape == (6,) and exact.max() < 1e-3
+    shifted = fitmod.surface_reprojection_px(exact_model, *args, landmarks + np.array([3.0, 4.0]), K)
+    np.testing.assert_allclose(shifted, 5.0, atol=1e-3)
+    noisy = landmarks + np.random.default_rng(0).normal(0, 1.0, landmarks.shape)
+    result = fit_rig(noisy, np.ones(len(kin), bool), K, rig, FitConfig.for_projected_landmarks(1.0),
+                     landmark_model=exact_model)
+    again = fitmod.surface_reprojection_px(exact_model, result.expression, result.identity, result.rotation,
+                                           result.translation, noisy, K)
+    np.testing.assert_allclose(again, result.reprojection_px, atol=0.05)
+
+
 @pytest.mark.parametrize("preset,seed", [("sparse", 7500), ("extreme", 7501)])
 def test_exact_landmarks_recover_the_truth(rig, exact_model, preset, seed):
     identity, kin, landmarks = clip(rig, preset, seed)
