@@ -6,7 +6,9 @@ One rule for every mask a Capture holds of a real person, so that training, lift
 
 - **Person segmentation**: MediaPipe's selfie segmentation (its model ships inside the ``mediapipe`` wheel),
   the probability that a pixel shows the person, run on the frame at no less than :data:`SEGMENT_SIZE`² and
-  area-resized to the capture's size, so that a small capture gets smooth, sub-pixel edges.
+  area-resized to the capture's size, so that a small capture gets smooth, sub-pixel edges; only where the input
+  picture was filmed (``track`` multiplies it by :func:`liftavatar.face.track.picture_coverage`: the black border
+  of a crop that leaves the picture is not the person, even where it continues a neck).
 - **Head region**: the pixels above the *jaw line*, plus the rig's silhouette (face, head shell and neck)
   widened by :data:`NECK_MARGIN` of the image side, all above the *collar line*. The two lines are horizontal
   lines of the head frame (the rig's y axis points down: jaw at :data:`JAW_Y`, collar at :data:`COLLAR_Y` metres
@@ -36,7 +38,7 @@ from liftavatar.face.rig import FaceRig
 from liftavatar.io import to_uint8
 
 __all__ = ["BLOB_FRINGE", "BLOB_LEVEL", "COLLAR_Y", "JAW_Y", "NECK_MARGIN", "SEGMENT_SIZE", "SelfieSegmenter",
-           "head_blob", "head_masks", "head_region"]
+           "below_head_line", "head_blob", "head_masks", "head_region"]
 
 JAW_Y = 0.05
 """Head-frame height (metres, y down) of the jaw line: below it only the rig's silhouette, widened, is kept."""
@@ -92,9 +94,11 @@ class SelfieSegmenter:
         self.close()
 
 
-def _below(rotation: torch.Tensor, translation: torch.Tensor, intrinsics: torch.Tensor, height: float,
-           size: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W) bool: pixels below the projection of the head frame's horizontal line at ``height``."""
+def below_head_line(rotation: torch.Tensor, translation: torch.Tensor, intrinsics: torch.Tensor, height: float,
+                    size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool: pixels below the projection of the head frame's horizontal line at ``height`` (metres, y
+    down; :data:`JAW_Y`, :data:`COLLAR_Y`), for (B, 3) axis-angle ``rotation`` and ``translation`` and (B, 4)
+    ``intrinsics`` at ``size`` (H, W)."""
     from liftavatar.face.rig import axis_angle_to_matrix
 
     b = rotation.shape[0]
@@ -150,8 +154,8 @@ def head_region(identity: np.ndarray, expression: np.ndarray, rotation: np.ndarr
     rows = np.minimum((np.arange(h) * (sh / h)).astype(np.int64), sh - 1)
     cols = np.minimum((np.arange(w) * (sw / w)).astype(np.int64), sw - 1)
     grown = grown[:, rows][:, :, cols]
-    below_jaw = _below(rot, trans, k, JAW_Y, size).numpy()
-    below_collar = _below(rot, trans, k, COLLAR_Y, size).numpy()
+    below_jaw = below_head_line(rot, trans, k, JAW_Y, size).numpy()
+    below_collar = below_head_line(rot, trans, k, COLLAR_Y, size).numpy()
     return (~below_jaw | grown) & ~below_collar
 
 

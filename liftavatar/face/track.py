@@ -18,9 +18,10 @@ Stages (each timed, see :class:`TrackReport`):
    distance. Whatever the input's aspect, the crop is square, black where it leaves the picture;
 4. **fitting**: :func:`liftavatar.face.fit.fit_rig` on the landmarks in crop pixels;
 5. **masks**: :mod:`liftavatar.face.masks`: the person segmentation of each crop (run at no less than
-   :data:`~liftavatar.face.masks.SEGMENT_SIZE`²) times the head region of the frame's fitted kinematics, so a
-   mask holds what the avatar models (head and neck, never the torso); frames without a face keep the plain
-   person mask;
+   :data:`~liftavatar.face.masks.SEGMENT_SIZE`²), within what the picture covers (never the black border of a
+   crop that leaves it: :func:`picture_coverage`), times the head region of the frame's fitted kinematics, so a
+   mask holds what the avatar models (head and neck, never the torso) and was filmed; frames without a face keep
+   the plain person mask;
 6. **shading**: the fitted rig rendered by :func:`liftavatar.face.control.render_shading` (the control signal);
 7. **writing**: PNGs on background threads, then an atomic rename into place.
 
@@ -43,6 +44,7 @@ resumes with ``resume=True``: landmarks of frames already processed and finished
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -444,6 +446,15 @@ def crop_frame(frame: np.ndarray, crop: tuple[float, float, float], size: int) -
     return cv2.warpAffine(frame, matrix, (size, size), flags=interpolation, borderMode=cv2.BORDER_CONSTANT)
 
 
+@functools.lru_cache(maxsize=8)
+def picture_coverage(frame_shape: tuple[int, int], crop: tuple[float, float, float], size: int) -> np.ndarray:
+    """(size, size) uint8: how much of each pixel of the crop the input picture covers (255 inside, 0 in the black
+    border :func:`crop_frame` adds where the crop leaves the picture, partial along the edge): what a mask may
+    keep. Without it the segmentation takes the border below a neck for more neck, and an avatar is asked to draw
+    black there (on ``train/dreamtalk_mead_W009_surprised`` at 128², 1 % of the mask pixels were border)."""
+    return crop_frame(np.full(frame_shape, 255, np.uint8), crop, size)
+
+
 def crop_intrinsics(frame_shape: tuple[int, int], fov: float, crop: tuple[float, float, float], size: int):
     """(fx, fy, cx, cy) of the crop at ``size``² for an input camera of horizontal field of view ``fov``."""
     height, width = frame_shape
@@ -663,6 +674,8 @@ def _write_frames(writer: CaptureWriter, frames: Iterator[tuple[int, np.ndarray]
                     wide = image if segment_size == size else crop_frame(frame, tuple(crops[index]), segment_size)
                 with _Timer(report, "segmentation"):
                     person = segmenter(wide, size)
+                    coverage = picture_coverage(frame.shape[:2], tuple(float(c) for c in crops[index]), size)
+                    person = (person.astype(np.uint16) * coverage // 255).astype(np.uint8)
                 batch.append((index, image, person))
                 if len(batch) == batch_size:
                     hand_over()

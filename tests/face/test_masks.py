@@ -189,10 +189,10 @@ def test_tracked_masks_are_the_person_within_the_head_region(tmp_path, monkeypat
     # Below the true collar line (a little lower, for the fit's error): the shirt, segmented, and cut. The true
     # pose is seen through the capture's camera: the tracker's (30° field of view, as passed) is the synthetic
     # world's, cropped.
-    from liftavatar.face.masks import _below
+    from liftavatar.face.masks import below_head_line
 
     t = truth.kinematics
-    below = _below(torch.as_tensor(t.rotation), torch.as_tensor(t.translation),
+    below = below_head_line(torch.as_tensor(t.rotation), torch.as_tensor(t.translation),
                    torch.tensor(capture.meta.intrinsics, dtype=torch.float32).expand(len(t.rotation), 4),
                    COLLAR_Y + 0.01, (SEGMENT_SIZE, SEGMENT_SIZE)).numpy()
     assert (person[below] > 128).sum() > 0.05 * below.sum(), "the segmentation takes in the shirt"

@@ -73,6 +73,11 @@ def test_crop_geometry_is_consistent():
     fx, fy, cx, cy = crop_intrinsics((300, 400), 60.0, crop, 100)
     assert cx == pytest.approx((200 - 150) * 0.5) and cy == pytest.approx((150 - 50) * 0.5)
     assert fx == pytest.approx(400 / (2 * np.tan(np.radians(30))) * 0.5)
+    # What the picture covers of a crop: all of one inside it; of one reaching 100 px past its left edge (at scale
+    # 0.5, 50 columns), nothing there, everything right of it.
+    assert (track_module.picture_coverage((300, 400), crop, 100) == 255).all()
+    coverage = track_module.picture_coverage((300, 400), (-100.0, 0.0, 200.0), 100)
+    assert coverage[:, :50].max() == 0 and (coverage[:, 50:] == 255).all()
 
 
 def test_interrupted_run_resumes_without_redoing_frames(clip, tmp_path, monkeypatch):
@@ -216,6 +221,7 @@ def test_non_square_and_rotated_clips_track_upright(layout, clip, tmp_path):
         assert y0 < 0
         top = int(-y0 * 128 / side)
         assert top >= 2 and capture.frames()[:, : top - 1].max() == 0
+        assert capture.masks()[:, :top].max() == 0, "the border is not filmed: no mask there"
 
 
 def test_a_folder_of_photos_of_different_sizes(clip, tmp_path):
