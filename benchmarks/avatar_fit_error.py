@@ -9,7 +9,9 @@ capture is rendered by the avatar at its tracked kinematics and compared with th
 the benchmark's convention, over the pixels the mask or the render covers. The squared error is split
 
 - by region: the rig's face surface (its ``face`` part, rasterized at each frame's kinematics) against the rest of
-  the mask (hair, ears, neck, whatever the segmentation kept);
+  the mask (hair, ears, neck, whatever the segmentation kept), and that rest split by the masks' jaw line
+  (:data:`liftavatar.face.masks.JAW_Y`, projected with each frame's head pose): above it hair and ears, below it the
+  neck, which in the rig turns with the head while a real neck turns less;
 - by distance to the mask's edge: bands of ±1…4 px around the mask's outline (dilation minus erosion of mask > ½),
   with the PSNR of the pixels outside each band;
 - by head turn: per-frame PSNR against |yaw| from the clip's median, and against the expression's norm;
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from liftavatar.avatar.model import load_avatar
     from liftavatar.bench.layout import over_black
     from liftavatar.capture import Capture
+    from liftavatar.face.masks import JAW_Y, below_head_line
     from liftavatar.face.render import rasterize
     from liftavatar.face.rig import FaceRig
     from liftavatar.io import save_png, write_json
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     verts = rig.vertices(kin.identity, kin.expression, kin.rotation, kin.translation)
     k = torch.as_tensor(intrinsics, dtype=torch.float32).expand(len(idx), 4)
     face = (rasterize(verts, torch.as_tensor(rig.faces[rig.part_mask("face")]), k, size).face_index >= 0).numpy()
+    below_jaw = below_head_line(torch.as_tensor(kin.rotation), torch.as_tensor(kin.translation), k, JAW_Y,
+                                size).numpy()
+    rest = inside & ~face
 
     bands = {}
     for px in (1, 2, 3, 4):
@@ -106,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                          "psnr": _psnr(err[inside & face])},
         "rest_of_mask": {"share_of_mask": float((inside & ~face).sum() / inside.sum()),
                          "psnr": _psnr(err[inside & ~face]),
-                         "share_of_squared_error": float(err[inside & ~face].sum() / err[inside].sum())},
+                         "share_of_squared_error": float(err[inside & ~face].sum() / err[inside].sum()),
+                         **{part: {"share_of_mask": float((rest & where).sum() / inside.sum()),
+                                   "psnr": _psnr(err[rest & where]),
+                                   "share_of_squared_error": float(err[rest & where].sum() / err[inside].sum())}
+                            for part, where in (("above_jaw_line", ~below_jaw), ("below_jaw_line", below_jaw))}},
         "mask_edge_bands": bands,
         "per_frame": {"psnr_mean": float(per_frame.mean()), "psnr_min": float(per_frame.min()),
                       "corr_with_abs_yaw": float(np.corrcoef(per_frame, yaw)[0, 1]),
