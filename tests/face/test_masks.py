@@ -154,8 +154,8 @@ def test_only_the_head_blob_is_kept():
 
 
 def test_tracked_masks_are_the_person_within_the_head_region(tmp_path, monkeypatch):
-    """A synthetic subject in a shirt, tracked: each mask is the person segmentation of its frame times the head
-    region of its fitted kinematics (the plain segmentation where no face was found), and nothing below the
+    """A synthetic subject in a shirt, tracked: each mask is the person segmentation of its frame, within what the
+    picture filmed, times the head region of its fitted kinematics (the plain segmentation where no face was found), and nothing below the
     collar line of the true pose is kept, though the segmentation takes in the shirt there."""
     from liftavatar.face import track as track_module
     from liftavatar.face.track import TrackConfig, track
@@ -174,13 +174,16 @@ def test_tracked_masks_are_the_person_within_the_head_region(tmp_path, monkeypat
         return [] if seen["frames"] == 6 else faces  # frame 5 shows "no face"
 
     monkeypatch.setattr(track_module.FaceMeshDetector, "detect_all", miss_one)
-    capture, _ = track(tmp_path / "clip.mp4", tmp_path / "cap", TrackConfig(size=SEGMENT_SIZE, fov=30.0),
-                       progress=False)
+    capture, report = track(tmp_path / "clip.mp4", tmp_path / "cap", TrackConfig(size=SEGMENT_SIZE, fov=30.0),
+                            progress=False)
     k = capture.kinematics
     assert k.valid.tolist() == [True] * 5 + [False] + [True] * 2
     frames, masks = capture.frames(), capture.masks()
     with SelfieSegmenter() as segmenter:
         person = np.stack([segmenter(f) for f in frames])  # at SEGMENT_SIZE² the written crop is what was segmented
+    # Only what the picture filmed: the crop's black border is not the person.
+    coverage = track_module.picture_coverage(tuple(truth.size), report.crop, SEGMENT_SIZE)
+    person = (person.astype(np.uint16) * coverage // 255).astype(np.uint8)
     region = head_region(k.identity, k.expression, k.rotation, k.translation, capture.meta.intrinsics,
                          (SEGMENT_SIZE, SEGMENT_SIZE))
     expected = np.where(k.valid[:, None, None], head_masks(person, region), person)
