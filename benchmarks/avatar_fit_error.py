@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         "psnr_scored": _psnr(err[scored]), "psnr_inside_mask": _psnr(err[inside]),
         "face_surface": {"share_of_mask": float((inside & face).sum() / inside.sum()),
                          "psnr": _psnr(err[inside & face])},
-        "rest_of_mask": {"share_of_mask": float((inside & ~face).sum() / inside.sum()),
-                         "psnr": _psnr(err[inside & ~face]),
-                         "share_of_squared_error": float(err[inside & ~face].sum() / err[inside].sum()),
+        "rest_of_mask": {"share_of_mask": float(rest.sum() / inside.sum()),
+                         "psnr": _psnr(err[rest]),
+                         "share_of_squared_error": float(err[rest].sum() / err[inside].sum()),
                          **{part: {"share_of_mask": float((rest & where).sum() / inside.sum()),
                                    "psnr": _psnr(err[rest & where]),
                                    "share_of_squared_error": float(err[rest & where].sum() / err[inside].sum())}

@@ -672,12 +672,13 @@ def _write_frames(writer: CaptureWriter, frames: Iterator[tuple[int, np.ndarray]
                 if writer.has_frame(index):
                     bar.update()
                     continue
+                crop = tuple(float(c) for c in crops[index])
                 with _Timer(report, "crop"):
-                    image = crop_frame(frame, tuple(crops[index]), size)
-                    wide = image if segment_size == size else crop_frame(frame, tuple(crops[index]), segment_size)
+                    image = crop_frame(frame, crop, size)
+                    wide = image if segment_size == size else crop_frame(frame, crop, segment_size)
                 with _Timer(report, "segmentation"):
                     person = segmenter(wide, size)
-                    coverage = picture_coverage(frame.shape[:2], tuple(float(c) for c in crops[index]), size)
+                    coverage = picture_coverage(frame.shape[:2], crop, size)
                     person = (person.astype(np.uint16) * coverage // 255).astype(np.uint8)
                 batch.append((index, image, person))
                 if len(batch) == batch_size:
